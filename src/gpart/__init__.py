@@ -1,0 +1,27 @@
+"""gpart: GPart fine-tuning (arXiv 2605.14841) as a method of stock Hugging Face PEFT.
+
+Importing this package registers the method "GPART" with PEFT, so that `get_peft_model`,
+`PeftModel.from_pretrained` and `PeftConfig.from_pretrained` know it.
+"""
+
+from .config import PEFT_TYPE, GPartConfig
+from .layers import GPartLayer
+from .model import GPartModel, LayoutMismatchError, layout_fingerprint
+from .partition import ALGORITHM, VERSION, Partition, PartitionError
+from .registration import register
+
+__version__ = "0.1.0"
+__all__ = [
+    "ALGORITHM",
+    "VERSION",
+    "GPartConfig",
+    "GPartLayer",
+    "GPartModel",
+    "LayoutMismatchError",
+    "Partition",
+    "PartitionError",
+    "layout_fingerprint",
+    "register",
+]
+
+register()

@@ -1,0 +1,100 @@
+"""GPartConfig: the PEFT config of a GPart adapter."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from peft.config import PeftConfig
+
+from .partition import ALGORITHM, VERSION
+
+PEFT_TYPE = "GPART"
+
+
+@dataclass
+class GPartConfig(PeftConfig):
+    """Configuration of a GPart adapter (arXiv 2605.14841).
+
+    One trainable vector theta of length `d` is mapped into every adapted tensor through a seeded, balanced,
+    isometric partition P (P^T P = I_d). The adapter is theta plus this config: nothing else.
+
+    Args:
+        d: number of trainable parameters (length of theta); 1 <= d <= D, the number of adapted weights.
+        seed: seed of the partition; the same seed, model and targets give the same partition everywhere.
+        target_modules: module names (list, suffix match), a regex string, or "all-linear". When None, a
+            per-architecture default is used (query/value projections, as in the paper's GLUE setting).
+        exclude_modules: module names (list) or a regex to leave out.
+        target_parameters: names of parameters to adapt directly (e.g. MoE expert tensors, norm weights).
+        layers_to_transform, layers_pattern: restrict adaptation to some layer indices, as in LoRA.
+        partition_bias: also put the biases of the adapted modules into the partition. Their updates are
+            functions of theta, so the saved theta restores them.
+        dropout: DropConnect probability on Delta_W during training (the same mask in forward and backward).
+        init_scale: theta starts at zero (the adapted model equals the base model) unless this is > 0, in
+            which case theta ~ N(0, init_scale^2) drawn from the seed (for tests and ablations).
+        modules_to_save: extra modules (e.g. a fresh classifier head) trained and saved in full.
+        partition_algorithm, partition_version, D, layout, layout_fingerprint: written when the adapter is
+            created, checked when it is loaded. Do not set them by hand.
+    """
+
+    d: Optional[int] = field(default=None, metadata={"help": "Length of theta (trainable parameters)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the partition."})
+    target_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules to adapt."})
+    exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules to skip."})
+    target_parameters: Optional[list[str]] = field(default=None, metadata={"help": "Parameters to adapt."})
+    layers_to_transform: Optional[Union[list[int], int]] = field(default=None, metadata={"help": "Layer indices."})
+    layers_pattern: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Layer pattern."})
+    partition_bias: bool = field(default=False, metadata={"help": "Include biases in the partition."})
+    dropout: float = field(default=0.0, metadata={"help": "DropConnect probability on Delta_W."})
+    init_scale: float = field(default=0.0, metadata={"help": "Std of theta's initial values (0: zero init)."})
+    modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Modules trained in full."})
+    bias: str = field(default="none", metadata={"help": "Base biases stay frozen; see partition_bias."})
+    partition_algorithm: str = field(default=ALGORITHM, metadata={"help": "Filled in automatically."})
+    partition_version: int = field(default=VERSION, metadata={"help": "Filled in automatically."})
+    D: Optional[int] = field(default=None, metadata={"help": "Filled in automatically: number of adapted weights."})
+    layout: Optional[list] = field(default=None, metadata={"help": "Filled in automatically: [name, shape] list."})
+    layout_fingerprint: Optional[str] = field(default=None, metadata={"help": "Filled in automatically."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PEFT_TYPE
+        if self.d is None:
+            raise ValueError("GPartConfig needs d, the number of trainable parameters, e.g. GPartConfig(d=23040).")
+        if not isinstance(self.d, int) or isinstance(self.d, bool):
+            raise ValueError(f"GPartConfig.d must be an integer, got {self.d!r} ({type(self.d).__name__}).")
+        if self.d <= 0:
+            raise ValueError(f"GPartConfig.d must be a positive integer, got {self.d}.")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"GPartConfig.seed must be an integer in [0, 2**63), got {self.seed!r}.")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(f"GPartConfig.dropout must be in [0, 1), got {self.dropout}.")
+        if float(self.init_scale) < 0.0:
+            raise ValueError(f"GPartConfig.init_scale must be >= 0, got {self.init_scale}.")
+        if self.bias != "none":
+            raise ValueError(
+                f"GPartConfig.bias={self.bias!r} is not supported: GPart keeps base biases frozen. Use "
+                "partition_bias=True to adapt biases through theta, or modules_to_save to train a module in full."
+            )
+        if self.partition_algorithm != ALGORITHM or not isinstance(self.partition_version, int):
+            raise ValueError(
+                f"This adapter uses partition algorithm {self.partition_algorithm!r} version "
+                f"{self.partition_version!r}; this gpart knows {ALGORITHM!r} version {VERSION}. Loading it would "
+                "silently change the update, so it is refused."
+            )
+        if self.partition_version > VERSION:
+            raise ValueError(
+                f"This adapter was saved with partition version {self.partition_version}, newer than this gpart's "
+                f"{VERSION}. Upgrade gpart to load it."
+            )
+        if self.partition_version < 1:
+            raise ValueError(f"Unknown partition version {self.partition_version}.")
+        self.target_modules = set(self.target_modules) if isinstance(self.target_modules, list) else self.target_modules
+        self.exclude_modules = (
+            set(self.exclude_modules) if isinstance(self.exclude_modules, list) else self.exclude_modules
+        )
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError("layers_to_transform cannot be used when target_modules is a str (a regex).")
+        if isinstance(self.target_modules, str) and self.layers_pattern is not None:
+            raise ValueError("layers_pattern cannot be used when target_modules is a str (a regex).")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("When layers_pattern is given, layers_to_transform must be given too.")

@@ -1,0 +1,287 @@
+"""GPart's autograd: Delta_W = P theta for one adapted tensor, and the exact gradient P^T vec(dL/dW).
+
+Every function here works on one tensor's slice [start, start + numel) of the global flattening.
+Nothing proportional to the weight is kept between forward and backward: backward recomputes the
+update from (theta, partition, slice) and frees it as soon as the GEMMs are done.
+
+Cost per linear layer (DESIGN.md, cost model):
+- fp32 compute: forward one GEMM with W0 + Delta_W; backward two GEMMs (grad_x with the merged weight,
+  and dL/dW); that is the floor of 3.
+- half-precision compute: W0 + Delta_W rounded to bf16 would lose most of a small update, so the
+  forward adds x Delta_W^T as a separate product (4 GEMMs in all; the input gradient uses the merged
+  weight, whose rounding is of the order of W0's own).
+- dL/dtheta is reduced in fp32 whatever the weight dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .partition import Partition, _round_function, chunks
+
+_M32 = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class Slice:
+    """Where one adapted tensor sits in the global flattening, and how its update is drawn."""
+
+    partition: Partition
+    start: int
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass(frozen=True)
+class DropConnect:
+    """DropConnect on Delta_W: each position is kept with probability 1 - p, decided by a keyed hash of
+    (key, position), so backward rebuilds the very mask forward used without storing it."""
+
+    p: float
+    key: int
+
+    def keep_scale(self, positions: torch.Tensor) -> torch.Tensor:
+        bits = _round_function(_round_function(positions & _M32, self.key & _M32) ^ (positions >> 32), self.key >> 32)
+        threshold = int(self.p * (1 << 32))
+        return (bits >= threshold).to(torch.float32) / (1.0 - self.p)
+
+
+def draw_dropconnect(p: float, training: bool) -> DropConnect | None:
+    """A fresh mask key per forward call, drawn from torch's CPU generator so that torch.manual_seed and
+    checkpoint recomputation (which restores RNG state) reproduce it."""
+    if not training or p <= 0.0:
+        return None
+    key = int(torch.randint(0, 1 << 62, (1,), dtype=torch.int64).item())
+    return DropConnect(p, key)
+
+
+def scaled_theta(theta: torch.Tensor, partition: Partition, scales: torch.Tensor | None = None) -> torch.Tensor:
+    """theta_j / sqrt(n_j) in fp32: the value every member of group j receives."""
+    if scales is None:
+        scales = partition.scales(device=theta.device)
+    return theta.float() * scales
+
+
+def delta_flat(theta_s: torch.Tensor, sl: Slice, drop: DropConnect | None = None) -> torch.Tensor:
+    """vec(Delta_W) for one slice, in fp32 (reference path: chunked ids, then a gather)."""
+    out = torch.empty(sl.numel, dtype=torch.float32, device=theta_s.device)
+    for s, n in chunks(sl.start, sl.numel):
+        ids = sl.partition.ids(s, n, device=theta_s.device)
+        vals = theta_s[ids]
+        if drop is not None:
+            vals = vals * drop.keep_scale(torch.arange(s, s + n, device=theta_s.device))
+        out[s - sl.start : s - sl.start + n] = vals
+    return out
+
+
+def delta_at(theta_s: torch.Tensor, partition: Partition, positions: torch.Tensor, drop: DropConnect | None = None):
+    """Delta values at arbitrary global positions (used for embedding rows)."""
+    from .partition import permute
+
+    ids = permute(positions.reshape(-1).clone(), partition.D, list(partition.keys)) % partition.d
+    vals = theta_s[ids]
+    if drop is not None:
+        vals = vals * drop.keep_scale(positions.reshape(-1))
+    return vals.view(positions.shape)
+
+
+def accumulate_grad(grad_theta_s: torch.Tensor, grad_w: torch.Tensor, sl: Slice, drop: DropConnect | None = None):
+    """grad_theta_s[g(i)] += vec(grad_w)[i] for the slice, accumulated in fp32."""
+    flat = grad_w.reshape(-1)
+    for s, n in chunks(sl.start, sl.numel):
+        ids = sl.partition.ids(s, n, device=grad_theta_s.device)
+        vals = flat[s - sl.start : s - sl.start + n].float()
+        if drop is not None:
+            vals = vals * drop.keep_scale(torch.arange(s, s + n, device=grad_theta_s.device))
+        grad_theta_s.index_add_(0, ids, vals)
+
+
+def accumulate_grad_at(grad_theta_s, grad_vals, partition: Partition, positions, drop: DropConnect | None = None):
+    """grad_theta_s[g(p)] += grad_vals[p] for arbitrary global positions."""
+    from .partition import permute
+
+    ids = permute(positions.reshape(-1).clone(), partition.D, list(partition.keys)) % partition.d
+    vals = grad_vals.reshape(-1).float()
+    if drop is not None:
+        vals = vals * drop.keep_scale(positions.reshape(-1))
+    grad_theta_s.index_add_(0, ids, vals)
+
+
+def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype the layer computes in: the autocast dtype when autocast is on, else the weight's."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type) and weight.dtype.is_floating_point:
+        return torch.get_autocast_dtype(device_type)
+    return weight.dtype
+
+
+class _Spec:
+    """Everything the autograd functions need besides tensors (kept off the tensor argument list)."""
+
+    __slots__ = ("weight", "bias", "drop", "kind", "conv_args", "scales", "compute_dtype", "padding_idx")
+
+    def __init__(self, weight: Slice, bias: Slice | None, drop, kind: str, scales, conv_args=None, padding_idx=None):
+        self.weight, self.bias, self.drop, self.kind = weight, bias, drop, kind
+        self.scales, self.conv_args, self.padding_idx = scales, conv_args, padding_idx
+        self.compute_dtype = None
+
+
+def _weight_update(theta_s, spec: _Spec, dtype: torch.dtype) -> torch.Tensor:
+    return delta_flat(theta_s, spec.weight, spec.drop).view(spec.weight.shape).to(dtype)
+
+
+def _bias_update(theta_s, spec: _Spec, dtype: torch.dtype) -> torch.Tensor | None:
+    if spec.bias is None:
+        return None
+    return delta_flat(theta_s, spec.bias, spec.drop).to(dtype)
+
+
+def _add_bias(bias, dbias):
+    if dbias is None:
+        return bias
+    return dbias if bias is None else bias + dbias
+
+
+def _linear(x, w, b, kind):
+    # transformers' Conv1D stores the weight as (in, out): y = x W + b.
+    return F.linear(x, w.t() if kind == "conv1d" else w, b)
+
+
+def _conv(x, w, b, conv_args):
+    stride, padding, dilation, groups, nd = conv_args
+    fn = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
+    return fn(x, w, b, stride, padding, dilation, groups)
+
+
+class _GPartOp(torch.autograd.Function):
+    """y = op(x, W0 + Delta_W, b0 + Delta_b) for linear, Conv1D and convolution layers."""
+
+    @staticmethod
+    def forward(ctx, x, theta, weight, bias, spec: _Spec):
+        cdt = _compute_dtype(x, weight)
+        spec.compute_dtype = cdt
+        theta_s = scaled_theta(theta, spec.weight.partition, spec.scales)
+        with torch.autocast(x.device.type, enabled=False):
+            xc, wc = x.to(cdt), weight.to(cdt)
+            b0 = None if bias is None else bias.to(cdt)
+            dw = _weight_update(theta_s, spec, torch.float32)
+            b = _add_bias(b0, _bias_update(theta_s, spec, cdt))
+            if cdt == torch.float32:
+                y = _apply(xc, wc + dw, b, spec)
+            else:
+                # exact separate product: x Delta_W^T is not swamped by W0's rounding
+                y = _apply(xc, wc, b, spec) + _apply(xc, dw.to(cdt), None, spec)
+        ctx.save_for_backward(x, theta, weight)
+        ctx.spec, ctx.has_bias = spec, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, theta, weight = ctx.saved_tensors
+        spec: _Spec = ctx.spec
+        cdt = spec.compute_dtype
+        theta_s = scaled_theta(theta, spec.weight.partition, spec.scales)
+        gy = gy.to(cdt)
+        xc = x.to(cdt)
+        wm = (weight.float() + _weight_update(theta_s, spec, torch.float32)).to(cdt)
+        grad_theta_s = torch.zeros_like(theta_s)
+        if spec.kind == "conv":
+            stride, padding, dilation, groups, nd = spec.conv_args
+            gx, gw, gb = torch.ops.aten.convolution_backward(
+                gy, xc, wm, None, list(stride), list(padding), list(dilation), False, [0] * nd, groups,
+                [ctx.needs_input_grad[0], True, spec.bias is not None],
+            )
+        else:
+            g2 = gy.reshape(-1, gy.shape[-1])
+            x2 = xc.reshape(-1, xc.shape[-1])
+            if spec.kind == "conv1d":
+                gx = (gy @ wm.t()) if ctx.needs_input_grad[0] else None
+                gw = x2.t() @ g2
+            else:
+                gx = (gy @ wm) if ctx.needs_input_grad[0] else None
+                gw = g2.t() @ x2
+            gb = g2.sum(0) if spec.bias is not None else None
+        del wm
+        accumulate_grad(grad_theta_s, gw, spec.weight, spec.drop)
+        del gw
+        if spec.bias is not None:
+            accumulate_grad(grad_theta_s, gb, spec.bias, spec.drop)
+        grad_theta = (grad_theta_s * spec.scales).to(theta.dtype)
+        gx = None if gx is None else gx.to(x.dtype)
+        return gx, grad_theta, None, None, None
+
+
+def _apply(x, w, b, spec: _Spec):
+    if spec.kind == "conv":
+        return _conv(x, w, b, spec.conv_args)
+    return _linear(x, w, b, spec.kind)
+
+
+def gpart_linear(x, theta, weight, bias, spec: _Spec):
+    return _GPartOp.apply(x, theta, weight, bias, spec)
+
+
+class _GPartEmbedding(torch.autograd.Function):
+    """y = W0[tokens] + Delta_W[tokens]: only the rows that are looked up are drawn from theta."""
+
+    @staticmethod
+    def forward(ctx, tokens, theta, base_out, spec: _Spec):
+        dim = spec.weight.shape[1]
+        theta_s = scaled_theta(theta, spec.weight.partition, spec.scales)
+        rows, inverse = torch.unique(tokens, return_inverse=True)
+        positions = spec.weight.start + rows[:, None] * dim + torch.arange(dim, device=tokens.device)
+        delta_rows = delta_at(theta_s, spec.weight.partition, positions, spec.drop)
+        ctx.save_for_backward(theta, rows, inverse)
+        ctx.spec = spec
+        return base_out + delta_rows[inverse].to(base_out.dtype)
+
+    @staticmethod
+    def backward(ctx, gy):
+        theta, rows, inverse = ctx.saved_tensors
+        spec: _Spec = ctx.spec
+        dim = spec.weight.shape[1]
+        grad_rows = torch.zeros(rows.shape[0], dim, dtype=torch.float32, device=gy.device)
+        grad_rows.index_add_(0, inverse.reshape(-1), gy.reshape(-1, dim).float())
+        if spec.padding_idx is not None:
+            # like nn.Embedding, the padding row receives no update
+            grad_rows[rows == spec.padding_idx] = 0
+        positions = spec.weight.start + rows[:, None] * dim + torch.arange(dim, device=gy.device)
+        grad_theta_s = torch.zeros(theta.shape[0], dtype=torch.float32, device=gy.device)
+        accumulate_grad_at(grad_theta_s, grad_rows, spec.weight.partition, positions, spec.drop)
+        return None, (grad_theta_s * spec.scales).to(theta.dtype), gy, None
+
+
+def gpart_embedding(tokens, theta, base_out, spec: _Spec):
+    return _GPartEmbedding.apply(tokens, theta, base_out, spec)
+
+
+class _GPartDelta(torch.autograd.Function):
+    """Delta_W for one tensor as a differentiable function of theta (for arbitrary target parameters)."""
+
+    @staticmethod
+    def forward(ctx, theta, spec: _Spec, dtype):
+        theta_s = scaled_theta(theta, spec.weight.partition, spec.scales)
+        ctx.save_for_backward(theta)
+        ctx.spec = spec
+        return _weight_update(theta_s, spec, dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        (theta,) = ctx.saved_tensors
+        spec: _Spec = ctx.spec
+        grad_theta_s = torch.zeros(theta.shape[0], dtype=torch.float32, device=g.device)
+        accumulate_grad(grad_theta_s, g, spec.weight, spec.drop)
+        return (grad_theta_s * spec.scales).to(theta.dtype), None, None
+
+
+def gpart_delta(theta, spec: _Spec, dtype=torch.float32):
+    return _GPartDelta.apply(theta, spec, dtype)

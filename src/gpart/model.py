@@ -1,0 +1,357 @@
+"""GPartModel: the PEFT tuner that injects GPart wrappers and owns theta.
+
+Canonical order (what "position i" means): after an adapter is injected, the wrapped tensors are listed
+in the order `model.named_modules()` visits their wrappers; within a wrapper the weight comes first, then
+the bias when `partition_bias` is set. Each tensor is flattened in its own row-major storage order (for
+transformers' Conv1D that is the (in, out) layout it stores). Concatenating them gives the vector of
+length D that the partition splits. The config records D, the [name, shape] list and its sha256
+fingerprint, so loading onto a model with a different layout fails loudly instead of silently using a
+different partition.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from torch import nn
+
+from .config import GPartConfig
+from .functional import Slice
+from .layers import Embedding, GPartLayer, LinearLike, ParamWrapper
+from .partition import Partition, check_sizes
+
+THETA_KEY = "base_model.gpart_theta"
+
+
+class LayoutMismatchError(ValueError):
+    """The model's adapted tensors differ from those the adapter was trained on."""
+
+
+def layout_fingerprint(layout: list) -> str:
+    """sha256 of the ordered [name, shape] list, as canonical JSON."""
+    blob = json.dumps([[name, list(shape)] for name, shape in layout], separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _clean_name(key: str) -> str:
+    """Module key without the `.base_layer` hops that nested wrappers add."""
+    return ".".join(part for part in key.split(".") if part != "base_layer")
+
+
+def _shape(tensor: torch.Tensor) -> tuple[int, ...]:
+    # under DeepSpeed ZeRO-3 the local tensor is a shard; ds_shape is the real shape
+    return tuple(int(s) for s in getattr(tensor, "ds_shape", tensor.shape))
+
+
+def _layer_kind(module: nn.Module) -> str | None:
+    """Which GPart wrapper fits `module`, or None when none does."""
+    from transformers.pytorch_utils import Conv1D
+
+    if type(module) in (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear):
+        return "linear"
+    if isinstance(module, Conv1D):
+        return "conv1d"
+    if type(module) in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+        return "conv"
+    if type(module) is nn.Embedding:
+        return "embedding"
+    return None
+
+
+def _check_float_weight(module: nn.Module, key: str) -> None:
+    weight = getattr(module, "weight", None)
+    if weight is None or not (weight.dtype.is_floating_point or weight.device.type == "meta"):
+        raise TypeError(
+            f"GPart cannot adapt '{key}' ({type(module).__name__}): its weight is "
+            f"{'missing' if weight is None else weight.dtype}, and GPart needs a floating-point weight. Quantized "
+            "layers are not supported yet; load the model in float32/bfloat16 or exclude this module."
+        )
+
+
+class GPartModel(BaseTuner):
+    """Injects GPart into a model. Use through `peft.get_peft_model(model, GPartConfig(...))`."""
+
+    prefix: str = "gpart_"
+    tuner_layer_cls = GPartLayer
+    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    uses_shared_state = True
+
+    # -- injection -----------------------------------------------------------------------------------
+
+    def inject_adapter(self, model, adapter_name, autocast_adapter_dtype=True, low_cpu_mem_usage=False, state_dict=None):
+        if "gpart_theta" not in self._modules:
+            self.gpart_theta = nn.ParameterDict()
+            self._gpart_scales: dict = {}
+        if adapter_name in self.gpart_theta:
+            raise ValueError(f"An adapter named '{adapter_name}' already exists; choose another name.")
+        config = self.peft_config[adapter_name]
+        self.gpart_theta[adapter_name] = nn.Parameter(torch.zeros(config.d, device="meta"))
+        try:
+            super().inject_adapter(
+                model,
+                adapter_name,
+                autocast_adapter_dtype=autocast_adapter_dtype,
+                low_cpu_mem_usage=low_cpu_mem_usage,
+                state_dict=state_dict,
+            )
+            self._finish_adapter(adapter_name, low_cpu_mem_usage)
+        except Exception:
+            self._abort_adapter(adapter_name)
+            raise
+        self._set_theta_trainability()
+
+    def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, parameter_name=None):
+        if parameter_name is not None:
+            if isinstance(target, ParamWrapper) and target.parameter_name == parameter_name:
+                target.update_layer(adapter_name, config)
+                return
+            base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+            param = getattr(base, parameter_name, None)
+            if not isinstance(param, torch.Tensor) or not (param.dtype.is_floating_point or param.is_meta):
+                raise TypeError(f"GPart cannot adapt parameter '{current_key}.{parameter_name}': not a float tensor.")
+            new = ParamWrapper(target, adapter_name, self, config, parameter_name)
+            self._replace_module(parent, target_name, new, target)
+            return
+        if isinstance(target, GPartLayer) and not isinstance(target, ParamWrapper):
+            target.update_layer(adapter_name, config)
+            return
+        if isinstance(target, BaseTunerLayer):
+            raise TypeError(
+                f"'{current_key}' is already wrapped by another PEFT method ({type(target).__name__}); GPart cannot "
+                "be stacked on it."
+            )
+        kind = _layer_kind(target)
+        if kind is None:
+            raise TypeError(
+                f"GPart cannot adapt '{current_key}' of type {type(target).__name__}. Supported: torch.nn.Linear, "
+                "transformers Conv1D, nn.Conv1d/2d/3d, nn.Embedding; other tensors can be adapted by name with "
+                "target_parameters. Adjust target_modules or exclude_modules."
+            )
+        _check_float_weight(target, current_key)
+        if kind == "embedding":
+            new = Embedding(target, adapter_name, self, config)
+        else:
+            new = LinearLike(target, adapter_name, self, config, kind)
+        self._replace_module(parent, target_name, new, target)
+
+    def _gpart_layers(self):
+        for key, module in self.model.named_modules():
+            if isinstance(module, GPartLayer):
+                yield key, module
+
+    def current_layout(self, adapter_name: str) -> list[tuple[str, tuple[int, ...]]]:
+        """The ordered [name, shape] list of the tensors `adapter_name` adapts."""
+        layout = []
+        for key, layer in self._gpart_layers():
+            if adapter_name in layer.gpart_slices:
+                for suffix, tensor in layer.adapted_tensors():
+                    layout.append((f"{_clean_name(key)}.{suffix}", _shape(tensor)))
+        return layout
+
+    def _finish_adapter(self, adapter_name: str, low_cpu_mem_usage: bool) -> None:
+        """Fix the layout, check it against the config, give every wrapper its slice and create theta."""
+        config: GPartConfig = self.peft_config[adapter_name]
+        layout = self.current_layout(adapter_name)
+        D = sum(_numel(shape) for _, shape in layout)
+        if config.layout is not None:
+            _check_layout(config, layout, D)
+        check_sizes(D, config.d)
+        config.D, config.layout = D, [[name, list(shape)] for name, shape in layout]
+        config.layout_fingerprint = layout_fingerprint(layout)
+        partition = Partition(config.seed, D, config.d)
+        offset = 0
+        for _, layer in self._gpart_layers():
+            if adapter_name not in layer.gpart_slices:
+                continue
+            slices = []
+            for _, tensor in layer.adapted_tensors():
+                shape = _shape(tensor)
+                slices.append(Slice(partition, offset, shape))
+                offset += _numel(shape)
+            layer.gpart_slices[adapter_name] = (slices[0], slices[1] if len(slices) > 1 else None)
+        first = layout and self._first_adapted_tensor(adapter_name)
+        device = first.device if first is not None and not low_cpu_mem_usage else torch.device("meta")
+        self.gpart_theta[adapter_name] = nn.Parameter(_initial_theta(config, device))
+
+    def _first_adapted_tensor(self, adapter_name: str):
+        for _, layer in self._gpart_layers():
+            if adapter_name in layer.gpart_slices:
+                return layer.adapted_tensors()[0][1]
+        return None
+
+    def _abort_adapter(self, adapter_name: str) -> None:
+        """Undo a failed injection: remove the adapter everywhere and unwrap wrappers left empty."""
+        for key, layer in list(self._gpart_layers()):
+            if adapter_name in layer.gpart_slices:
+                layer.gpart_slices.pop(adapter_name)
+                layer.gpart_dropout.pop(adapter_name, None)
+            if not layer.gpart_slices:
+                parent_key, _, child = key.rpartition(".")
+                parent = self.model.get_submodule(parent_key) if parent_key else self.model
+                setattr(parent, child, layer.base_layer)
+        self.gpart_theta.pop(adapter_name, None)
+        self.peft_config.pop(adapter_name, None)
+        self._gpart_scales = {k: v for k, v in self._gpart_scales.items() if k[0] != adapter_name}
+
+    # -- theta bookkeeping -----------------------------------------------------------------------------
+
+    def scales_for(self, adapter_name: str, device) -> torch.Tensor:
+        """1/sqrt(n_j) of the adapter's partition on `device` (d floats, cached)."""
+        key = (adapter_name, str(device))
+        if key not in self._gpart_scales:
+            config = self.peft_config[adapter_name]
+            self._gpart_scales[key] = Partition(config.seed, config.D, config.d).scales(device=device)
+        return self._gpart_scales[key]
+
+    def _set_theta_trainability(self, inference_mode: bool = False) -> None:
+        active = set(self.active_adapters)
+        for name, theta in self.gpart_theta.items():
+            theta.requires_grad_(name in active and not inference_mode and not self.peft_config[name].inference_mode)
+
+    def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
+        if "gpart_theta" in self._modules:
+            self._set_theta_trainability(inference_mode)
+
+    def set_requires_grad(self, adapter_names, requires_grad: bool = True) -> None:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        unknown = [n for n in names if n not in self.gpart_theta]
+        if unknown:
+            raise ValueError(f"Adapter(s) {unknown} not found; available: {sorted(self.gpart_theta)}.")
+        for name in names:
+            self.gpart_theta[name].requires_grad_(requires_grad)
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        # theta is created in fp32; without autocast it follows the base weights' dtype, like LoRA's factors
+        theta = self.gpart_theta.get(adapter_name) if "gpart_theta" in self._modules else None
+        if theta is None or theta.is_meta or autocast_adapter_dtype:
+            return
+        first = self._first_adapted_tensor(adapter_name)
+        if first is not None and first.dtype.is_floating_point and first.dtype != theta.dtype:
+            theta.data = theta.data.to(first.dtype)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self.gpart_theta.pop(adapter_name, None)
+        self._gpart_scales = {k: v for k, v in self._gpart_scales.items() if k[0] != adapter_name}
+        # unwrap layers that no adapter uses any more, so nothing of the adapter is left behind
+        for key, layer in list(self._gpart_layers()):
+            if not layer.gpart_slices:
+                parent_key, _, child = key.rpartition(".")
+                parent = self.model.get_submodule(parent_key) if parent_key else self.model
+                setattr(parent, child, layer.base_layer)
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str) -> None:
+        """A new adapter whose theta is sum_i weights[i] * theta_i.
+
+        Exact in weight space because Delta_W is linear in theta, provided every adapter shares the same
+        partition: same seed, d and layout fingerprint.
+        """
+        if adapter_name in self.peft_config:
+            raise ValueError(f"An adapter named '{adapter_name}' already exists; choose another name.")
+        if not adapters or len(adapters) != len(weights):
+            raise ValueError("add_weighted_adapter needs as many weights as adapters, and at least one adapter.")
+        missing = [a for a in adapters if a not in self.peft_config]
+        if missing:
+            raise ValueError(f"Adapter(s) {missing} not found; available: {sorted(self.peft_config)}.")
+        ref = self.peft_config[adapters[0]]
+        for name in adapters[1:]:
+            other = self.peft_config[name]
+            for attr in ("seed", "d", "layout_fingerprint"):
+                if getattr(other, attr) != getattr(ref, attr):
+                    raise ValueError(
+                        f"Cannot combine '{adapters[0]}' and '{name}' in theta space: their {attr} differs "
+                        f"({getattr(ref, attr)!r} vs {getattr(other, attr)!r}), so their thetas index different "
+                        "partitions. Combine adapters trained with the same seed, d and target modules."
+                    )
+        new_config = copy.deepcopy(ref)
+        new_config.inference_mode = True
+        self.peft_config[adapter_name] = new_config
+        self.inject_adapter(self.model, adapter_name)
+        with torch.no_grad():
+            combo = sum(w * self.gpart_theta[a].float() for a, w in zip(adapters, weights))
+            theta = self.gpart_theta[adapter_name]
+            theta.copy_(combo.to(theta.device, theta.dtype))
+
+    # -- saving and loading ----------------------------------------------------------------------------
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        key = f"{THETA_KEY}.{adapter_name}"
+        if key not in state_dict:
+            raise KeyError(f"theta of adapter '{adapter_name}' ({key}) is not in the model's state dict.")
+        return {key: state_dict[key]}
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        problem = _theta_problem(state_dict, config)
+        if problem is not None:
+            tuner = getattr(model, "base_model", model)
+            if isinstance(tuner, GPartModel) and adapter_name in tuner.peft_config:
+                if len(tuner.peft_config) > 1:
+                    tuner.delete_adapter(adapter_name)
+                else:
+                    tuner._abort_adapter(adapter_name)
+            raise ValueError(problem)
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _initial_theta(config: GPartConfig, device) -> torch.Tensor:
+    if device.type == "meta" or config.init_scale == 0.0:
+        return torch.zeros(config.d, device=device)
+    gen = torch.Generator().manual_seed(config.seed)
+    return (torch.randn(config.d, generator=gen) * config.init_scale).to(device)
+
+
+def _check_layout(config: GPartConfig, layout: list, D: int) -> None:
+    """Raise LayoutMismatchError naming the first tensor that differs from the saved layout."""
+    saved = [(name, tuple(shape)) for name, shape in config.layout]
+    for i, (have, want) in enumerate(zip(layout, saved)):
+        if have != want:
+            raise LayoutMismatchError(
+                f"This adapter does not fit the model: adapted tensor #{i} is {have[0]} {list(have[1])} in the model "
+                f"but {want[0]} {list(want[1])} in the adapter. Load it onto the base model it was trained on."
+            )
+    if len(layout) != len(saved):
+        i = min(len(layout), len(saved))
+        extra = layout[i] if len(layout) > len(saved) else saved[i]
+        where = "model" if len(layout) > len(saved) else "adapter"
+        raise LayoutMismatchError(
+            f"This adapter does not fit the model: the {where} has an extra adapted tensor #{i}, {extra[0]} "
+            f"{list(extra[1])} ({len(layout)} tensors in the model, {len(saved)} in the adapter)."
+        )
+    if config.D is not None and config.D != D:
+        raise LayoutMismatchError(f"The adapter was trained on D={config.D} weights but the model has D={D}.")
+    if config.layout_fingerprint is not None and config.layout_fingerprint != layout_fingerprint(layout):
+        raise LayoutMismatchError("The adapter's layout fingerprint does not match its own layout: the file is corrupt.")
+
+
+def _theta_problem(state_dict: dict, config: GPartConfig) -> str | None:
+    """Why the loaded state dict cannot be this adapter's theta, or None when it can."""
+    keys = [k for k in state_dict if k == THETA_KEY or k.endswith(".gpart_theta") or k == "gpart_theta"]
+    if not keys:
+        return (
+            f"The adapter file holds no theta (expected the tensor '{THETA_KEY}'; found {sorted(state_dict)[:5]}). "
+            "It is not a GPart adapter, or it was truncated."
+        )
+    theta = state_dict[keys[0]]
+    if not isinstance(theta, torch.Tensor) or not theta.dtype.is_floating_point:
+        return f"theta in the adapter file has dtype {getattr(theta, 'dtype', type(theta))}; expected a float tensor."
+    if tuple(theta.shape) != (config.d,):
+        return (
+            f"theta in the adapter file has shape {list(theta.shape)} but the config says d={config.d}; the file and "
+            "its adapter_config.json do not belong together."
+        )
+    return None

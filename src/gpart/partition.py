@@ -1,0 +1,182 @@
+"""The GPart partition: a seeded, stateless, balanced assignment of D weight positions to d groups.
+
+Position i (0 <= i < D, in the canonical flattening order) belongs to group
+
+    g(i) = pi(i) mod d
+
+where pi is a keyed pseudorandom permutation of [0, D). Because pi is a bijection, group j has exactly
+ceil(D/d) members when j < D mod d and floor(D/d) otherwise, so the isometric scales 1/sqrt(n_j) are
+known in closed form and no group is empty. P[i, g(i)] = 1/sqrt(n_g(i)) gives P^T P = I_d.
+
+pi is a 4-round unbalanced Feistel network over the smallest power of two >= D, with cycle-walking back
+into [0, D). Every step is integer arithmetic whose intermediate values stay below 2^63 (32-bit values
+times constants below 2^31), so int64 tensors give bit-identical ids on any device, and the same
+function can be written with uint32 wrap-around arithmetic in a fused kernel. Round keys come from
+splitmix64 of the seed, so neighbouring seeds give unrelated partitions.
+
+The algorithm is named and versioned (ALGORITHM, VERSION). It must never change: a saved adapter is
+only meaningful with the exact partition it was trained with. A new construction gets a new version.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+ALGORITHM = "feistel-cyclewalk"
+VERSION = 1
+
+ROUNDS = 4
+_M32 = 0xFFFFFFFF
+_M64 = 0xFFFFFFFFFFFFFFFF
+# Multipliers of the 32-bit round function (a well-known low-bias integer hash); both below 2^31 so
+# that a 32-bit value times either stays below 2^63 in int64 arithmetic.
+_MUL1 = 0x21F0AAAD
+_MUL2 = 0x735A2D97
+# Default slice length for chunked id generation: bounds transient memory to ~32 bytes * CHUNK.
+CHUNK = 1 << 22
+
+
+class PartitionError(ValueError):
+    """A partition cannot be built from the given sizes."""
+
+
+def splitmix64(x: int) -> int:
+    """One step of splitmix64 on a Python int (exact 64-bit unsigned arithmetic)."""
+    x = (x + 0x9E3779B97F4A7C15) & _M64
+    z = x
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+def round_keys(seed: int, rounds: int = ROUNDS) -> list[int]:
+    """32-bit round keys derived from the seed: key_r = low 32 bits of splitmix64 chained r+1 times."""
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0 or seed >= 1 << 63:
+        raise PartitionError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+    keys, state = [], seed
+    for _ in range(rounds):
+        state = splitmix64(state)
+        keys.append(state & _M32)
+    return keys
+
+
+def domain_bits(D: int) -> tuple[int, int]:
+    """Widths (a, b) of the Feistel halves: a + b bits cover the smallest power of two >= D, a >= b."""
+    total = max(1, (D - 1).bit_length())
+    return (total + 1) // 2, total // 2
+
+
+def _round_function(x: torch.Tensor, key: int) -> torch.Tensor:
+    """A 32-bit integer hash of (x + key); x holds non-negative values below 2^32."""
+    x = (x + key) & _M32
+    x = x ^ (x >> 16)
+    x = (x * _MUL1) & _M32
+    x = x ^ (x >> 15)
+    x = (x * _MUL2) & _M32
+    return x ^ (x >> 15)
+
+
+def feistel(x: torch.Tensor, keys: list[int], a: int, b: int) -> torch.Tensor:
+    """The permutation of [0, 2^(a+b)) keyed by `keys`: x = L * 2^b + R with L of a bits, R of b bits.
+
+    Round r maps (L, R) to (R, L xor F_r(R)); the halves swap widths each round, and an even number of
+    rounds brings them back to (a, b).
+    """
+    wl, wr = a, b
+    left, right = x >> wr, x & ((1 << wr) - 1)
+    for key in keys:
+        left, right = right, left ^ (_round_function(right, key) & ((1 << wl) - 1))
+        wl, wr = wr, wl
+    return (left << wr) | right
+
+
+def permute(positions: torch.Tensor, D: int, keys: list[int]) -> torch.Tensor:
+    """pi(positions): the Feistel permutation, cycle-walked so that it maps [0, D) onto itself."""
+    a, b = domain_bits(D)
+    out = feistel(positions, keys, a, b)
+    outside = out >= D
+    # Cycle-walking: re-apply pi to the (at most half, usually far fewer) values that left [0, D).
+    while bool(outside.any()):
+        idx = outside.nonzero().squeeze(1)
+        walked = feistel(out[idx], keys, a, b)
+        out[idx] = walked
+        outside = torch.zeros_like(outside)
+        outside[idx] = walked >= D
+    return out
+
+
+def check_sizes(D: int, d: int) -> None:
+    """Raise a PartitionError naming the problem unless 1 <= d <= D are integers."""
+    for name, value in (("D", D), ("d", d)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise PartitionError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    if D < 1:
+        raise PartitionError(f"the adapted tensors hold D={D} weights; GPart needs at least one target weight")
+    if not 1 <= d <= D:
+        raise PartitionError(
+            f"d={d} is out of range: it must satisfy 1 <= d <= D, and the targeted tensors hold D={D} weights. "
+            f"Choose d between 1 and {D}, or target more modules."
+        )
+
+
+@dataclass(frozen=True)
+class Partition:
+    """The partition of D positions into d balanced groups, fixed by `seed`.
+
+    Holds only (seed, D, d) and four round keys: nothing proportional to D.
+    """
+
+    seed: int
+    D: int
+    d: int
+
+    def __post_init__(self) -> None:
+        check_sizes(self.D, self.d)
+        object.__setattr__(self, "keys", tuple(round_keys(self.seed)))
+
+    def ids(self, start: int, length: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """Group ids (int64) of positions start, ..., start + length - 1."""
+        if start < 0 or length < 0 or start + length > self.D:
+            raise PartitionError(f"slice [{start}, {start + length}) is outside [0, D={self.D})")
+        positions = torch.arange(start, start + length, dtype=torch.int64, device=device)
+        return permute(positions, self.D, list(self.keys)) % self.d
+
+    def group_sizes(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """n_j for every group j: ceil(D/d) for j < D mod d, else floor(D/d)."""
+        q, r = divmod(self.D, self.d)
+        sizes = torch.full((self.d,), q, dtype=torch.int64, device=device)
+        sizes[:r] += 1
+        return sizes
+
+    def scales(self, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """1/sqrt(n_j) for every group: the non-zero entries of column j of P."""
+        q, r = divmod(self.D, self.d)
+        big, small = 1.0 / math.sqrt(q + 1), 1.0 / math.sqrt(q)
+        out = torch.full((self.d,), small, dtype=torch.float64, device=device)
+        out[:r] = big
+        return out.to(dtype)
+
+    def dense(self) -> torch.Tensor:
+        """The D x d matrix P, materialised (for tests and small models only)."""
+        if self.D * self.d > 1 << 26:
+            raise PartitionError(f"refusing to materialise a {self.D} x {self.d} matrix; this is for small tests")
+        ids = self.ids(0, self.D)
+        P = torch.zeros(self.D, self.d, dtype=torch.float64)
+        P[torch.arange(self.D), ids] = self.scales(dtype=torch.float64)[ids]
+        return P
+
+    def describe(self) -> dict:
+        """What the saved config records about the partition."""
+        return {"algorithm": ALGORITHM, "version": VERSION, "seed": self.seed, "D": self.D, "d": self.d}
+
+
+def chunks(start: int, length: int, size: int = CHUNK):
+    """Yield (chunk_start, chunk_length) pairs covering [start, start + length)."""
+    end = start + length
+    while start < end:
+        step = min(size, end - start)
+        yield start, step
+        start += step

@@ -1,0 +1,124 @@
+"""The fine-tuning methods the CLI offers, each turned into a model with the right trainable set.
+
+gpart | lora | vera | unilora wrap the model with PEFT (the adapter is what gets saved);
+full trains every weight; head-only trains just the task head (a linear probe on the backbone).
+"""
+from __future__ import annotations
+
+import torch.nn as nn
+
+PEFT_METHODS = ("gpart", "lora", "vera", "unilora")
+METHODS = PEFT_METHODS + ("full", "head-only")
+
+# Ranks when --r is not given: LoRA r=8 (alpha=r, as the GPart repo's baseline), VeRA r=256 (PEFT's
+# default), Uni-LoRA r=4 (its paper's GLUE setting; theta length is --d, as GPart's).
+DEFAULT_RANK = {"lora": 8, "vera": 256, "unilora": 4}
+
+# Learning rate for the non-head parameters when --lr is not given. GPart's comes from the task
+# (the reference setting per task); the others are the usual values for each method.
+DEFAULT_LR = {"lora": 5e-4, "vera": 1e-2, "unilora": 5e-3, "full": 2e-5, "head-only": 0.0}
+
+
+def default_lr(method: str, task_defaults: dict) -> float:
+    if method == "gpart":
+        return task_defaults["lr"]
+    if method == "lora" and task_defaults.get("lora_lr"):
+        return task_defaults["lora_lr"]
+    return DEFAULT_LR[method]
+
+
+def build_peft_config(method: str, *, d: int, targets: list[str], seed: int, dropout: float,
+                      head: list[str], task_type: str | None, r: int | None = None):
+    """The PEFT config for one of PEFT_METHODS; heads in `head` are trained fully and saved too."""
+    common = dict(target_modules=list(targets), modules_to_save=list(head) or None, task_type=task_type)
+    if method == "gpart":
+        import gpart
+
+        return gpart.GPartConfig(d=d, seed=seed, dropout=dropout, **common)
+    from peft import LoraConfig, UniLoraConfig, VeraConfig
+
+    rank = r or DEFAULT_RANK[method]
+    if method == "lora":
+        return LoraConfig(r=rank, lora_alpha=rank, lora_dropout=dropout, **common)
+    if method == "vera":
+        return VeraConfig(r=rank, projection_prng_key=seed, vera_dropout=dropout, **common)
+    if method == "unilora":
+        return UniLoraConfig(r=rank, theta_d_length=d, proj_seed=seed, unilora_dropout=dropout, **common)
+    raise ValueError(f"unknown PEFT method {method!r}; choose from {', '.join(PEFT_METHODS)}")
+
+
+def apply_method(model: nn.Module, method: str, *, head: list[str], **peft_kwargs) -> nn.Module:
+    """Return the model ready to train with `method`; raises ValueError for impossible combinations."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if method == "head-only" and not head:
+        raise ValueError("head-only needs a fresh task head (a classifier); this task has none")
+    if method in PEFT_METHODS:
+        from peft import get_peft_model
+
+        return get_peft_model(model, build_peft_config(method, head=head, **peft_kwargs))
+    for name, param in model.named_parameters():
+        param.requires_grad = method == "full" or is_head_param(name, head)
+    return model
+
+
+def is_head_param(name: str, head: list[str]) -> bool:
+    # PEFT names the trained head copy ...classifier.modules_to_save.default.weight; a bare model
+    # names it classifier.weight: a head is any parameter with the head's name as a path component.
+    return any(part in head for part in name.split("."))
+
+
+def param_groups(model: nn.Module, *, lr: float, head_lr: float, weight_decay: float,
+                 head: list[str], decay_adapter_vectors: bool = True) -> list[dict]:
+    """Optimizer groups: non-head trainables at `lr`, the head at `head_lr`.
+
+    Weight decay follows the reference GPart code: adapter parameters (theta, LoRA factors, ...)
+    are always decayed; head and full-model parameters only when they are matrices (not biases or
+    norms). Empty groups are dropped (torch rejects them).
+    """
+    groups = {key: [] for key in ("body_decay", "body_plain", "head_decay", "head_plain")}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        is_head = is_head_param(name, head)
+        adapter_vector = decay_adapter_vectors and not is_head and _is_adapter_param(name)
+        decay = adapter_vector or param.ndim >= 2
+        groups[("head" if is_head else "body") + ("_decay" if decay else "_plain")].append(param)
+    spec = {
+        "body_decay": (lr, weight_decay), "body_plain": (lr, 0.0),
+        "head_decay": (head_lr, weight_decay), "head_plain": (head_lr, 0.0),
+    }
+    return [
+        {"params": params, "lr": spec[key][0], "weight_decay": spec[key][1], "name": key}
+        for key, params in groups.items() if params
+    ]
+
+
+def _is_adapter_param(name: str) -> bool:
+    return any(tag in name for tag in ("gpart_", "lora_", "vera_", "unilora_"))
+
+
+def count_params(model: nn.Module, head: list[str]) -> dict[str, int]:
+    total = trainable = head_n = 0
+    seen = set()
+    for name, param in model.named_parameters():
+        if id(param) in seen:  # tied weights count once
+            continue
+        seen.add(id(param))
+        total += param.numel()
+        if param.requires_grad:
+            trainable += param.numel()
+            if is_head_param(name, head):
+                head_n += param.numel()
+    return {"total": total, "trainable": trainable, "adapter": trainable - head_n, "head": head_n}
+
+
+def adapted_size(model: nn.Module, targets: list[str]) -> int:
+    """D: total number of weight entries in the targeted modules (what GPart partitions)."""
+    total = 0
+    for full, module in model.named_modules():
+        if full.rsplit(".", 1)[-1] in targets and isinstance(getattr(module, "weight", None), nn.Parameter):
+            if any(part in ("modules_to_save", "original_module") for part in full.split(".")):
+                continue
+            total += module.weight.numel()
+    return total

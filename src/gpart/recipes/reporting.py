@@ -1,0 +1,90 @@
+"""What a finished run leaves for people: metrics.json, a training-curve PNG and a short report.md."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from .io import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+METRICS_FILE, CURVE_FILE, REPORT_FILE = "metrics.json", "training_curve.png", "report.md"
+
+
+def split_history(log_history: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Trainer's log history -> (training-loss points, evaluation points)."""
+    train = [{"step": e["step"], "loss": e["loss"], "epoch": e.get("epoch")} for e in log_history if "loss" in e]
+    evals = [
+        {"step": e["step"], "epoch": e.get("epoch"), **{k[5:]: v for k, v in e.items() if k.startswith("eval_")}}
+        for e in log_history if any(k.startswith("eval_") for k in e)
+    ]
+    return train, evals
+
+
+def write_metrics(out: Path, metrics: dict) -> Path:
+    atomic_write_json(out / METRICS_FILE, metrics)
+    return out / METRICS_FILE
+
+
+def write_curve(out: Path, train: list[dict], evals: list[dict], metric: str, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers; must precede pyplot
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
+    if train:
+        ax_loss.plot([p["step"] for p in train], [p["loss"] for p in train], label="train loss")
+    eval_loss = [p for p in evals if "loss" in p]
+    if eval_loss:
+        ax_loss.plot([p["step"] for p in eval_loss], [p["loss"] for p in eval_loss], "o-", label="eval loss")
+    ax_loss.set(xlabel="step", ylabel="loss", title="loss")
+    ax_loss.legend(loc="best")
+    points = [p for p in evals if metric in p]
+    if points:
+        ax_metric.plot([p["step"] for p in points], [p[metric] for p in points], "o-", color="C2")
+    else:
+        ax_metric.text(0.5, 0.5, "no evaluation during training", ha="center", va="center", transform=ax_metric.transAxes)
+    ax_metric.set(xlabel="step", ylabel=metric, title=f"eval {metric}")
+    fig.suptitle(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(out / CURVE_FILE, buf.getvalue())
+    return out / CURVE_FILE
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 1e4 else f"{v:.4g}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def write_report(out: Path, m: dict) -> Path:
+    run, params = m["run"], m["params"]
+    lines = [
+        f"# {run['task']}: {run['method']} on {run['model']} / {run['dataset']}",
+        "",
+        f"- trainable parameters: {_fmt(params['trainable'])} of {_fmt(params['total'])} "
+        f"(adapter {_fmt(params['adapter'])}, head {_fmt(params['head'])})",
+    ]
+    if m.get("D"):
+        lines.append(f"- adapted weights D = {_fmt(m['D'])}, d = {_fmt(run.get('d'))} (D/d = {m['D'] / run['d']:.1f})"
+                     if run["method"] in ("gpart", "unilora") else f"- adapted weights D = {_fmt(m['D'])}")
+    lines += [
+        f"- saved adapter: {_fmt(m['adapter_bytes'])} bytes in `{m['saved']}`",
+        f"- training: {_fmt(m['train']['steps'])} steps, {m['train']['runtime_s']:.1f} s, "
+        f"final train loss {_fmt(m['train'].get('final_loss'))}",
+        f"- seed {run['seed']}, lr {run['lr']:g}, head lr {run['head_lr']:g}",
+        "",
+        "| split | " + " | ".join(sorted({k for s in ("validation", "test") for k in m.get(s, {})})) + " |",
+    ]
+    keys = sorted({k for s in ("validation", "test") for k in m.get(s, {})})
+    lines.append("|---" * (len(keys) + 1) + "|")
+    for split in ("validation", "test"):
+        if m.get(split):
+            lines.append(f"| {split} | " + " | ".join(_fmt(m[split].get(k, "")) for k in keys) + " |")
+    lines += ["", f"![training curve]({CURVE_FILE})", ""]
+    atomic_write_text(out / REPORT_FILE, "\n".join(lines))
+    return out / REPORT_FILE
