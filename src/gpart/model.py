@@ -194,7 +194,8 @@ class GPartModel(BaseTuner):
                 parent_key, _, child = key.rpartition(".")
                 parent = self.model.get_submodule(parent_key) if parent_key else self.model
                 setattr(parent, child, layer.base_layer)
-        self.gpart_theta.pop(adapter_name, None)
+        if adapter_name in self.gpart_theta:
+            del self.gpart_theta[adapter_name]
         self.peft_config.pop(adapter_name, None)
         self._gpart_scales = {k: v for k, v in self._gpart_scales.items() if k[0] != adapter_name}
 
@@ -237,7 +238,8 @@ class GPartModel(BaseTuner):
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
-        self.gpart_theta.pop(adapter_name, None)
+        if adapter_name in self.gpart_theta:
+            del self.gpart_theta[adapter_name]
         self._gpart_scales = {k: v for k, v in self._gpart_scales.items() if k[0] != adapter_name}
         # unwrap layers that no adapter uses any more, so nothing of the adapter is left behind
         for key, layer in list(self._gpart_layers()):

@@ -33,6 +33,10 @@ class TaskRecipe:
         raise NotImplementedError
 
     # ---- model
+    def auto_class(self):
+        """The transformers Auto* class for this task (used to build models from a config)."""
+        raise NotImplementedError
+
     def load_model(self, path: Path, args, labels: list[str] | None):
         """(model, processor) for the base model at `path`, with a fresh head sized for `labels`."""
         raise NotImplementedError

@@ -80,12 +80,13 @@ def find_split_files(directory: Path) -> dict[str, Path]:
     return found
 
 
-def read_splits(path: str | Path) -> dict[str, list[dict]]:
-    """A file -> {"train": rows}; a directory -> every split file it holds."""
+def read_splits(path: str | Path, single: str = "train") -> dict[str, list[dict]]:
+    """A file -> {single: rows} (train when training, the evaluated split in `gpart eval`);
+    a directory -> every split file it holds."""
     path = Path(path)
     if path.is_dir():
         return {split: read_records(p) for split, p in find_split_files(path).items()}
-    return {"train": read_records(path)}
+    return {single: read_records(path)}
 
 
 def require_columns(rows: list[dict], columns: list[str], where: str) -> None:
@@ -128,3 +129,28 @@ def subsample(rows: list, limit: int | None, seed: int) -> list:
         return rows
     idx = sorted(random.Random(seed).sample(range(len(rows)), limit))
     return [rows[i] for i in idx]
+
+
+def builtin(name: str, task: str):
+    """A built-in dataset from gpart.assets -> ({split: records}, label names or None)."""
+    try:
+        from gpart.assets import load_dataset
+    except ImportError as e:
+        raise DataError(f"dataset {name!r} is not a file or directory, and built-in datasets are unavailable ({e})") from None
+    try:
+        result = load_dataset(name)
+    except (KeyError, LookupError, ValueError) as e:
+        raise DataError(f"dataset {name!r}: not an existing file or directory, and not a built-in dataset ({e})") from None
+    return result
+
+
+def limit_splits(splits: dict[str, list], args) -> dict[str, list]:
+    """Apply --max-train-samples / --max-eval-samples; a test split that *is* validation stays so."""
+    out = dict(splits)
+    out["train"] = subsample(splits.get("train") or [], getattr(args, "max_train_samples", None), args.seed)
+    limit = getattr(args, "max_eval_samples", None)
+    for split in ("validation", "test"):
+        if split in splits:
+            same = split == "test" and splits.get("test") is splits.get("validation")
+            out[split] = out["validation"] if same else subsample(splits[split], limit, args.seed + 1)
+    return out

@@ -1,0 +1,42 @@
+"""One entry point for data: a built-in dataset by name, or the user's own file or folder."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from .builtin_data import BUILTIN_DATASETS
+from .data_types import TASKS, Dataset
+from .errors import DatasetError
+from .local_data import load_local
+
+
+def load_dataset(name_or_path: str | Path, task: str | None = None, *, seed: int = 0,
+                 text_column: str = "text", label_column: str = "label",
+                 label_names: Sequence[str] | None = None, image_size: int | tuple[int, int] | None = None,
+                 question_column: str = "question", answer_column: str = "answer",
+                 solution_column: str = "solution") -> Dataset:
+    """Load a dataset as a TextDataset, ImageDataset or MathDataset.
+
+    A built-in name (see BUILTIN_DATASETS) wins over a same-named folder; write ./name for the folder.
+    `task` checks a built-in's kind and picks how a local path is read (inferred when None). `seed`
+    drives the split of built-ins that have none of their own. The remaining options describe local files.
+    """
+    if task is not None and task not in TASKS:
+        raise DatasetError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
+    builtin = BUILTIN_DATASETS.get(str(name_or_path))
+    if builtin is not None:
+        if task is not None and task != builtin.task:
+            raise DatasetError(f"built-in dataset {builtin.name!r} is for {builtin.task}, not {task}")
+        return builtin.load(seed)
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        raise DatasetError(f"{str(name_or_path)!r} is neither a built-in dataset nor an existing file or folder. "
+                           f"Built-in datasets: {', '.join(BUILTIN_DATASETS)}")
+    return load_local(path, task, text_column=text_column, label_column=label_column, label_names=label_names,
+                      image_size=image_size, question_column=question_column, answer_column=answer_column,
+                      solution_column=solution_column)
+
+
+def list_datasets() -> list[tuple[str, str, str]]:
+    """(name, task, description) of every built-in dataset."""
+    return [(d.name, d.task, d.description) for d in BUILTIN_DATASETS.values()]

@@ -1,0 +1,303 @@
+"""The `gpart` command line: train, eval, info, merge.
+
+Parsing and error reporting live here; the work is in gpart.recipes. Task-dependent defaults
+(model, dataset, d, learning rates, ...) are filled in after parsing from the task's recipe, with
+precedence: explicit flag > settings saved with an adapter > the recipe's default.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from gpart.recipes import TASKS
+from gpart.recipes.methods import METHODS
+
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+
+
+# --------------------------------------------------------------------------------------- parsing
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {value}")
+    return value
+
+
+def _steps(text: str) -> float:
+    """An integer step count, or a fraction in (0, 1) of the total steps (Trainer's convention)."""
+    value = float(text)
+    if value <= 0 or (value >= 1 and value != int(value)):
+        raise argparse.ArgumentTypeError(f"expected a step count or a fraction in (0, 1), got {text!r}")
+    return int(value) if value >= 1 else value
+
+
+def _csv_list(text: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("expected a comma-separated list of module names")
+    return items
+
+
+def _nonneg_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    return value
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", help="built-in dataset name, a .csv/.tsv/.jsonl/.json/.npz file, or a directory "
+                                      "with train/validation/test files (default: the task's built-in)")
+    g.add_argument("--text-column", default=None, help="text classification: text column (default: text)")
+    g.add_argument("--text-pair-column", default=None, help="text classification: second text, e.g. NLI hypothesis")
+    g.add_argument("--label-column", default=None, help="classification: label column (default: label)")
+    g.add_argument("--labels", default=None, help="comma-separated class names in id order (default: inferred)")
+    g.add_argument("--prompt-column", default=None, help="causal-lm: prompt column (default: question)")
+    g.add_argument("--response-column", default=None, help="causal-lm: training target column (default: solution)")
+    g.add_argument("--answer-column", default=None, help="causal-lm: final answer for exact match (default: answer)")
+    g.add_argument("--max-length", type=_positive_int, default=None, help="token limit per example")
+    g.add_argument("--image-size", type=_positive_int, default=None, help="image side in pixels fed to the model")
+    g.add_argument("--max-new-tokens", type=_positive_int, default=None, help="causal-lm: generation budget in eval")
+    g.add_argument("--val-fraction", type=_fraction, default=0.1,
+                   help="share of train held out for validation when the data has no validation split")
+    g.add_argument("--max-train-samples", type=_positive_int, default=None, help="seeded random subset of train")
+    g.add_argument("--max-eval-samples", type=_positive_int, default=None,
+                   help="seeded random subset of validation and test")
+    g.add_argument("--eval-batch-size", type=_positive_int, default=None)
+
+
+def _add_method_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("method")
+    g.add_argument("--method", choices=METHODS, default="gpart")
+    g.add_argument("--d", type=_positive_int, default=None, help="GPart / Uni-LoRA: trainable vector length")
+    g.add_argument("--targets", type=_csv_list, default=None,
+                   help="comma-separated module names to adapt (default: the attention projections)")
+    g.add_argument("--r", type=_positive_int, default=None, help="rank for lora (8), vera (256), unilora (4)")
+    g.add_argument("--dropout", type=_fraction, default=None, help="adapter dropout")
+    g.add_argument("--seed", type=int, default=0, help="seed of the run and of the GPart partition")
+
+
+def _add_model_args(p: argparse.ArgumentParser, *, task_required: bool) -> None:
+    p.add_argument("--task", choices=TASKS, required=task_required, default=None)
+    p.add_argument("--model", default=None, help="built-in model name or a local model directory")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gpart", description="GPart fine-tuning on top of Hugging Face PEFT.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="fine-tune a model; writes adapter, metrics.json, curve PNG, report.md")
+    _add_model_args(t, task_required=True)
+    _add_method_args(t)
+    _add_data_args(t)
+    g = t.add_argument_group("optimisation")
+    g.add_argument("--lr", type=_nonneg_float, default=None, help="learning rate of theta / the adapter")
+    g.add_argument("--head-lr", type=_nonneg_float, default=None, help="learning rate of the task head")
+    length = g.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=float, default=None)
+    length.add_argument("--max-steps", type=_positive_int, default=None, help="optimizer steps (overrides epochs)")
+    g.add_argument("--batch-size", type=_positive_int, default=None)
+    g.add_argument("--grad-accum", type=_positive_int, default=1)
+    g.add_argument("--weight-decay", type=_nonneg_float, default=None)
+    g.add_argument("--warmup", type=_steps, default=None, help="warm-up steps, or a fraction of all steps")
+    g.add_argument("--scheduler", choices=SCHEDULERS, default=None)
+    g.add_argument("--max-grad-norm", type=_nonneg_float, default=1.0)
+    g.add_argument("--eval-steps", type=_steps, default=None,
+                   help="evaluate and checkpoint every N steps or fraction (default: every epoch, or 4 times with --max-steps)")
+    g.add_argument("--logging-steps", type=_steps, default=0.02)
+    g.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
+    g.add_argument("--cpu", action="store_true", help="train on the CPU even if an accelerator is present")
+    o = t.add_argument_group("output")
+    o.add_argument("--output-dir", required=True)
+    state = o.add_mutually_exclusive_group()
+    state.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
+    state.add_argument("--overwrite", action="store_true", help="delete the run already in --output-dir first")
+    o.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    e = sub.add_parser("eval", help="evaluate a base model, an adapter, or a saved/merged model")
+    _add_model_args(e, task_required=False)
+    e.add_argument("--adapter", default=None, help="adapter (or model) directory written by train or merge")
+    e.add_argument("--split", choices=("train", "validation", "test"), default="test")
+    e.add_argument("--output", default=None, help="also write the metrics to this JSON file")
+    e.add_argument("--seed", type=int, default=0, help="seed for subsets and carved splits")
+    e.add_argument("--cpu", action="store_true")
+    _add_data_args(e)
+
+    i = sub.add_parser("info", help="trainable parameters, D and adapter bytes, without training")
+    _add_model_args(i, task_required=True)
+    _add_method_args(i)
+    i.add_argument("--num-labels", type=_positive_int, default=2, help="classes of the task head")
+    i.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    m = sub.add_parser("merge", help="fold an adapter into its base model and save a standalone model")
+    m.add_argument("--adapter", required=True, help="adapter directory written by train")
+    m.add_argument("--model", default=None, help="base model (default: the one the adapter was trained on)")
+    m.add_argument("--task", choices=TASKS, default=None)
+    m.add_argument("--output-dir", required=True)
+    m.add_argument("--overwrite", action="store_true")
+    m.add_argument("--max-length", type=_positive_int, default=None)
+    return parser
+
+
+# --------------------------------------------------------------------------------------- defaults
+COLUMN_DEFAULTS = {"text_column": "text", "label_column": "label", "prompt_column": "question",
+                   "response_column": "solution", "answer_column": "answer", "max_new_tokens": 256,
+                   "eval_batch_size": 32}
+SAVED_KEYS = ("max_length", "image_size", "text_column", "text_pair_column", "label_column",
+              "prompt_column", "response_column", "answer_column")
+
+
+def fill_defaults(args, recipe, saved: dict | None = None) -> None:
+    """Fill every None option: saved adapter settings first, then the recipe's, then generic ones."""
+    from gpart.recipes.methods import default_lr
+
+    saved = saved or {}
+    for key in SAVED_KEYS:
+        if getattr(args, key, None) is None and saved.get(key) is not None:
+            setattr(args, key, saved[key])
+    d = recipe.defaults
+    for key in ("model", "dataset", "d", "batch_size", "weight_decay", "warmup", "dropout", "scheduler",
+                "max_length", "image_size", "max_new_tokens"):
+        if hasattr(args, key) and getattr(args, key) is None and key in d:
+            setattr(args, key, d[key])
+    for key, value in COLUMN_DEFAULTS.items():
+        if hasattr(args, key) and getattr(args, key) is None:
+            setattr(args, key, value)
+    if getattr(args, "command", None) == "train":
+        if args.lr is None:
+            args.lr = default_lr(args.method, d)
+        if args.head_lr is None:
+            args.head_lr = d["head_lr"]
+        if args.epochs is None:
+            args.epochs = d["epochs"]
+    if getattr(args, "eval_batch_size", None) is None:
+        args.eval_batch_size = max(args.batch_size or 0, 32)
+    for key in ("text_pair_column", "labels", "max_train_samples", "max_eval_samples"):
+        if not hasattr(args, key):
+            setattr(args, key, None)
+    if not hasattr(args, "val_fraction"):
+        args.val_fraction = 0.1
+
+
+# --------------------------------------------------------------------------------------- commands
+def cmd_train(args) -> int:
+    from gpart.recipes import get_recipe
+    from gpart.recipes.training import train
+
+    recipe = get_recipe(args.task)
+    fill_defaults(args, recipe)
+    args.single_file_split = "train"
+    metrics = train(args, recipe)
+    summary = {k: metrics[k] for k in ("validation", "test")}
+    print(json.dumps({"output_dir": args.output_dir, "runtime_s": round(metrics["train"]["runtime_s"], 1),
+                      "trainable": metrics["params"]["trainable"], **summary}, indent=2, default=str))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from gpart.recipes import get_recipe
+    from gpart.recipes.evaluation import evaluate, read_task_file
+    from gpart.recipes.io import atomic_write_json
+
+    saved = read_task_file(args.adapter)
+    task = args.task or saved.get("task")
+    if task is None:
+        raise SystemExit("gpart eval: error: pass --task (no gpart_task.json next to the adapter says which)")
+    recipe = get_recipe(task)
+    fill_defaults(args, recipe, saved)
+    if args.model is None and args.adapter:
+        args.model = None  # the base model saved with the adapter is used
+    elif args.model is None:
+        args.model = recipe.defaults["model"]
+    args.single_file_split = args.split
+    metrics = evaluate(args, recipe, saved)
+    if args.output:
+        atomic_write_json(args.output, metrics)
+    print(json.dumps(metrics, indent=2, default=str))
+    return 0
+
+
+def cmd_info(args) -> int:
+    from gpart.recipes import get_recipe
+    from gpart.recipes.evaluation import info
+
+    recipe = get_recipe(args.task)
+    fill_defaults(args, recipe)
+    result = info(args, recipe)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        width = max(len(k) for k in result)
+        for key, value in result.items():
+            shown = f"{value:,}" if isinstance(value, int) else ",".join(value) if isinstance(value, list) else value
+            print(f"{key:<{width}}  {shown}")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from gpart.recipes import get_recipe
+    from gpart.recipes.evaluation import merge, read_task_file
+
+    saved = read_task_file(args.adapter)
+    task = args.task or saved.get("task")
+    if task is None:
+        raise SystemExit("gpart merge: error: pass --task (no gpart_task.json next to the adapter says which)")
+    recipe = get_recipe(task)
+    fill_defaults(args, recipe, saved)
+    out = merge(args, recipe, saved)
+    print(json.dumps({"merged": str(out)}))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "info": cmd_info, "merge": cmd_merge}
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input, reported as one line instead of a traceback."""
+    from gpart.recipes.data import DataError
+    from gpart.recipes.io import RunDirError
+    from gpart.recipes.models import ModelError
+
+    errors = [DataError, RunDirError, ModelError, ValueError, FileNotFoundError]
+    try:
+        from gpart.assets.errors import AssetError, DatasetError
+
+        errors += [AssetError, DatasetError]
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except user_errors() as e:
+        if os.environ.get("GPART_DEBUG"):
+            raise
+        print(f"gpart {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"gpart {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
