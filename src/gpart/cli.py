@@ -62,10 +62,9 @@ def _nonneg_float(text: str) -> float:
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", help="built-in dataset name, a .csv/.tsv/.jsonl/.json/.npz file, or a directory "
-                                      "with train/validation/test files (default: the task's built-in)")
+    g.add_argument("--dataset", help="built-in dataset name, a .csv/.tsv/.jsonl file, a folder of "
+                                      "train/validation/test files, or an image folder (default: the task's built-in)")
     g.add_argument("--text-column", default=None, help="text classification: text column (default: text)")
-    g.add_argument("--text-pair-column", default=None, help="text classification: second text, e.g. NLI hypothesis")
     g.add_argument("--label-column", default=None, help="classification: label column (default: label)")
     g.add_argument("--labels", default=None, help="comma-separated class names in id order (default: inferred)")
     g.add_argument("--prompt-column", default=None, help="causal-lm: prompt column (default: question)")
@@ -73,6 +72,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--answer-column", default=None, help="causal-lm: final answer for exact match (default: answer)")
     g.add_argument("--max-length", type=_positive_int, default=None, help="token limit per example")
     g.add_argument("--image-size", type=_positive_int, default=None, help="image side in pixels fed to the model")
+    g.add_argument("--no-augment", action="store_true", help="image classification: no random flips in training")
     g.add_argument("--max-new-tokens", type=_positive_int, default=None, help="causal-lm: generation budget in eval")
     g.add_argument("--val-fraction", type=_fraction, default=0.1,
                    help="share of train held out for validation when the data has no validation split")
@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
 COLUMN_DEFAULTS = {"text_column": "text", "label_column": "label", "prompt_column": "question",
                    "response_column": "solution", "answer_column": "answer", "max_new_tokens": 256,
                    "eval_batch_size": 32}
-SAVED_KEYS = ("max_length", "image_size", "text_column", "text_pair_column", "label_column",
+SAVED_KEYS = ("max_length", "image_size", "text_column", "label_column",
               "prompt_column", "response_column", "answer_column")
 
 
@@ -172,7 +172,9 @@ def fill_defaults(args, recipe, saved: dict | None = None) -> None:
         if getattr(args, key, None) is None and saved.get(key) is not None:
             setattr(args, key, saved[key])
     d = recipe.defaults
-    for key in ("model", "dataset", "d", "batch_size", "weight_decay", "warmup", "dropout", "scheduler",
+    if getattr(args, "adapter", None) is None and getattr(args, "model", None) is None:
+        args.model = d["model"]  # with --adapter, the base model recorded with the adapter is used
+    for key in ("dataset", "d", "batch_size", "weight_decay", "warmup", "dropout", "scheduler",
                 "max_length", "image_size", "max_new_tokens"):
         if hasattr(args, key) and getattr(args, key) is None and key in d:
             setattr(args, key, d[key])
@@ -188,7 +190,7 @@ def fill_defaults(args, recipe, saved: dict | None = None) -> None:
             args.epochs = d["epochs"]
     if getattr(args, "eval_batch_size", None) is None:
         args.eval_batch_size = max(args.batch_size or 0, 32)
-    for key in ("text_pair_column", "labels", "max_train_samples", "max_eval_samples"):
+    for key in ("labels", "max_train_samples", "max_eval_samples"):
         if not hasattr(args, key):
             setattr(args, key, None)
     if not hasattr(args, "val_fraction"):
@@ -221,10 +223,6 @@ def cmd_eval(args) -> int:
         raise SystemExit("gpart eval: error: pass --task (no gpart_task.json next to the adapter says which)")
     recipe = get_recipe(task)
     fill_defaults(args, recipe, saved)
-    if args.model is None and args.adapter:
-        args.model = None  # the base model saved with the adapter is used
-    elif args.model is None:
-        args.model = recipe.defaults["model"]
     args.single_file_split = args.split
     metrics = evaluate(args, recipe, saved)
     if args.output:
@@ -272,9 +270,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input, reported as one line instead of a traceback."""
     from gpart.recipes.data import DataError
     from gpart.recipes.io import RunDirError
+    from gpart.recipes.methods import MethodError
     from gpart.recipes.models import ModelError
 
-    errors = [DataError, RunDirError, ModelError, ValueError, FileNotFoundError]
+    errors = [DataError, RunDirError, ModelError, MethodError]
     try:
         from gpart.assets.errors import AssetError, DatasetError
 

@@ -27,6 +27,15 @@ from .partition import Partition, check_sizes
 
 THETA_KEY = "base_model.gpart_theta"
 
+# PEFT's per-architecture defaults (query/value projections, the paper's GLUE setting), plus vision encoders.
+DEFAULT_TARGET_MODULES = {
+    **TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
+    "vit": ["q_proj", "v_proj"],
+    "deit": ["q_proj", "v_proj"],
+    "dinov2": ["q_proj", "v_proj"],
+    "bert": ["query", "value"],
+}
+
 
 class LayoutMismatchError(ValueError):
     """The model's adapted tensors differ from those the adapter was trained on."""
@@ -78,7 +87,7 @@ class GPartModel(BaseTuner):
 
     prefix: str = "gpart_"
     tuner_layer_cls = GPartLayer
-    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    target_module_mapping = DEFAULT_TARGET_MODULES
     uses_shared_state = True
 
     # -- injection -----------------------------------------------------------------------------------
@@ -91,6 +100,8 @@ class GPartModel(BaseTuner):
             raise ValueError(f"An adapter named '{adapter_name}' already exists; choose another name.")
         config = self.peft_config[adapter_name]
         self.gpart_theta[adapter_name] = nn.Parameter(torch.zeros(config.d, device="meta"))
+        # what a failed injection or load must restore (PEFT freezes the base model while injecting)
+        self._gpart_requires_grad = {adapter_name: [(p, p.requires_grad) for p in model.parameters()]}
         try:
             super().inject_adapter(
                 model,
@@ -139,6 +150,19 @@ class GPartModel(BaseTuner):
             new = LinearLike(target, adapter_name, self, config, kind)
         self._replace_module(parent, target_name, new, target)
 
+    def _replace_module(self, parent, child_name, new_module, child) -> None:
+        # GPart wrappers hold no tensors of their own, so swapping a module in or out is a plain setattr
+        # (PEFT's default also copies `.weight`, which modules adapted through target_parameters may lack).
+        setattr(parent, child_name, new_module)
+
+    def _unwrap_empty_layers(self) -> None:
+        """Put the base module back wherever no adapter is left on a wrapper."""
+        for key, layer in list(self._gpart_layers()):
+            if not layer.gpart_slices:
+                parent_key, _, child = key.rpartition(".")
+                parent = self.model.get_submodule(parent_key) if parent_key else self.model
+                self._replace_module(parent, child, layer.base_layer, layer)
+
     def _gpart_layers(self):
         for key, module in self.model.named_modules():
             if isinstance(module, GPartLayer):
@@ -186,18 +210,16 @@ class GPartModel(BaseTuner):
 
     def _abort_adapter(self, adapter_name: str) -> None:
         """Undo a failed injection: remove the adapter everywhere and unwrap wrappers left empty."""
-        for key, layer in list(self._gpart_layers()):
-            if adapter_name in layer.gpart_slices:
-                layer.gpart_slices.pop(adapter_name)
-                layer.gpart_dropout.pop(adapter_name, None)
-            if not layer.gpart_slices:
-                parent_key, _, child = key.rpartition(".")
-                parent = self.model.get_submodule(parent_key) if parent_key else self.model
-                setattr(parent, child, layer.base_layer)
+        for _, layer in self._gpart_layers():
+            layer.gpart_slices.pop(adapter_name, None)
+            layer.gpart_dropout.pop(adapter_name, None)
+        self._unwrap_empty_layers()
         if adapter_name in self.gpart_theta:
             del self.gpart_theta[adapter_name]
         self.peft_config.pop(adapter_name, None)
         self._gpart_scales = {k: v for k, v in self._gpart_scales.items() if k[0] != adapter_name}
+        for param, flag in self._gpart_requires_grad.pop(adapter_name, []):
+            param.requires_grad_(flag)
 
     # -- theta bookkeeping -----------------------------------------------------------------------------
 
@@ -242,11 +264,7 @@ class GPartModel(BaseTuner):
             del self.gpart_theta[adapter_name]
         self._gpart_scales = {k: v for k, v in self._gpart_scales.items() if k[0] != adapter_name}
         # unwrap layers that no adapter uses any more, so nothing of the adapter is left behind
-        for key, layer in list(self._gpart_layers()):
-            if not layer.gpart_slices:
-                parent_key, _, child = key.rpartition(".")
-                parent = self.model.get_submodule(parent_key) if parent_key else self.model
-                setattr(parent, child, layer.base_layer)
+        self._unwrap_empty_layers()
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str) -> None:
         """A new adapter whose theta is sum_i weights[i] * theta_i.

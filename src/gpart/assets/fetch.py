@@ -155,7 +155,8 @@ def manual_hint(pin: Pin) -> str:
         "deb": f"; or install it system-wide: apt-get install {pin.name}={pin.version}",
         "npm": "",
     }[pin.kind] if not pin.filename.endswith(".tar.gz") else ""
-    return f"To fetch it by hand: {by_hand}  (file {pin.filename}, sha256 {pin.sha256}){also}."
+    expect = f"file {pin.filename}, sha256 {pin.sha256}" if pin.filename else f"sha256 {pin.sha256}"
+    return f"To fetch it by hand: {by_hand}  ({expect}){also}."
 
 
 # ------------------------------------------------------------------------------------------- downloading

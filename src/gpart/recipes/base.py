@@ -41,7 +41,7 @@ class TaskRecipe:
         """(model, processor) for the base model at `path`, with a fresh head sized for `labels`."""
         raise NotImplementedError
 
-    def load_saved_model(self, path: Path, labels: list[str] | None):
+    def load_saved_model(self, path: Path, args, labels: list[str] | None):
         """(model, processor) for a full model saved by `gpart train --method full|head-only` or merge."""
         raise NotImplementedError
 

@@ -1,156 +1,74 @@
-"""Reading user data files and shaping them into train / validation / test splits.
+"""Getting a dataset into train / validation / test, whatever its source.
 
-Accepted: one file (.csv, .tsv, .jsonl, .json) or a directory holding train.* and optionally
-validation.* (or val.*, dev.*) and test.* in those formats. A missing validation split is carved
-out of train with a seeded shuffle, so runs stay reproducible.
+Reading is gpart.assets.load_dataset's job (built-in names, CSV/TSV/JSONL tables, image folders);
+this module only decides the splits: a missing validation split is carved out of train with a
+seeded shuffle, and --max-*-samples take seeded subsets, so runs stay reproducible.
 """
 from __future__ import annotations
 
-import csv
-import json
 import random
 from pathlib import Path
 
-SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
-SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "val", "valid", "dev"), "test": ("test",)}
+from gpart.assets import DatasetError, load_dataset
+
+DataError = DatasetError  # one error type for every data problem; the CLI prints it without a traceback
 
 
-class DataError(ValueError):
-    """A dataset is missing, malformed or lacks a required column."""
+def load(args, task: str, **columns):
+    """The dataset named by --dataset, read for `task` ("text-classification" | "image-classification" | "math").
 
-
-def read_records(path: str | Path) -> list[dict]:
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in SUFFIXES:
-        raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(SUFFIXES)}")
-    try:
-        if suffix in (".csv", ".tsv"):
-            with path.open(newline="", encoding="utf-8") as f:
-                reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
-                rows = list(reader)
-                if reader.fieldnames is None:
-                    raise DataError(f"{path}: empty file, expected a header row")
-                if any(None in row for row in rows):  # DictReader puts surplus cells under key None
-                    raise DataError(f"{path}: a row has more cells than the header")
-                return rows
-        if suffix == ".jsonl":
-            rows = []
-            with path.open(encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if line.strip():
-                        try:
-                            rows.append(json.loads(line))
-                        except json.JSONDecodeError as e:
-                            raise DataError(f"{path}:{lineno}: malformed JSON line: {e.msg}") from None
-            return _check_objects(path, rows)
-        with path.open(encoding="utf-8") as f:
-            try:
-                obj = json.load(f)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from None
-        if isinstance(obj, dict) and isinstance(obj.get("data"), list):
-            obj = obj["data"]
-        if not isinstance(obj, list):
-            raise DataError(f"{path}: expected a JSON list of objects (or {{'data': [...]}})")
-        return _check_objects(path, obj)
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
-    except csv.Error as e:
-        raise DataError(f"{path}: malformed CSV: {e}") from None
-
-
-def _check_objects(path, rows):
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise DataError(f"{path}: record {i} is {type(row).__name__}, expected an object")
-    return rows
-
-
-def find_split_files(directory: Path) -> dict[str, Path]:
-    found = {}
-    for split, names in SPLIT_ALIASES.items():
-        for name in names:
-            for suffix in SUFFIXES:
-                candidate = directory / f"{name}{suffix}"
-                if candidate.exists() and split not in found:
-                    found[split] = candidate
-    if "train" not in found and "test" not in found:
-        raise DataError(f"{directory}: expected train.<ext> (and optionally validation/test) with ext in {SUFFIXES}")
-    return found
-
-
-def read_splits(path: str | Path, single: str = "train") -> dict[str, list[dict]]:
-    """A file -> {single: rows} (train when training, the evaluated split in `gpart eval`);
-    a directory -> every split file it holds."""
-    path = Path(path)
-    if path.is_dir():
-        return {split: read_records(p) for split, p in find_split_files(path).items()}
-    return {single: read_records(path)}
-
-
-def require_columns(rows: list[dict], columns: list[str], where: str) -> None:
-    if not rows:
-        raise DataError(f"{where}: no records")
-    present = set(rows[0])
-    missing = [c for c in columns if c not in present]
-    if missing:
-        raise DataError(f"{where}: missing column(s) {missing}; found {sorted(present)}")
-    for i, row in enumerate(rows):
-        for c in columns:
-            if row.get(c) in (None, ""):
-                raise DataError(f"{where}: record {i} has an empty {c!r}")
-
-
-def finish_splits(splits: dict[str, list], *, seed: int, val_fraction: float) -> dict[str, list]:
-    """Return train / validation / test, carving what is missing out of train.
-
-    Only train given: validation = a `val_fraction` slice of it, and test = validation (reported as
-    such). Official test but no validation: validation comes out of train, test stays untouched.
+    In `gpart eval` a single local file is the split being evaluated, not a training set.
     """
+    dataset = load_dataset(args.dataset, task, seed=args.seed, **columns)
+    single = getattr(args, "single_file_split", "train")
+    if single != "train" and Path(args.dataset).expanduser().is_file():
+        dataset.splits = {single: dataset.splits["train"]}
+    return dataset
+
+
+def finish_splits(splits: dict, *, seed: int, val_fraction: float, take=None) -> dict:
+    """train / validation / test, carving what is missing out of train.
+
+    Only train: validation = a `val_fraction` slice of it and test = validation (the run reports
+    this). No validation: it comes out of train and the official test stays untouched. `take(split,
+    indices)` selects examples (lists by default; image recipes pass one for arrays).
+    """
+    take = take or (lambda rows, idx: [rows[i] for i in idx])
     splits = dict(splits)
     if "train" not in splits:
-        if "validation" in splits or "test" in splits:
-            return {"train": [], **splits, "test": splits.get("test", splits.get("validation"))}
-        raise DataError("dataset has no train split")
+        if not splits:
+            raise DataError("dataset has no splits")
+        return {"train": None, **splits}
     if "validation" not in splits:
-        train = list(splits["train"])
-        random.Random(seed).shuffle(train)
-        n_val = max(1, int(round(len(train) * val_fraction))) if len(train) > 1 else 0
-        splits["validation"], splits["train"] = train[:n_val], train[n_val:]
+        n = _length(splits["train"])
+        order = list(range(n))
+        random.Random(seed).shuffle(order)
+        n_val = min(n - 1, max(1, round(n * val_fraction))) if n > 1 and val_fraction > 0 else 0
+        train = splits["train"]
+        splits["validation"], splits["train"] = take(train, sorted(order[:n_val])), take(train, sorted(order[n_val:]))
     if "test" not in splits:
         splits["test"] = splits["validation"]
     return splits
 
 
-def subsample(rows: list, limit: int | None, seed: int) -> list:
-    """A seeded random subset (keeps class mix; the head of a file is often sorted by class)."""
-    if limit is None or limit >= len(rows):
-        return rows
-    idx = sorted(random.Random(seed).sample(range(len(rows)), limit))
-    return [rows[i] for i in idx]
-
-
-def builtin(name: str, task: str):
-    """A built-in dataset from gpart.assets -> ({split: records}, label names or None)."""
-    try:
-        from gpart.assets import load_dataset
-    except ImportError as e:
-        raise DataError(f"dataset {name!r} is not a file or directory, and built-in datasets are unavailable ({e})") from None
-    try:
-        result = load_dataset(name)
-    except (KeyError, LookupError, ValueError) as e:
-        raise DataError(f"dataset {name!r}: not an existing file or directory, and not a built-in dataset ({e})") from None
-    return result
-
-
-def limit_splits(splits: dict[str, list], args) -> dict[str, list]:
-    """Apply --max-train-samples / --max-eval-samples; a test split that *is* validation stays so."""
+def limit_splits(splits: dict, args, take=None) -> dict:
+    """Apply --max-train-samples / --max-eval-samples as seeded subsets; a test split that *is* the
+    validation split stays the same object (the run reports "test = validation")."""
+    take = take or (lambda rows, idx: [rows[i] for i in idx])
     out = dict(splits)
-    out["train"] = subsample(splits.get("train") or [], getattr(args, "max_train_samples", None), args.seed)
-    limit = getattr(args, "max_eval_samples", None)
-    for split in ("validation", "test"):
-        if split in splits:
-            same = split == "test" and splits.get("test") is splits.get("validation")
-            out[split] = out["validation"] if same else subsample(splits[split], limit, args.seed + 1)
+    limits = {"train": getattr(args, "max_train_samples", None)}
+    limits["validation"] = limits["test"] = getattr(args, "max_eval_samples", None)
+    for split, limit in limits.items():
+        rows = splits.get(split)
+        if rows is None or limit is None or limit >= _length(rows):
+            continue
+        if split == "test" and splits.get("test") is splits.get("validation"):
+            out["test"] = out["validation"]
+            continue
+        idx = sorted(random.Random(f"{args.seed}-{split}").sample(range(_length(rows)), limit))
+        out[split] = take(rows, idx)
     return out
+
+
+def _length(rows) -> int:
+    return len(rows[1]) if isinstance(rows, tuple) else len(rows)

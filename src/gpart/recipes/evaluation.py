@@ -26,12 +26,19 @@ def load_for_eval(recipe, args, saved_info: dict, labels):
     adapter = Path(args.adapter) if getattr(args, "adapter", None) else None
     if adapter is not None and not (adapter / "adapter_config.json").exists():
         if (adapter / "config.json").exists():  # a full model saved by train (full/head-only) or merge
-            return recipe.load_saved_model(adapter, labels)
+            return recipe.load_saved_model(adapter, args, labels)
         raise models.ModelError(f"--adapter {adapter}: holds neither adapter_config.json nor config.json")
     base_path = _base_path(args, saved_info, adapter)
-    model, processor = recipe.load_model(base_path, args, labels)
     if adapter is None:
-        return model, processor
+        return recipe.load_model(base_path, args, labels)
+    from transformers.utils import logging
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # the "head newly initialised" report is wrong here: the adapter brings it
+    try:
+        model, processor = recipe.load_model(base_path, args, labels)
+    finally:
+        logging.set_verbosity(verbosity)
     import gpart  # noqa: F401  (registers GPART with PEFT before the adapter config is read)
     from peft import PeftModel
 

@@ -19,6 +19,10 @@ DEFAULT_RANK = {"lora": 8, "vera": 256, "unilora": 4}
 DEFAULT_LR = {"lora": 5e-4, "vera": 1e-2, "unilora": 5e-3, "full": 2e-5, "head-only": 0.0}
 
 
+class MethodError(ValueError):
+    """A method cannot be applied as asked (e.g. d > D, head-only without a head)."""
+
+
 def default_lr(method: str, task_defaults: dict) -> float:
     if method == "gpart":
         return task_defaults["lr"]
@@ -50,13 +54,16 @@ def build_peft_config(method: str, *, d: int, targets: list[str], seed: int, dro
 def apply_method(model: nn.Module, method: str, *, head: list[str], **peft_kwargs) -> nn.Module:
     """Return the model ready to train with `method`; raises ValueError for impossible combinations."""
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        raise MethodError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     if method == "head-only" and not head:
-        raise ValueError("head-only needs a fresh task head (a classifier); this task has none")
+        raise MethodError("head-only needs a fresh task head (a classifier); this task has none")
     if method in PEFT_METHODS:
         from peft import get_peft_model
 
-        return get_peft_model(model, build_peft_config(method, head=head, **peft_kwargs))
+        try:
+            return get_peft_model(model, build_peft_config(method, head=head, **peft_kwargs))
+        except ValueError as e:  # PEFT/GPart config validation, e.g. d larger than D: bad input, not a bug
+            raise MethodError(f"{method}: {e}") from e
     for name, param in model.named_parameters():
         param.requires_grad = method == "full" or is_head_param(name, head)
     return model

@@ -99,3 +99,13 @@ def ref_number(answer) -> str:
         extracted = extract_final_number(text)
         return extracted if extracted is not None else text
     return text
+
+
+def classification_compute_metrics(num_labels: int):
+    """A Trainer `compute_metrics` callback giving classification_metrics from logits."""
+
+    def compute(eval_pred):
+        logits = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
+        return classification_metrics(np.asarray(logits).argmax(-1), eval_pred.label_ids, num_labels)
+
+    return compute

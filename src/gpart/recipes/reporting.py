@@ -9,11 +9,15 @@ from .io import atomic_write_bytes, atomic_write_json, atomic_write_text
 METRICS_FILE, CURVE_FILE, REPORT_FILE = "metrics.json", "training_curve.png", "report.md"
 
 
+_TIMING = ("runtime", "samples_per_second", "steps_per_second")
+
+
 def split_history(log_history: list[dict]) -> tuple[list[dict], list[dict]]:
-    """Trainer's log history -> (training-loss points, evaluation points)."""
+    """Trainer's log history -> (training-loss points, evaluation points), timings dropped."""
     train = [{"step": e["step"], "loss": e["loss"], "epoch": e.get("epoch")} for e in log_history if "loss" in e]
     evals = [
-        {"step": e["step"], "epoch": e.get("epoch"), **{k[5:]: v for k, v in e.items() if k.startswith("eval_")}}
+        {"step": e["step"], "epoch": e.get("epoch"),
+         **{k[5:]: v for k, v in e.items() if k.startswith("eval_") and k[5:] not in _TIMING}}
         for e in log_history if any(k.startswith("eval_") for k in e)
     ]
     return train, evals

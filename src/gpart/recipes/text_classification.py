@@ -1,11 +1,10 @@
 """Sequence classification (sentiment, spam, NLI, ...) with an encoder and a fresh classifier head."""
 from __future__ import annotations
 
-import torch
-
 from . import data as D
 from .base import TaskData, TaskRecipe
-from .metrics import classification_metrics
+from .metrics import classification_compute_metrics, classification_metrics
+from .predict import predict_classes
 
 
 class TextClassification(TaskRecipe):
@@ -21,25 +20,13 @@ class TextClassification(TaskRecipe):
 
     # ------------------------------------------------------------------ data
     def load_data(self, args, *, saved=None) -> TaskData:
-        label_names = (saved or {}).get("labels") or (args.labels.split(",") if args.labels else None)
-        splits, builtin_labels = _read_source(args)
-        text_col, label_col = args.text_column, args.label_column
-        cols = [text_col, label_col] + ([args.text_pair_column] if args.text_pair_column else [])
-        for split, rows in splits.items():
-            D.require_columns(rows, cols, f"{args.dataset} [{split}]")
-        if label_names is None:
-            label_names = builtin_labels or _infer_label_names([r[label_col] for rows in splits.values() for r in rows])
-        to_id = _label_mapper(label_names, args.dataset)
-        records = {
-            split: [
-                {"text": str(r[text_col]), "pair": str(r[args.text_pair_column]) if args.text_pair_column else None,
-                 "label": to_id(r[label_col])}
-                for r in rows
-            ]
-            for split, rows in splits.items()
-        }
-        records = D.limit_splits(D.finish_splits(records, seed=args.seed, val_fraction=args.val_fraction), args)
-        return TaskData(splits=records, labels=list(label_names), source=args.dataset)
+        names = (saved or {}).get("labels") or (args.labels.split(",") if args.labels else None)
+        dataset = D.load(args, "text-classification", text_column=args.text_column,
+                         label_column=args.label_column, label_names=names)
+        if names is not None and list(dataset.label_names) != list(names):
+            raise D.DataError(f"{args.dataset}: classes {dataset.label_names} differ from the adapter's {names}")
+        splits = D.finish_splits(dataset.splits, seed=args.seed, val_fraction=args.val_fraction)
+        return TaskData(splits=D.limit_splits(splits, args), labels=list(dataset.label_names), source=args.dataset)
 
     # ------------------------------------------------------------------ model
     def auto_class(self):
@@ -59,7 +46,7 @@ class TextClassification(TaskRecipe):
         _ensure_pad(tokenizer, model)
         return model, tokenizer
 
-    def load_saved_model(self, path, labels):
+    def load_saved_model(self, path, args, labels):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -69,9 +56,7 @@ class TextClassification(TaskRecipe):
 
     # ------------------------------------------------------------------ inputs
     def make_dataset(self, records, tokenizer, args, data, *, train):
-        texts = [r["text"] for r in records]
-        pairs = [r["pair"] for r in records] if records and records[0]["pair"] is not None else None
-        enc = tokenizer(texts, pairs, truncation=True, max_length=args.max_length)
+        enc = tokenizer([r["text"] for r in records], truncation=True, max_length=args.max_length)
         return [
             {**{k: enc[k][i] for k in enc.keys()}, "labels": r["label"]} for i, r in enumerate(records)
         ]
@@ -82,17 +67,9 @@ class TextClassification(TaskRecipe):
         return DataCollatorWithPadding(tokenizer)
 
     def compute_metrics(self, data):
-        n = len(data.labels)
-
-        def compute(eval_pred):
-            logits, labels = eval_pred.predictions, eval_pred.label_ids
-            logits = logits[0] if isinstance(logits, tuple) else logits
-            return classification_metrics(logits.argmax(-1), labels, n)
-
-        return compute
+        return classification_compute_metrics(len(data.labels))
 
     # ------------------------------------------------------------------ evaluation
-    @torch.no_grad()
     def evaluate(self, model, tokenizer, records, args, data):
         features = self.make_dataset(records, tokenizer, args, data, train=False)
         predictions = predict_classes(model, features, self.collator(tokenizer, args), args.eval_batch_size)
@@ -101,56 +78,7 @@ class TextClassification(TaskRecipe):
 
     def task_info(self, args, data):
         return {"labels": data.labels, "max_length": args.max_length, "text_column": args.text_column,
-                "text_pair_column": args.text_pair_column, "label_column": args.label_column}
-
-
-def predict_classes(model, features, collate, batch_size):
-    """Argmax class per feature, batching by length (much less padding) and restoring order."""
-    from tqdm.auto import tqdm
-
-    model.eval()
-    order = sorted(range(len(features)), key=lambda i: len(features[i].get("input_ids", ())))
-    out = [0] * len(features)
-    for start in tqdm(range(0, len(order), batch_size), desc="eval", leave=False, disable=len(order) <= batch_size):
-        idx = order[start:start + batch_size]
-        batch = collate([{k: v for k, v in features[i].items() if k != "labels"} for i in idx])
-        logits = model(**{k: v.to(model.device) for k, v in batch.items()}).logits
-        for i, p in zip(idx, logits.argmax(-1).tolist()):
-            out[i] = p
-    return out
-
-
-def _read_source(args):
-    """A built-in dataset or a file/directory -> ({split: rows}, label names or None)."""
-    from pathlib import Path
-
-    if Path(args.dataset).expanduser().exists():
-        return D.read_splits(Path(args.dataset).expanduser(), getattr(args, "single_file_split", "train")), None
-    return D.builtin(args.dataset, "text-classification")
-
-
-def _infer_label_names(values) -> list[str]:
-    values = [str(v).strip() for v in values]
-    if all(v.lstrip("-").isdigit() for v in values):
-        ids = sorted({int(v) for v in values})
-        if ids[0] < 0:
-            raise D.DataError(f"negative class id {ids[0]}; use class ids 0..K-1 or class names")
-        return [str(i) for i in range(ids[-1] + 1)]  # ids are positions: keep 0..max even if one is absent
-    return sorted(set(values))
-
-
-def _label_mapper(names, where):
-    index = {str(n): i for i, n in enumerate(names)}
-
-    def to_id(value):
-        key = str(value).strip()
-        if key in index:
-            return index[key]
-        if key.lstrip("-").isdigit() and 0 <= int(key) < len(names):
-            return int(key)
-        raise D.DataError(f"{where}: label {value!r} is not one of the classes {list(names)}")
-
-    return to_id
+                "label_column": args.label_column}
 
 
 def _ensure_pad(tokenizer, model):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
@@ -90,6 +89,7 @@ def training_arguments(args, out: Path, has_eval: bool, recipe: TaskRecipe):
         report_to="none",
         remove_unused_columns=False,  # our datasets hold model inputs only; PeftModel hides the signature
         dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available() and not args.cpu,
         disable_tqdm=args.quiet,
         **every,
     )
@@ -137,6 +137,7 @@ def train(args, recipe: TaskRecipe) -> dict:
     result = trainer.train(resume_from_checkpoint=True if args.resume else None)
     runtime = time.perf_counter() - start
     model = trainer.model
+    history = list(trainer.state.log_history)  # before the final evaluate() below appends to it
 
     validation = _strip(trainer.evaluate()) if eval_ds is not None else {}
     test_records = data.splits.get("test") or []
@@ -144,7 +145,7 @@ def train(args, recipe: TaskRecipe) -> dict:
 
     saved_dir, adapter_bytes = save_result(model, processor, out, args.method, recipe.task_info(args, data) | {
         "task": recipe.name, "model": args.model, "model_path": str(model_path), "method": args.method})
-    train_pts, eval_pts = reporting.split_history(trainer.state.log_history)
+    train_pts, eval_pts = reporting.split_history(history)
     metrics = {
         "run": config | {"targets": targets, "lr": args.lr, "head_lr": args.head_lr},
         "params": params, "D": D, "adapter_bytes": adapter_bytes,
@@ -182,6 +183,3 @@ def save_result(model, processor, out: Path, method: str, task_info: dict) -> tu
     weights = [p for p in (out / name).glob("*.safetensors")]
     return out / name, sum(p.stat().st_size for p in weights)
 
-
-def is_finite(x) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)

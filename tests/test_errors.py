@@ -1,0 +1,153 @@
+"""Bad input: a clear error naming the problem, and the model left exactly as it was."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import MLP, tiny_bert
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import BertConfig, BertForSequenceClassification
+
+from gpart import GPartConfig, GPartLayer, LayoutMismatchError, PartitionError
+
+
+def _snapshot(model):
+    """Module types, parameter names, trainability and values: everything a failed call must not change."""
+    return {n: (type(m), tuple(sorted((k, p.requires_grad, float(p.detach().double().sum()))
+                                      for k, p in m.named_parameters(recurse=False))))
+            for n, m in model.named_modules()}
+
+
+@pytest.mark.parametrize("d,match", [(0, "positive"), (-5, "positive"), (2.5, "integer"), ("8", "integer"),
+                                     (None, "needs d")])
+def test_bad_d_in_config(d, match):
+    with pytest.raises(ValueError, match=match):
+        GPartConfig(d=d, target_modules=["lin0"])
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(dropout=1.0), "dropout"), (dict(seed=-1), "seed"), (dict(bias="all"), "partition_bias"),
+    (dict(init_scale=-1.0), "init_scale"),
+])
+def test_bad_config_fields(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GPartConfig(d=4, target_modules=["lin0"], **kwargs)
+
+
+def test_d_larger_than_D_states_D_and_leaves_the_model_untouched():
+    base = MLP()
+    before = _snapshot(base)
+    with pytest.raises(PartitionError, match=r"D=200 weights.*between 1 and 200"):
+        get_peft_model(base, GPartConfig(d=201, target_modules=["lin0"]))
+    assert _snapshot(base) == before
+    assert not any(isinstance(m, GPartLayer) for m in base.modules())
+
+
+def test_unknown_target_names_the_targets():
+    with pytest.raises(ValueError, match=r"Target modules \{'nope'\} not found"):
+        get_peft_model(MLP(), GPartConfig(d=4, target_modules=["nope"]))
+
+
+def test_unsupported_layer_fails_at_get_peft_model_and_unwraps_what_was_done():
+    base = tiny_bert()
+    before = _snapshot(base)
+    with pytest.raises(TypeError, match=r"cannot adapt '.*LayerNorm' of type LayerNorm.*target_parameters"):
+        get_peft_model(base, GPartConfig(d=8, target_modules=["query", "LayerNorm"]))
+    assert _snapshot(base) == before
+
+
+def test_quantized_weight_is_refused_clearly():
+    base = MLP()
+    base.lin0.weight = nn.Parameter(torch.zeros(20, 10, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(TypeError, match=r"'lin0'.*torch.int8.*Quantized layers are not supported"):
+        get_peft_model(base, GPartConfig(d=8, target_modules=["lin0", "lin1"]))
+    assert not any(isinstance(m, GPartLayer) for m in base.modules())
+
+
+def _saved_adapter(tmp_path, **kwargs):
+    model = get_peft_model(tiny_bert(), GPartConfig(d=50, init_scale=1.0, target_modules=["query", "value"],
+                                                    **kwargs))
+    model.save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_loading_onto_a_different_model_names_the_first_mismatching_tensor(tmp_path):
+    path = _saved_adapter(tmp_path)
+    torch.manual_seed(0)
+    other = BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=48, num_hidden_layers=2,
+                                                     num_attention_heads=4, intermediate_size=64))
+    before = _snapshot(other)
+    with pytest.raises(LayoutMismatchError,
+                       match=r"#0 is bert.encoder.layer.0.attention.self.query.weight \[48, 48\] in the model but "
+                             r"bert.encoder.layer.0.attention.self.query.weight \[32, 32\] in the adapter"):
+        PeftModel.from_pretrained(other, path)
+    assert _snapshot(other) == before
+
+
+def test_loading_onto_a_model_with_fewer_layers_fails(tmp_path):
+    path = _saved_adapter(tmp_path)
+    torch.manual_seed(0)
+    other = BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
+                                                     num_attention_heads=4, intermediate_size=64))
+    with pytest.raises(LayoutMismatchError, match=r"adapter has an extra adapted tensor #2"):
+        PeftModel.from_pretrained(other, path)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("partition_version", 2, "newer than this gpart"),
+    ("partition_algorithm", "randint", "silently change"),
+])
+def test_unknown_partition_algorithm_or_version_is_refused(tmp_path, field, value, match):
+    path = _saved_adapter(tmp_path)
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    cfg[field] = value
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    base = tiny_bert()
+    before = _snapshot(base)
+    with pytest.raises(ValueError, match=match):
+        PeftModel.from_pretrained(base, path)
+    assert _snapshot(base) == before
+
+
+def test_tampered_layout_fingerprint_is_detected(tmp_path):
+    path = _saved_adapter(tmp_path)
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    cfg["layout_fingerprint"] = "0" * 64
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(LayoutMismatchError, match="fingerprint"):
+        PeftModel.from_pretrained(tiny_bert(), path)
+
+
+@pytest.mark.parametrize("tensors,match", [
+    ({"base_model.other": torch.zeros(50)}, "holds no theta"),
+    ({"base_model.gpart_theta": torch.zeros(49)}, r"shape \[49\] but the config says d=50"),
+    ({"base_model.gpart_theta": torch.zeros(50, dtype=torch.int32)}, "expected a float tensor"),
+])
+def test_bad_theta_in_the_file(tmp_path, tensors, match):
+    path = _saved_adapter(tmp_path)
+    save_file(tensors, path / "adapter_model.safetensors")
+    base = tiny_bert()
+    before = _snapshot(base)
+    with pytest.raises(ValueError, match=match):
+        PeftModel.from_pretrained(base, path)
+    assert _snapshot(base) == before
+
+
+def test_bad_theta_on_load_adapter_removes_only_the_new_adapter(tmp_path):
+    good = _saved_adapter(tmp_path / "good")
+    bad = _saved_adapter(tmp_path / "bad")
+    save_file({"base_model.gpart_theta": torch.zeros(3)}, bad / "adapter_model.safetensors")
+    model = PeftModel.from_pretrained(tiny_bert(), good)
+    x = torch.randint(0, 100, (1, 5))
+    ref = model(x).logits
+    with pytest.raises(ValueError, match="shape"):
+        model.load_adapter(bad, adapter_name="second")
+    assert list(model.peft_config) == ["default"]
+    assert list(model.base_model.gpart_theta) == ["default"]
+    assert torch.equal(model(x).logits, ref)
+    assert load_file(good / "adapter_model.safetensors")["base_model.gpart_theta"].shape == (50,)
