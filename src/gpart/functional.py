@@ -192,7 +192,8 @@ class _GPartOp(torch.autograd.Function):
         theta_s = scaled_theta(theta, spec.weight.partition, spec.scales)
         gy = gy.to(cdt)
         xc = x.to(cdt)
-        wm = (weight.float() + _weight_update(theta_s, spec, torch.float32)).to(cdt)
+        w_hi = weight if weight.dtype in (torch.float32, torch.float64) else weight.float()
+        wm = (w_hi + _weight_update(theta_s, spec, torch.float32)).to(cdt)
         grad_theta_s = torch.zeros_like(theta_s)
         if spec.kind == "conv":
             stride, padding, dilation, groups, nd = spec.conv_args

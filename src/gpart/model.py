@@ -305,7 +305,12 @@ class GPartModel(BaseTuner):
         key = f"{THETA_KEY}.{adapter_name}"
         if key not in state_dict:
             raise KeyError(f"theta of adapter '{adapter_name}' ({key}) is not in the model's state dict.")
-        return {key: state_dict[key]}
+        theta = state_dict[key]
+        if hasattr(theta, "full_tensor"):
+            # FSDP2 shards theta (a DTensor); the adapter file must hold all of it. This is a collective:
+            # under FSDP2 every rank calls save/state-dict functions, as Accelerate and Trainer do.
+            theta = theta.full_tensor()
+        return {key: theta}
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
