@@ -151,3 +151,50 @@ def test_bad_theta_on_load_adapter_removes_only_the_new_adapter(tmp_path):
     assert list(model.base_model.gpart_theta) == ["default"]
     assert torch.equal(model(x).logits, ref)
     assert load_file(good / "adapter_model.safetensors")["base_model.gpart_theta"].shape == (50,)
+
+
+# -- saved files ------------------------------------------------------------------------------------
+
+
+def test_pickled_adapter_is_refused_unless_opted_in(tmp_path, monkeypatch):
+    path = _saved_adapter(tmp_path)
+    theta = load_file(path / "adapter_model.safetensors")
+    torch.save(theta, path / "adapter_model.bin")
+    (path / "adapter_model.safetensors").unlink()
+    base = tiny_bert()
+    before = _snapshot(base)
+    with pytest.raises(ValueError, match="safetensors only.*GPART_ALLOW_PICKLE=1"):
+        PeftModel.from_pretrained(base, path)
+    assert _snapshot(base) == before
+    monkeypatch.setenv("GPART_ALLOW_PICKLE", "1")
+    loaded = PeftModel.from_pretrained(tiny_bert(), path)
+    assert torch.equal(loaded.base_model.gpart_theta["default"], theta["base_model.gpart_theta"])
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda c: c.update(newer_field=1), r"does not know: \['newer_field'\]"),
+    (lambda c: c.pop("layout"), r"lacks \['layout'\]"),
+    (lambda c: c.pop("seed"), r"lacks \['seed'\]"),
+    (lambda c: c.update(d="50"), "d must be an integer"),
+    (lambda c: c.update(layout=[["x", [2, -1]]]), "layout must be a list"),
+    (lambda c: c.update(layout_fingerprint="abc"), "sha256"),
+])
+def test_config_with_unknown_missing_or_mistyped_fields_is_refused(tmp_path, edit, match):
+    path = _saved_adapter(tmp_path)
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    edit(cfg)
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    base = tiny_bert()
+    before = _snapshot(base)
+    with pytest.raises(ValueError, match=match):
+        PeftModel.from_pretrained(base, path)
+    assert _snapshot(base) == before
+
+
+def test_truncated_safetensors_file_fails_without_touching_the_model(tmp_path):
+    path = _saved_adapter(tmp_path)
+    blob = (path / "adapter_model.safetensors").read_bytes()
+    (path / "adapter_model.safetensors").write_bytes(blob[: len(blob) // 2])
+    base = tiny_bert()
+    with pytest.raises(Exception, match="(?i)safetensor|header|incomplete|invalid|deserializ"):
+        PeftModel.from_pretrained(base, path)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import re
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -10,6 +13,10 @@ from peft.config import PeftConfig
 from .partition import ALGORITHM, VERSION
 
 PEFT_TYPE = "GPART"
+
+# What a saved adapter_config.json must state for its theta to mean anything.
+SAVED_REQUIRED = ("d", "seed", "partition_algorithm", "partition_version", "D", "layout", "layout_fingerprint")
+ALLOW_PICKLE_ENV = "GPART_ALLOW_PICKLE"
 
 
 @dataclass
@@ -98,3 +105,77 @@ class GPartConfig(PeftConfig):
             raise ValueError("layers_pattern cannot be used when target_modules is a str (a regex).")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("When layers_pattern is given, layers_to_transform must be given too.")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
+        """Load a saved config; PeftModel.from_pretrained and load_adapter come through here before they
+        touch the model, so a local adapter that would be read from a pickle is refused here.
+
+        Unpickling a stranger's file can run code; safetensors cannot. PEFT falls back to
+        adapter_model.bin when no adapter_model.safetensors exists, so for GPart that needs an explicit
+        opt-in (environment variable GPART_ALLOW_PICKLE=1).
+        """
+        path = os.path.join(pretrained_model_name_or_path, subfolder) if subfolder else pretrained_model_name_or_path
+        if (
+            os.path.isdir(path)
+            and not os.path.exists(os.path.join(path, "adapter_model.safetensors"))
+            and os.environ.get(ALLOW_PICKLE_ENV) != "1"
+        ):
+            raise ValueError(
+                f"{path} holds no adapter_model.safetensors. gpart loads adapters from safetensors only, because a "
+                f"pickled file can run code when loaded. If you trust this adapter, set {ALLOW_PICKLE_ENV}=1 to "
+                "load its adapter_model.bin."
+            )
+        return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+
+    @classmethod
+    def check_kwargs(cls, **kwargs):
+        """Validate the fields of a saved adapter_config.json before anything is built from it.
+
+        PEFT drops unknown fields with a warning; for GPart an unknown field may come from a newer gpart
+        whose meaning this one cannot honour, and a missing one leaves the partition undefined, so both
+        are errors here.
+        """
+        kwargs = super().check_kwargs(**kwargs)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ValueError(
+                f"adapter_config.json has fields this gpart does not know: {unknown}. It was probably written by a "
+                "newer gpart; upgrade gpart to load it."
+            )
+        missing = [k for k in SAVED_REQUIRED if kwargs.get(k) is None]
+        if missing:
+            raise ValueError(
+                f"adapter_config.json lacks {missing}, without which the partition that theta indexes is unknown. "
+                "The file is truncated or was not written by gpart."
+            )
+        _check_saved_types(kwargs)
+        return kwargs
+
+
+def _check_saved_types(kwargs: dict) -> None:
+    """Types of the partition fields of a saved config; raise ValueError naming the first bad one."""
+
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    for name in ("d", "seed", "D", "partition_version"):
+        if not is_int(kwargs[name]):
+            raise ValueError(f"adapter_config.json: {name} must be an integer, got {kwargs[name]!r}.")
+    if not isinstance(kwargs["partition_algorithm"], str):
+        raise ValueError("adapter_config.json: partition_algorithm must be a string.")
+    layout = kwargs["layout"]
+    ok = isinstance(layout, list) and all(
+        isinstance(e, list) and len(e) == 2 and isinstance(e[0], str)
+        and isinstance(e[1], list) and all(is_int(s) and s >= 0 for s in e[1])
+        for e in layout
+    )
+    if not ok:
+        raise ValueError("adapter_config.json: layout must be a list of [name, [sizes...]] entries.")
+    fp = kwargs["layout_fingerprint"]
+    if not isinstance(fp, str) or not re.fullmatch(r"[0-9a-f]{64}", fp):
+        raise ValueError("adapter_config.json: layout_fingerprint must be a sha256 hex digest.")
+    for name in ("dropout", "init_scale"):
+        if name in kwargs and (isinstance(kwargs[name], bool) or not isinstance(kwargs[name], (int, float))):
+            raise ValueError(f"adapter_config.json: {name} must be a number, got {kwargs[name]!r}.")

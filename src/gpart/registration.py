@@ -2,7 +2,7 @@
 
 PEFT's `register_peft_method` requires a member of its closed `PeftType` enum, which a third-party
 package cannot add. PeftType is a `str` enum, so PEFT's lookup tables accept the plain string "GPART";
-we write those tables directly (the only supported-by-construction route without forking PEFT).
+we write those tables directly (the only route that needs no fork of PEFT).
 """
 
 from __future__ import annotations
