@@ -14,6 +14,6 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/bootstrap.s
   if ! "$VPY" -c "import torch" 2>/dev/null; then
     "$VPY" -m pip install -q "torch==${GPART_TORCH_VERSION:-2.13.0}"
   fi
-  "$VPY" -m pip install -q -e ".[test,train]"
+  "$VPY" -m pip install -q -e ".[test,train,data]"
   touch "$stamp"
 fi

@@ -421,3 +421,21 @@ def test_target_parameters_adapt_arbitrary_tensors_with_exact_gradient(tmp_path)
     torch.testing.assert_close(model.base_model.gpart_theta["default"].grad, t.grad)
     merged = model.merge_and_unload()
     torch.testing.assert_close(merged(x), y_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_same_seed_data_and_config_give_a_bit_identical_theta():
+    def run():
+        torch.manual_seed(0)
+        model = get_peft_model(tiny_llama(), GPartConfig(d=200, seed=3, dropout=0.1, target_modules="all-linear"))
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        x = torch.randint(0, 120, (2, 8), generator=torch.Generator().manual_seed(1))
+        model.train()
+        for _ in range(3):
+            opt.zero_grad()
+            model(x, labels=x).loss.backward()
+            opt.step()
+        return model.base_model.gpart_theta["default"].detach().clone()
+
+    a, b = run(), run()
+    assert a.abs().sum() > 0
+    assert torch.equal(a, b)

@@ -73,6 +73,10 @@ class GPartConfig(PeftConfig):
             raise ValueError(f"GPartConfig.d must be a positive integer, got {self.d}.")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
             raise ValueError(f"GPartConfig.seed must be an integer in [0, 2**63), got {self.seed!r}.")
+        for name in ("dropout", "init_scale"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+                raise ValueError(f"GPartConfig.{name} must be a number, got {value!r}.")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"GPartConfig.dropout must be in [0, 1), got {self.dropout}.")
         if float(self.init_scale) < 0.0:
@@ -95,6 +99,16 @@ class GPartConfig(PeftConfig):
             )
         if self.partition_version < 1:
             raise ValueError(f"Unknown partition version {self.partition_version}.")
+        _check_names("target_modules", self.target_modules)
+        _check_names("exclude_modules", self.exclude_modules)
+        _check_names("target_parameters", self.target_parameters, allow_str=False)
+        _check_names("modules_to_save", self.modules_to_save, allow_str=False)
+        _check_names("layers_pattern", self.layers_pattern)
+        layers = self.layers_to_transform
+        if layers is not None and not (_is_int(layers) or (isinstance(layers, list) and all(map(_is_int, layers)))):
+            raise ValueError(f"GPartConfig.layers_to_transform must be an int or a list of ints, got {layers!r}.")
+        if not isinstance(self.partition_bias, bool):
+            raise ValueError(f"GPartConfig.partition_bias must be True or False, got {self.partition_bias!r}.")
         self.target_modules = set(self.target_modules) if isinstance(self.target_modules, list) else self.target_modules
         self.exclude_modules = (
             set(self.exclude_modules) if isinstance(self.exclude_modules, list) else self.exclude_modules
@@ -154,21 +168,32 @@ class GPartConfig(PeftConfig):
         return kwargs
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_names(field_name: str, value, allow_str: bool = True) -> None:
+    """A module/parameter-name field: None, a list (or set) of strings, or (where allowed) one string."""
+    if value is None or (allow_str and isinstance(value, str)):
+        return
+    if isinstance(value, (list, set, tuple)) and all(isinstance(v, str) for v in value):
+        return
+    kinds = "a string or a list of strings" if allow_str else "a list of strings"
+    raise ValueError(f"GPartConfig.{field_name} must be {kinds}, got {value!r}.")
+
+
 def _check_saved_types(kwargs: dict) -> None:
     """Types of the partition fields of a saved config; raise ValueError naming the first bad one."""
 
-    def is_int(v):
-        return isinstance(v, int) and not isinstance(v, bool)
-
     for name in ("d", "seed", "D", "partition_version"):
-        if not is_int(kwargs[name]):
+        if not _is_int(kwargs[name]):
             raise ValueError(f"adapter_config.json: {name} must be an integer, got {kwargs[name]!r}.")
     if not isinstance(kwargs["partition_algorithm"], str):
         raise ValueError("adapter_config.json: partition_algorithm must be a string.")
     layout = kwargs["layout"]
     ok = isinstance(layout, list) and all(
         isinstance(e, list) and len(e) == 2 and isinstance(e[0], str)
-        and isinstance(e[1], list) and all(is_int(s) and s >= 0 for s in e[1])
+        and isinstance(e[1], list) and all(_is_int(s) and s >= 0 for s in e[1])
         for e in layout
     )
     if not ok:

@@ -19,7 +19,7 @@ import tarfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -191,7 +191,10 @@ def _bigbench_text(task: str, names: list[str], seed: int) -> TextDataset:
 
 def load_cifar10(seed: int = 0) -> ImageDataset:
     """CIFAR-10 test split (10,000 32x32 RGB, 1,000 per class) from BIG-bench, split 8,000 / 2,000."""
-    from PIL import Image
+    try:
+        from PIL import Image
+    except ImportError as err:
+        raise AssetError("the cifar10 dataset decodes PNG images with Pillow: pip install pillow") from err
 
     examples = bigbench_task("cifar10_classification/base64")["examples"]
     images = np.stack([np.asarray(Image.open(io.BytesIO(base64.b64decode(e["input"]))).convert("RGB"))

@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 MARKER = ".gpart-complete"
 _TMP_PREFIX = ".tmp-"

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import ClassVar, Sequence, Union
+from typing import ClassVar, Union
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -68,7 +69,7 @@ Dataset = Union[TextDataset, ImageDataset, MathDataset]
 
 def split_order(keys: Sequence[str], seed: int) -> list[int]:
     """Indices ordered by a keyed hash of each example's stable key: a shuffle that is the same on every
-    machine and numpy version, and that does not move an example when others are added or removed."""
+    machine and numpy version, and that keeps the relative order of examples when others are added."""
     def rank(i: int) -> bytes:
         return hashlib.blake2b(f"{seed}\x00{keys[i]}".encode(), digest_size=8).digest()
     return sorted(range(len(keys)), key=rank)

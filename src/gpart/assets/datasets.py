@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 from .builtin_data import BUILTIN_DATASETS
 from .data_types import TASKS, Dataset

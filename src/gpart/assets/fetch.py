@@ -21,7 +21,7 @@ import zipfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 from .cache import cache_dir, clean_stale_tmp, ensure_dir, say, sha256_file
 from .errors import AssetError
@@ -306,7 +306,7 @@ def _deb_installed_version(name: str) -> str | None:
     if shutil.which("dpkg-query") is None:
         return None
     out = subprocess.run(["dpkg-query", "-W", "-f=${Status}\t${Version}", name],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, check=False)
     status, _, ver = out.stdout.partition("\t")
     return ver if out.returncode == 0 and status.endswith(" installed") else None
 

@@ -13,7 +13,7 @@ import csv
 import json
 import re
 from pathlib import Path
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -247,11 +247,11 @@ def _common_format(paths: list[Path], size: tuple[int, int] | None) -> tuple[str
 def _read_image(path: Path, mode: str, size: tuple[int, int]) -> np.ndarray:
     Image = _pil()
     try:
-        with Image.open(path) as im:
-            im = im.convert(mode)
-            if (im.height, im.width) != size:
-                im = im.resize((size[1], size[0]), Image.BILINEAR)
-            return np.asarray(im, dtype=np.uint8)
+        with Image.open(path) as opened:
+            image = opened.convert(mode)
+        if (image.height, image.width) != size:
+            image = image.resize((size[1], size[0]), Image.BILINEAR)
+        return np.asarray(image, dtype=np.uint8)
     except Exception as err:
         raise DatasetError(f"{path}: not a readable image ({err})") from err
 

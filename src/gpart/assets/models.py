@@ -11,7 +11,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 from .cache import cache_dir, ensure_dir, say
 from .errors import AssetError
@@ -58,8 +58,10 @@ class ModelSpec:
 MODELS: dict[str, ModelSpec] = {
     s.name: s for s in [
         ModelSpec("minilm", "encoder", minilm_path, "all-MiniLM-L6-v2, BERT encoder, 22.7M params"),
-        ModelSpec("smollm2", "causal-lm", smollm2_path, "SmolLM2-135M-Instruct (Q4_1-dequantised), Llama, 134.5M params"),
-        ModelSpec("dinov2-small", "vision", dinov2_small_path, "DINOv2 ViT-S/14 backbone (saliency fine-tune), 22.1M params"),
+        ModelSpec("smollm2", "causal-lm", smollm2_path,
+                  "SmolLM2-135M-Instruct (Q4_1-dequantised), Llama, 134.5M params"),
+        ModelSpec("dinov2-small", "vision", dinov2_small_path,
+                  "DINOv2 ViT-S/14 backbone (saliency fine-tune), 22.1M params"),
     ]
 }
 ALIASES = {"all-minilm-l6-v2": "minilm", "smollm2-135m-instruct": "smollm2", "dinov2": "dinov2-small"}
@@ -143,8 +145,10 @@ def _dinov2_attention_names(state: dict, target: dict) -> dict:
     # transformers >= 5 calls the attention projections q/k/v/o_proj; the ONNX export used 4.x names
     if "encoder.layer.0.attention.q_proj.weight" not in target:
         return state
-    renames = [(".attention.attention.query.", ".attention.q_proj."), (".attention.attention.key.", ".attention.k_proj."),
-               (".attention.attention.value.", ".attention.v_proj."), (".attention.output.dense.", ".attention.o_proj.")]
+    renames = [(".attention.attention.query.", ".attention.q_proj."),
+               (".attention.attention.key.", ".attention.k_proj."),
+               (".attention.attention.value.", ".attention.v_proj."),
+               (".attention.output.dense.", ".attention.o_proj.")]
     for old, new in renames:
         state = {k.replace(old, new): v for k, v in state.items()}
     return state
@@ -173,5 +177,5 @@ def _require(module: str, pip_spec: str) -> None:
 def _expect_files(folder: Path, *names: str) -> None:
     missing = [n for n in names if not (folder / n).is_file()]
     if missing:
-        raise AssetError(f"{folder} lacks {', '.join(missing)}; the package layout is not the pinned one. "
-                         f"Delete {cache_dir()} entries for it and retry.")
+        raise AssetError(f"{folder} lacks {', '.join(missing)}: not the layout of the pinned package. If the folder "
+                         f"is under {cache_dir()}, delete it and retry; if the package is installed, reinstall it.")
