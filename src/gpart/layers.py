@@ -72,6 +72,14 @@ class GPartLayer(BaseTunerLayer):
         return Fn.draw_dropconnect(self.gpart_dropout.get(adapter_name, 0.0), self.training)
 
     def _adapters_to_apply(self) -> list[str]:
+        """The active adapters this forward must add; empty when the base layer alone gives the output
+        (adapters disabled, which first undoes a merge, or already merged into the weights)."""
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return []
+        if self.merged:
+            return []
         return [a for a in self.active_adapters if a in self.gpart_slices and self.gpart_slices[a][0] is not None]
 
     # -- updates as plain tensors (merge, get_delta_weight) ------------------------------------------
@@ -178,11 +186,7 @@ class LinearLike(nn.Module, GPartLayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         adapters = self._adapters_to_apply()
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self.merged or not adapters:
+        if not adapters:
             return self.base_layer(x, *args, **kwargs)
         base = self.get_base_layer()
         first, rest = adapters[0], adapters[1:]
@@ -234,12 +238,8 @@ class Embedding(nn.Module, GPartLayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         adapters = self._adapters_to_apply()
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
         y = self.base_layer(x, *args, **kwargs)
-        if self.merged or not adapters:
+        if not adapters:
             return y
         base = self.get_base_layer()
         for name in adapters:
@@ -278,11 +278,7 @@ class ParamWrapper(nn.Module, GPartLayer):
 
     def forward(self, *args, **kwargs):
         adapters = self._adapters_to_apply()
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(*args, **kwargs)
-        if self.merged or not adapters:
+        if not adapters:
             return self.base_layer(*args, **kwargs)
         w = self.adapted_tensors()[0][1]
         value = w
