@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .partition import Partition, _round_function, chunks
+from . import kernels
+from .partition import Partition, _round_function, chunks, permute
 
 _M32 = 0xFFFFFFFF
 
@@ -73,6 +74,10 @@ def scaled_theta(theta: torch.Tensor, partition: Partition, scales: torch.Tensor
 
 def delta_flat(theta_s: torch.Tensor, sl: Slice, drop: DropConnect | None = None) -> torch.Tensor:
     """vec(Delta_W) for one slice, in fp32 (reference path: chunked ids, then a gather)."""
+
+    fast = kernels.delta_flat(theta_s, sl.partition, sl.start, sl.numel, drop)
+    if fast is not None:
+        return fast
     out = torch.empty(sl.numel, dtype=torch.float32, device=theta_s.device)
     for s, n in chunks(sl.start, sl.numel):
         ids = sl.partition.ids(s, n, device=theta_s.device)
@@ -85,7 +90,10 @@ def delta_flat(theta_s: torch.Tensor, sl: Slice, drop: DropConnect | None = None
 
 def delta_at(theta_s: torch.Tensor, partition: Partition, positions: torch.Tensor, drop: DropConnect | None = None):
     """Delta values at arbitrary global positions (used for embedding rows)."""
-    from .partition import permute
+
+    fast = kernels.delta_at(theta_s, partition, positions, drop)
+    if fast is not None:
+        return fast
 
     ids = permute(positions.reshape(-1).clone(), partition.D, list(partition.keys)) % partition.d
     vals = theta_s[ids]
@@ -96,6 +104,9 @@ def delta_at(theta_s: torch.Tensor, partition: Partition, positions: torch.Tenso
 
 def accumulate_grad(grad_theta_s: torch.Tensor, grad_w: torch.Tensor, sl: Slice, drop: DropConnect | None = None):
     """grad_theta_s[g(i)] += vec(grad_w)[i] for the slice, accumulated in fp32."""
+
+    if kernels.accumulate_grad(grad_theta_s, grad_w, sl.partition, sl.start, drop):
+        return
     flat = grad_w.reshape(-1)
     for s, n in chunks(sl.start, sl.numel):
         ids = sl.partition.ids(s, n, device=grad_theta_s.device)
@@ -107,7 +118,9 @@ def accumulate_grad(grad_theta_s: torch.Tensor, grad_w: torch.Tensor, sl: Slice,
 
 def accumulate_grad_at(grad_theta_s, grad_vals, partition: Partition, positions, drop: DropConnect | None = None):
     """grad_theta_s[g(p)] += grad_vals[p] for arbitrary global positions."""
-    from .partition import permute
+
+    if kernels.accumulate_grad_at(grad_theta_s, grad_vals, partition, positions, drop):
+        return
 
     ids = permute(positions.reshape(-1).clone(), partition.D, list(partition.keys)) % partition.d
     vals = grad_vals.reshape(-1).float()
@@ -173,11 +186,13 @@ class _GPartOp(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             xc, wc = x.to(cdt), weight.to(cdt)
             b0 = None if bias is None else bias.to(cdt)
-            dw = _weight_update(theta_s, spec, torch.float32)
             b = _add_bias(b0, _bias_update(theta_s, spec, cdt))
-            if cdt == torch.float32:
-                y = _apply(xc, wc + dw, b, spec)
+            if cdt == torch.float32 and wc.dtype == torch.float32:
+                y = _apply(xc, _merged(theta_s, spec, weight, cdt)[0], b, spec)
+            elif cdt == torch.float64:
+                y = _apply(xc, wc + _weight_update(theta_s, spec, cdt), b, spec)
             else:
+                dw = _weight_update(theta_s, spec, torch.float32)
                 # exact separate product: x Delta_W^T is not swamped by W0's rounding
                 y = _apply(xc, wc, b, spec) + _apply(xc, dw.to(cdt), None, spec)
         ctx.save_for_backward(x, theta, weight)
@@ -192,8 +207,7 @@ class _GPartOp(torch.autograd.Function):
         theta_s = scaled_theta(theta, spec.weight.partition, spec.scales)
         gy = gy.to(cdt)
         xc = x.to(cdt)
-        w_hi = weight if weight.dtype in (torch.float32, torch.float64) else weight.float()
-        wm = (w_hi + _weight_update(theta_s, spec, torch.float32)).to(cdt)
+        wm, ids = _merged(theta_s, spec, weight, cdt, keep_ids=True)
         grad_theta_s = torch.zeros_like(theta_s)
         if spec.kind == "conv":
             stride, padding, dilation, groups, nd = spec.conv_args
@@ -212,13 +226,27 @@ class _GPartOp(torch.autograd.Function):
                 gw = g2.t() @ x2
             gb = g2.sum(0) if spec.bias is not None else None
         del wm
-        accumulate_grad(grad_theta_s, gw, spec.weight, spec.drop)
-        del gw
+
+        if not kernels.accumulate_grad(grad_theta_s, gw, spec.weight.partition, spec.weight.start, spec.drop, ids=ids):
+            accumulate_grad(grad_theta_s, gw, spec.weight, spec.drop)
+        del gw, ids
         if spec.bias is not None:
             accumulate_grad(grad_theta_s, gb, spec.bias, spec.drop)
         grad_theta = (grad_theta_s * spec.scales).to(theta.dtype)
         gx = None if gx is None else gx.to(x.dtype)
         return gx, grad_theta, None, None, None
+
+
+def _merged(theta_s, spec: _Spec, weight: torch.Tensor, cdt: torch.dtype, keep_ids: bool = False):
+    """(W0 + Delta_W in dtype cdt, group ids or None): one fused sweep where a fast kernel applies; the ids
+    (int32, one layer, freed after the backward's scatter) spare the scatter recomputing them."""
+    if weight.dtype == torch.float64 or cdt == torch.float64:
+        return (weight.double() + _weight_update(theta_s, spec, torch.float64)).to(cdt), None
+
+    sl = spec.weight
+    if keep_ids:
+        return kernels.merged_weight(theta_s, sl.partition, sl.start, weight, spec.drop, out_dtype=cdt, keep_ids=True)
+    return kernels.merged_weight(theta_s, sl.partition, sl.start, weight, spec.drop, out_dtype=cdt), None
 
 
 def _apply(x, w, b, spec: _Spec):
