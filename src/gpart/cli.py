@@ -40,7 +40,10 @@ def _fraction(text: str) -> float:
 
 def _steps(text: str) -> float:
     """An integer step count, or a fraction in (0, 1) of the total steps (Trainer's convention)."""
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a step count or a fraction, got {text!r}") from None
     if value <= 0 or (value >= 1 and value != int(value)):
         raise argparse.ArgumentTypeError(f"expected a step count or a fraction in (0, 1), got {text!r}")
     return int(value) if value >= 1 else value
@@ -53,8 +56,21 @@ def _csv_list(text: str) -> list[str]:
     return items
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value}")
+    return value
+
+
 def _nonneg_float(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
     return value
@@ -74,8 +90,8 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--image-size", type=_positive_int, default=None, help="image side in pixels fed to the model")
     g.add_argument("--no-augment", action="store_true", help="image classification: no random flips in training")
     g.add_argument("--max-new-tokens", type=_positive_int, default=None, help="causal-lm: generation budget in eval")
-    g.add_argument("--val-fraction", type=_fraction, default=0.1,
-                   help="share of train held out for validation when the data has no validation split")
+    g.add_argument("--val-fraction", type=_fraction, default=None,
+                   help="share of train held out for validation when the data has no validation split (0.1)")
     g.add_argument("--max-train-samples", type=_positive_int, default=None, help="seeded random subset of train")
     g.add_argument("--max-eval-samples", type=_positive_int, default=None,
                    help="seeded random subset of validation and test")
@@ -99,7 +115,9 @@ def _add_model_args(p: argparse.ArgumentParser, *, task_required: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gpart", description="GPart fine-tuning on top of Hugging Face PEFT.")
+    parser = argparse.ArgumentParser(
+        prog="gpart", description="GPart fine-tuning on top of Hugging Face PEFT.",
+        epilog="Task-dependent defaults (model, dataset, d, learning rates, epochs) are listed in docs/cli.md.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="fine-tune a model; writes adapter, metrics.json, curve PNG, report.md")
@@ -110,12 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=_nonneg_float, default=None, help="learning rate of theta / the adapter")
     g.add_argument("--head-lr", type=_nonneg_float, default=None, help="learning rate of the task head")
     length = g.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=float, default=None)
-    length.add_argument("--max-steps", type=_positive_int, default=None, help="optimizer steps (overrides epochs)")
+    length.add_argument("--epochs", type=_positive_float, default=None, help="passes over train (default: per task)")
+    length.add_argument("--max-steps", type=_positive_int, default=None, help="optimizer steps, instead of --epochs")
     g.add_argument("--batch-size", type=_positive_int, default=None)
     g.add_argument("--grad-accum", type=_positive_int, default=1)
     g.add_argument("--weight-decay", type=_nonneg_float, default=None)
-    g.add_argument("--warmup", type=_steps, default=None, help="warm-up steps, or a fraction of all steps")
+    g.add_argument("--warmup", type=lambda t: 0 if t.strip() in ("0", "0.0") else _steps(t), default=None, help="warm-up steps, or a fraction of all steps")
     g.add_argument("--scheduler", choices=SCHEDULERS, default=None)
     g.add_argument("--max-grad-norm", type=_nonneg_float, default=1.0)
     g.add_argument("--eval-steps", type=_steps, default=None,
@@ -135,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--adapter", default=None, help="adapter (or model) directory written by train or merge")
     e.add_argument("--split", choices=("train", "validation", "test"), default="test")
     e.add_argument("--output", default=None, help="also write the metrics to this JSON file")
-    e.add_argument("--seed", type=int, default=0, help="seed for subsets and carved splits")
+    e.add_argument("--seed", type=int, default=None,
+                   help="seed for subsets and carved splits (default: the adapter's training seed, else 0)")
     e.add_argument("--cpu", action="store_true")
     _add_data_args(e)
 
@@ -151,15 +170,16 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--task", choices=TASKS, default=None)
     m.add_argument("--output-dir", required=True)
     m.add_argument("--overwrite", action="store_true")
-    m.add_argument("--max-length", type=_positive_int, default=None)
     return parser
 
 
 # --------------------------------------------------------------------------------------- defaults
-COLUMN_DEFAULTS = {"text_column": "text", "label_column": "label", "prompt_column": "question",
-                   "response_column": "solution", "answer_column": "answer", "max_new_tokens": 256,
-                   "eval_batch_size": 32}
-SAVED_KEYS = ("max_length", "image_size", "text_column", "label_column",
+GENERIC_DEFAULTS = {"text_column": "text", "label_column": "label", "prompt_column": "question",
+                    "response_column": "solution", "answer_column": "answer", "max_new_tokens": 256,
+                    "eval_batch_size": 32, "seed": 0, "val_fraction": 0.1}
+# Settings saved with an adapter (gpart_task.json) that `eval`/`merge` reuse unless given again:
+# the same inputs, and the same seeded validation split as in training.
+SAVED_KEYS = ("dataset", "seed", "val_fraction", "max_length", "image_size", "text_column", "label_column",
               "prompt_column", "response_column", "answer_column")
 
 
@@ -176,10 +196,10 @@ def fill_defaults(args, recipe, saved: dict | None = None) -> None:
         args.model = d["model"]  # with --adapter, the base model recorded with the adapter is used
     for key in ("dataset", "d", "batch_size", "weight_decay", "warmup", "dropout", "scheduler",
                 "max_length", "image_size", "max_new_tokens"):
-        if hasattr(args, key) and getattr(args, key) is None and key in d:
+        if getattr(args, key, None) is None and key in d:
             setattr(args, key, d[key])
-    for key, value in COLUMN_DEFAULTS.items():
-        if hasattr(args, key) and getattr(args, key) is None:
+    for key, value in GENERIC_DEFAULTS.items():
+        if getattr(args, key, None) is None:
             setattr(args, key, value)
     if getattr(args, "command", None) == "train":
         if args.lr is None:
@@ -188,13 +208,9 @@ def fill_defaults(args, recipe, saved: dict | None = None) -> None:
             args.head_lr = d["head_lr"]
         if args.epochs is None:
             args.epochs = d["epochs"]
-    if getattr(args, "eval_batch_size", None) is None:
-        args.eval_batch_size = max(args.batch_size or 0, 32)
     for key in ("labels", "max_train_samples", "max_eval_samples"):
         if not hasattr(args, key):
             setattr(args, key, None)
-    if not hasattr(args, "val_fraction"):
-        args.val_fraction = 0.1
 
 
 # --------------------------------------------------------------------------------------- commands
@@ -283,9 +299,17 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def _quiet_library_noise() -> None:
+    import warnings
+
+    # PEFT calls a transformers method that transformers 5 deprecates; nothing a user can act on
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _quiet_library_noise()
     try:
         return COMMANDS[args.command](args)
     except user_errors() as e:

@@ -4,7 +4,8 @@
     methods     PEFT config / trainable set per --method, optimizer groups
     training    `gpart train` on transformers Trainer
     evaluation  `gpart eval`, `gpart info`, `gpart merge`: loading saved runs
-    metrics, reporting, data, models, io                   small helpers
+    base        the TaskRecipe contract the three tasks fulfil
+    metrics, predict, reporting, data, models, io          small helpers
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The contract every task recipe fulfils, so cli.py and training.py stay task-agnostic."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -15,7 +15,6 @@ class TaskData:
     splits: dict[str, Any]
     labels: list[str] | None = None  # class names, for classification
     source: str = ""  # dataset name or path, for reports
-    notes: list[str] = field(default_factory=list)  # e.g. "test = validation (carved from train)"
 
 
 class TaskRecipe:

@@ -40,7 +40,7 @@ def finish_splits(splits: dict, *, seed: int, val_fraction: float, take=None) ->
             raise DataError("dataset has no splits")
         return {"train": None, **splits}
     if "validation" not in splits:
-        n = _length(splits["train"])
+        n = split_length(splits["train"])
         order = list(range(n))
         random.Random(seed).shuffle(order)
         n_val = min(n - 1, max(1, round(n * val_fraction))) if n > 1 and val_fraction > 0 else 0
@@ -60,15 +60,16 @@ def limit_splits(splits: dict, args, take=None) -> dict:
     limits["validation"] = limits["test"] = getattr(args, "max_eval_samples", None)
     for split, limit in limits.items():
         rows = splits.get(split)
-        if rows is None or limit is None or limit >= _length(rows):
+        if rows is None or limit is None or limit >= split_length(rows):
             continue
         if split == "test" and splits.get("test") is splits.get("validation"):
             out["test"] = out["validation"]
             continue
-        idx = sorted(random.Random(f"{args.seed}-{split}").sample(range(_length(rows)), limit))
+        idx = sorted(random.Random(f"{args.seed}-{split}").sample(range(split_length(rows)), limit))
         out[split] = take(rows, idx)
     return out
 
 
-def _length(rows) -> int:
+def split_length(rows) -> int:
+    """Number of examples in a split: a list of records, or an (images, labels) pair."""
     return len(rows[1]) if isinstance(rows, tuple) else len(rows)

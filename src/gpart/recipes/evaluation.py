@@ -8,6 +8,7 @@ import torch
 
 from . import methods, models
 from .base import TASK_FILE
+from .data import DataError, split_length
 from .io import RunDirError, atomic_dir, atomic_write_json
 
 
@@ -62,11 +63,11 @@ def _base_path(args, saved_info, adapter):
 
 def evaluate(args, recipe, saved_info: dict) -> dict:
     data = recipe.load_data(args, saved=saved_info)
-    model, processor = load_for_eval(recipe, args, saved_info, data.labels)
     split = args.split
-    if split not in data.splits or not data.splits[split]:
-        raise RunDirError(f"dataset {args.dataset} has no {split!r} split; available: "
-                          f"{[s for s, rows in data.splits.items() if rows]}")
+    present = [s for s, rows in data.splits.items() if rows is not None and split_length(rows)]
+    if split not in present:
+        raise DataError(f"dataset {args.dataset} has no {split!r} split; available: {present}")
+    model, processor = load_for_eval(recipe, args, saved_info, data.labels)
     metrics = recipe.evaluate(model, processor, data.splits[split], args, data)
     return {"task": recipe.name, "model": args.model or saved_info.get("model"), "adapter": args.adapter,
             "dataset": args.dataset, "split": split, **metrics}
@@ -124,6 +125,9 @@ def merge(args, recipe, saved_info: dict) -> Path:
     out = Path(args.output_dir)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise RunDirError(f"--output-dir {out} is not empty; pass --overwrite to replace it")
+    if recipe.has_head and not saved_info.get("labels"):
+        raise models.ModelError(f"--adapter {adapter}: no {TASK_FILE} with the class names; merge adapters "
+                                "written by `gpart train`, or merge in Python with PEFT's merge_and_unload()")
     model, processor = load_for_eval(recipe, args, saved_info, saved_info.get("labels"))
     merged = model.merge_and_unload()
     with atomic_dir(out) as tmp:

@@ -87,7 +87,8 @@ def prepare_output_dir(path: str | os.PathLike, *, resume: bool, overwrite: bool
     """Check that `path` may receive a run; returns it as a Path.
 
     - new or empty directory: fine;
-    - holds a gpart run: an error unless --resume (continue it) or --overwrite (delete it first);
+    - holds a gpart run: an error unless --resume (continue it) or --overwrite (replace it; the
+      deletion waits for reset_run_dir, so a run that fails to start leaves the old one intact);
     - holds anything else: always an error, we never delete files we did not write.
     """
     path = Path(path)
@@ -114,6 +115,11 @@ def prepare_output_dir(path: str | os.PathLike, *, resume: bool, overwrite: bool
             f"output dir {path} already holds a run; pass --resume to continue it, "
             "--overwrite to replace it, or choose another --output-dir"
         )
-    shutil.rmtree(path)
-    path.mkdir(parents=True)
-    return path
+    return path  # the old run is deleted by reset_run_dir, once the new one is ready to start
+
+
+def reset_run_dir(path: Path) -> None:
+    """Empty a directory that prepare_output_dir accepted for --overwrite (it holds a gpart run)."""
+    if (path / RUN_MARKER).exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)

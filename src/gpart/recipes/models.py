@@ -13,7 +13,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # Attention projections to adapt by default, per naming family (first family present wins).
 DEFAULT_TARGETS = {
     "attention-qv": (["query", "value"], ["q_proj", "v_proj"], ["q_lin", "v_lin"], ["c_attn"]),
-    "attention-qkvo": (["q_proj", "k_proj", "v_proj", "o_proj"], ["query", "key", "value", "dense"], ["c_attn", "c_proj"]),
+    "attention-qkvo": (["q_proj", "k_proj", "v_proj", "o_proj"], ["c_attn"]),
 }
 # Fresh task heads created by AutoModelFor*; they are trained fully and saved with the adapter.
 HEAD_NAMES = ("classifier", "pre_classifier", "score")

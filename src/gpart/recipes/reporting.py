@@ -34,7 +34,7 @@ def write_curve(out: Path, train: list[dict], evals: list[dict], metric: str, ti
     matplotlib.use("Agg")  # no display on servers; must precede pyplot
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(9, 3.5))
     if train:
         ax_loss.plot([p["step"] for p in train], [p["loss"] for p in train], label="train loss")
     eval_loss = [p for p in evals if "loss" in p]
@@ -51,7 +51,7 @@ def write_curve(out: Path, train: list[dict], evals: list[dict], metric: str, ti
     fig.suptitle(title)
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
+    fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
     atomic_write_bytes(out / CURVE_FILE, buf.getvalue())
     return out / CURVE_FILE

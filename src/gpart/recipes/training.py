@@ -9,7 +9,8 @@ import torch
 
 from . import methods, models, reporting
 from .base import TASK_FILE, TaskRecipe
-from .io import RUN_MARKER, RunDirError, atomic_dir, atomic_write_json, prepare_output_dir
+from .data import DataError, split_length
+from .io import RUN_MARKER, RunDirError, atomic_dir, atomic_write_json, prepare_output_dir, reset_run_dir
 
 CHECKPOINTS = "checkpoints"
 # run.json fields that define a run: --resume refuses to continue a run whose identity differs.
@@ -61,7 +62,9 @@ def check_resume(out: Path, config: dict) -> None:
 def training_arguments(args, out: Path, has_eval: bool, recipe: TaskRecipe):
     from transformers import TrainingArguments
 
-    by_epoch = args.max_steps is None and args.eval_steps is None
+    # Every epoch for long runs (the reference's choice); short runs would get a curve of one or two
+    # points, so they evaluate and checkpoint four times instead.
+    by_epoch = args.max_steps is None and args.eval_steps is None and args.epochs >= 4
     every = {} if by_epoch else {"eval_steps": args.eval_steps or 0.25, "save_steps": args.eval_steps or 0.25}
     strategy = "epoch" if by_epoch else "steps"
     return TrainingArguments(
@@ -95,6 +98,21 @@ def training_arguments(args, out: Path, has_eval: bool, recipe: TaskRecipe):
     )
 
 
+def prepare_model(args, recipe: TaskRecipe, data) -> dict:
+    """Load the base model and apply --method; also the sizes the report needs (D, parameter counts)."""
+    path = models.resolve_model_path(args.model)
+    model, processor = recipe.load_model(path, args, data.labels)
+    head = models.head_modules(model) if recipe.has_head else []
+    targets = args.targets or models.default_targets(model, recipe.target_family)
+    if args.method in methods.PEFT_METHODS:
+        models.check_targets(model, targets)
+    D = methods.adapted_size(model, targets)  # before wrapping, while the targets are plain modules
+    model = methods.apply_method(model, args.method, head=head, d=args.d, targets=targets, seed=args.seed,
+                                 dropout=args.dropout, task_type=recipe.task_type, r=args.r)
+    return {"model": model, "processor": processor, "head": head, "targets": targets, "D": D, "path": path,
+            "params": methods.count_params(model, head)}
+
+
 def train(args, recipe: TaskRecipe) -> dict:
     from transformers import set_seed
 
@@ -102,29 +120,18 @@ def train(args, recipe: TaskRecipe) -> dict:
     out = prepare_output_dir(args.output_dir, resume=args.resume, overwrite=args.overwrite)
     if args.resume:
         check_resume(out, config)
-    else:
-        atomic_write_json(out / RUN_MARKER, config)  # claim the directory before the slow part starts
 
     set_seed(args.seed)  # the fresh head's init depends on it
     data = recipe.load_data(args)
-    model_path = models.resolve_model_path(args.model)
-    model, processor = recipe.load_model(model_path, args, data.labels)
-    head = models.head_modules(model) if recipe.has_head else []
-    targets = args.targets or models.default_targets(model, recipe.target_family)
-    if args.method in methods.PEFT_METHODS:
-        models.check_targets(model, targets)
-    D = methods.adapted_size(model, targets)
-    model = methods.apply_method(
-        model, args.method, head=head, d=args.d, targets=targets, seed=args.seed, dropout=args.dropout,
-        task_type=recipe.task_type, r=args.r,
-    )
-    params = methods.count_params(model, head)
+    if not _nonempty(data.splits.get("train")):
+        raise DataError(f"dataset {args.dataset}: no training examples (a train split is needed)")
+    setup = prepare_model(args, recipe, data)
+    model, processor, head = setup["model"], setup["processor"], setup["head"]
 
     train_ds = recipe.make_dataset(data.splits["train"], processor, args, data, train=True)
-    eval_records = data.splits.get("validation") or []
-    eval_ds = recipe.make_dataset(eval_records, processor, args, data, train=False) if eval_records else None
-    if not train_ds:
-        raise ValueError(f"dataset {args.dataset}: the train split is empty")
+    eval_ds = None
+    if _nonempty(data.splits.get("validation")):
+        eval_ds = recipe.make_dataset(data.splits["validation"], processor, args, data, train=False)
 
     trainer = make_trainer_class()(
         model=model, args=training_arguments(args, out, eval_ds is not None, recipe),
@@ -133,6 +140,11 @@ def train(args, recipe: TaskRecipe) -> dict:
         param_groups_fn=lambda m: methods.param_groups(
             m, lr=args.lr, head_lr=args.head_lr, weight_decay=args.weight_decay, head=head),
     )
+    if not args.resume:
+        # Touch the directory only now: a bad dataset or model above leaves it as it was.
+        if args.overwrite:
+            reset_run_dir(out)
+        atomic_write_json(out / RUN_MARKER, config)
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=True if args.resume else None)
     runtime = time.perf_counter() - start
@@ -140,15 +152,16 @@ def train(args, recipe: TaskRecipe) -> dict:
     history = list(trainer.state.log_history)  # before the final evaluate() below appends to it
 
     validation = _strip(trainer.evaluate()) if eval_ds is not None else {}
-    test_records = data.splits.get("test") or []
-    test = recipe.evaluate(model, processor, test_records, args, data) if test_records else {}
+    test_split = data.splits.get("test")
+    test = recipe.evaluate(model, processor, test_split, args, data) if _nonempty(test_split) else {}
 
     saved_dir, adapter_bytes = save_result(model, processor, out, args.method, recipe.task_info(args, data) | {
-        "task": recipe.name, "model": args.model, "model_path": str(model_path), "method": args.method})
+        "task": recipe.name, "model": args.model, "model_path": str(setup["path"]), "method": args.method,
+        "dataset": _absolute_if_local(args.dataset), "seed": args.seed, "val_fraction": args.val_fraction})
     train_pts, eval_pts = reporting.split_history(history)
     metrics = {
-        "run": config | {"targets": targets, "lr": args.lr, "head_lr": args.head_lr},
-        "params": params, "D": D, "adapter_bytes": adapter_bytes,
+        "run": config | {"targets": setup["targets"]},
+        "params": setup["params"], "D": setup["D"], "adapter_bytes": adapter_bytes,
         "saved": saved_dir.name,
         "train": {"steps": trainer.state.global_step, "epochs": trainer.state.epoch,
                   "runtime_s": runtime, "final_loss": train_pts[-1]["loss"] if train_pts else None,
@@ -163,6 +176,16 @@ def train(args, recipe: TaskRecipe) -> dict:
     reporting.write_report(out, metrics)
     reporting.write_metrics(out, metrics)  # last: its presence means the run finished
     return metrics
+
+
+def _absolute_if_local(name_or_path: str) -> str:
+    # a relative data path would break `gpart eval` run from another directory
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.exists() else name_or_path
+
+
+def _nonempty(split) -> bool:
+    return split is not None and split_length(split) > 0
 
 
 def _strip(metrics: dict) -> dict:
