@@ -320,6 +320,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"gpart {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        from gpart.recipes.training import TrainingDiverged
+
+        if not isinstance(e, TrainingDiverged) or os.environ.get("GPART_DEBUG"):
+            raise
+        print(f"gpart {args.command}: error: {e}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

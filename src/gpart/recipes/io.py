@@ -58,6 +58,38 @@ def _umask() -> int:
     return mask
 
 
+def fsync_tree(path: str | os.PathLike, *, files: bool = True) -> None:
+    """Flush a directory's files (recursively, unless files=False) and the directory entries to disk,
+    so a rename that publishes it is not undone by a power cut. Best effort where unsupported."""
+    path = Path(path)
+    dirs = [path]
+    if files:
+        for root, subdirs, names in os.walk(path):
+            dirs += [Path(root) / d for d in subdirs]
+            for name in names:
+                try:
+                    fd = os.open(Path(root) / name, os.O_RDONLY)
+                except OSError:
+                    continue
+                try:
+                    os.fsync(fd)
+                except OSError:
+                    pass
+                finally:
+                    os.close(fd)
+    for d in dirs:
+        try:
+            fd = os.open(d, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
 @contextmanager
 def atomic_dir(path: str | os.PathLike):
     """Yield a temporary sibling directory; on success it replaces `path` in (almost) one step.

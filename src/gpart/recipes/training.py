@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import math
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -10,7 +13,8 @@ import torch
 from . import methods, models, reporting
 from .base import TASK_FILE, TaskRecipe
 from .data import DataError, split_length
-from .io import RUN_MARKER, RunDirError, atomic_dir, atomic_write_json, prepare_output_dir, reset_run_dir
+from .io import (RUN_MARKER, RunDirError, atomic_dir, atomic_write_json, fsync_tree, prepare_output_dir,
+                 reset_run_dir)
 
 CHECKPOINTS = "checkpoints"
 # run.json fields that define a run: --resume refuses to continue a run whose identity differs.
@@ -19,13 +23,17 @@ IDENTITY = ("task", "model", "dataset", "method", "d", "targets", "seed", "r")
 
 def make_trainer_class():
     from transformers import Trainer
+    from transformers.trainer_utils import rotate_checkpoints
 
     class GPartTrainer(Trainer):
-        """Trainer with separate learning rates for the adapter (theta) and the task head."""
+        """Trainer with separate learning rates for the adapter (theta) and the task head, atomic
+        checkpoints and a stop on a non-finite loss or parameter."""
 
         def __init__(self, *a, param_groups_fn=None, **kw):
             self._param_groups_fn = param_groups_fn
+            self._staging_dir = None
             super().__init__(*a, **kw)
+            self.add_callback(FiniteCheck(self))
 
         def create_optimizer(self, model=None):
             if self.optimizer is None:
@@ -35,7 +43,123 @@ def make_trainer_class():
                 self.optimizer = cls(self._param_groups_fn(opt_model), **kwargs)
             return self.optimizer
 
+        def training_step(self, model, inputs, *a, **kw):
+            loss = super().training_step(model, inputs, *a, **kw)
+            # Before the optimizer step: theta is still the last good one. (Trainer's own
+            # logging_nan_inf_filter would silently average the bad loss away.)
+            if not torch.isfinite(loss.detach()).all():
+                raise TrainingDiverged(self, f"loss is {loss.detach().float().sum().item()}",
+                                       step=self.state.global_step + 1)  # the step being computed
+            return loss
+
+        # --- atomic checkpoints: checkpoint-N is written under a hidden temporary name and renamed
+        # into place once complete, so an interrupted save leaves nothing --resume would load.
+        def _get_output_dir(self, trial):
+            return self._staging_dir if self._staging_dir is not None else super()._get_output_dir(trial)
+
+        def _save_checkpoint(self, model, trial):
+            run_dir = Path(super()._get_output_dir(trial))
+            name = f"checkpoint-{self.state.global_step}"
+            final = run_dir / name
+            # One name for all processes: under DDP/FSDP every rank writes its part (RNG state,
+            # shards) into the same folder. Leftovers of a killed save are cleared on --resume.
+            staging = run_dir / f".{name}.tmp"
+            staging.mkdir(parents=True, exist_ok=True)
+            before = self.state.best_model_checkpoint
+            self._staging_dir = str(staging)
+            try:
+                super()._save_checkpoint(model, trial)  # writes staging/checkpoint-N, rotates nothing
+            except BaseException:
+                if self.args.should_save:
+                    shutil.rmtree(staging, ignore_errors=True)
+                raise
+            finally:
+                self._staging_dir = None
+            built = staging / name
+            best = self.state.best_model_checkpoint
+            if best is not None and Path(best).parent == staging:  # this checkpoint is the best so far
+                self.state.best_model_checkpoint = str(final)
+                if self.args.should_save:
+                    self.state.save_to_json(str(built / "trainer_state.json"))  # record the final path
+            elif best != before:
+                self.state.best_model_checkpoint = before
+            self.accelerator.wait_for_everyone()  # every rank has written its part
+            if self.args.should_save:
+                fsync_tree(built)
+                old = None
+                if final.exists():  # a re-save of the same step (e.g. after a resume): swap it
+                    old = run_dir / f".{name}.old-{os.getpid()}"
+                    os.replace(final, old)
+                os.replace(built, final)  # the checkpoint appears complete, in one step
+                fsync_tree(run_dir, files=False)
+                if old is not None:
+                    shutil.rmtree(old, ignore_errors=True)
+                shutil.rmtree(staging, ignore_errors=True)
+                rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
+                                   best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+            self.accelerator.wait_for_everyone()  # nobody reads checkpoint-N before it is in place
+
     return GPartTrainer
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or a trainable parameter became NaN/inf; training stopped before saving it."""
+
+    def __init__(self, trainer, what: str, step: int | None = None):
+        step = trainer.state.global_step if step is None else step
+        last = last_complete_checkpoint(Path(trainer.args.output_dir))
+        keep = (f"last good checkpoint: {last} (--resume continues from it)" if last
+                else "no checkpoint was saved yet")
+        super().__init__(f"training diverged at step {step}: {what}; stopped, {keep}")
+        self.step, self.checkpoint = step, last
+
+
+def last_complete_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The newest checkpoint-N that --resume would load (incomplete saves never carry that name)."""
+    if not ckpt_dir.is_dir():
+        return None
+    found = [p for p in ckpt_dir.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()]
+    return max(found, key=lambda p: int(p.name[11:])) if found else None
+
+
+def _non_finite_param(model) -> str | None:
+    for name, p in model.named_parameters():
+        if p.requires_grad and not torch.isfinite(p.detach()).all():
+            return name
+    return None
+
+
+def _finite_check_class():
+    from transformers import TrainerCallback
+
+    class _FiniteCheck(TrainerCallback):
+        """After each optimizer step: a NaN/inf loss in the logs or trainable parameter (theta, head)
+        stops training before a checkpoint or the adapter can hold it. Parameters are scanned on
+        steps that log, evaluate or save (and always when they are small, as GPart's theta is)."""
+
+        SMALL = 10_000_000
+
+        def __init__(self, trainer):
+            self.trainer = trainer
+            self.small = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad) <= self.SMALL
+
+        def on_step_end(self, args, state, control, **kw):
+            if self.small or control.should_save or control.should_evaluate or control.should_log \
+                    or control.should_training_stop:
+                bad = _non_finite_param(self.trainer.model)
+                if bad is not None:
+                    raise TrainingDiverged(self.trainer, f"parameter {bad} is not finite")
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            value = (logs or {}).get("loss")
+            if isinstance(value, (int, float)) and not math.isfinite(value):
+                raise TrainingDiverged(self.trainer, f"logged loss is {value}", step=state.global_step)
+
+    return _FiniteCheck
+
+
+def FiniteCheck(trainer):  # noqa: N802 - builds the callback lazily (transformers is imported late)
+    return _finite_check_class()(trainer)
 
 
 def run_config(args, recipe: TaskRecipe) -> dict:
@@ -55,8 +179,15 @@ def check_resume(out: Path, config: dict) -> None:
     if diff:
         detail = ", ".join(f"{k}: run has {a!r}, now {b!r}" for k, (a, b) in diff.items())
         raise RunDirError(f"--resume: {out} holds a different run ({detail})")
-    if not list((out / CHECKPOINTS).glob("checkpoint-*")):
+    if last_complete_checkpoint(out / CHECKPOINTS) is None:
         raise RunDirError(f"--resume: {out} has no checkpoint yet; start it again with --overwrite")
+
+
+def clear_partial_checkpoints(ckpt_dir: Path) -> None:
+    """Delete what interrupted checkpoint saves left: hidden .checkpoint-N.*.tmp / .old-* folders."""
+    for p in ckpt_dir.glob(".checkpoint-*"):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def training_arguments(args, out: Path, has_eval: bool, recipe: TaskRecipe):
@@ -120,6 +251,7 @@ def train(args, recipe: TaskRecipe) -> dict:
     out = prepare_output_dir(args.output_dir, resume=args.resume, overwrite=args.overwrite)
     if args.resume:
         check_resume(out, config)
+        clear_partial_checkpoints(out / CHECKPOINTS)
 
     set_seed(args.seed)  # the fresh head's init depends on it
     data = recipe.load_data(args)
@@ -146,9 +278,13 @@ def train(args, recipe: TaskRecipe) -> dict:
             reset_run_dir(out)
         atomic_write_json(out / RUN_MARKER, config)
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=True if args.resume else None)
+    last = last_complete_checkpoint(out / CHECKPOINTS) if args.resume else None
+    result = trainer.train(resume_from_checkpoint=str(last) if last else None)
     runtime = time.perf_counter() - start
     model = trainer.model
+    bad = _non_finite_param(model)  # e.g. a best checkpoint that a previous version saved
+    if bad is not None:
+        raise TrainingDiverged(trainer, f"parameter {bad} is not finite after training")
     history = list(trainer.state.log_history)  # before the final evaluate() below appends to it
 
     validation = _strip(trainer.evaluate()) if eval_ds is not None else {}
