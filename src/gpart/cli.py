@@ -228,17 +228,25 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_eval(args) -> int:
+def _recipe_of_saved_run(args, command: str):
+    """(recipe, saved task info) for a command that starts from an adapter or model written by train."""
     from gpart.recipes import get_recipe
-    from gpart.recipes.evaluation import evaluate, read_task_file
-    from gpart.recipes.io import atomic_write_json
+    from gpart.recipes.evaluation import read_task_file
 
     saved = read_task_file(args.adapter)
     task = args.task or saved.get("task")
     if task is None:
-        raise SystemExit("gpart eval: error: pass --task (no gpart_task.json next to the adapter says which)")
+        raise SystemExit(f"gpart {command}: error: pass --task (no gpart_task.json next to the adapter says which)")
     recipe = get_recipe(task)
     fill_defaults(args, recipe, saved)
+    return recipe, saved
+
+
+def cmd_eval(args) -> int:
+    from gpart.recipes.evaluation import evaluate
+    from gpart.recipes.io import atomic_write_json
+
+    recipe, saved = _recipe_of_saved_run(args, "eval")
     args.single_file_split = args.split
     metrics = evaluate(args, recipe, saved)
     if args.output:
@@ -265,15 +273,9 @@ def cmd_info(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from gpart.recipes import get_recipe
-    from gpart.recipes.evaluation import merge, read_task_file
+    from gpart.recipes.evaluation import merge
 
-    saved = read_task_file(args.adapter)
-    task = args.task or saved.get("task")
-    if task is None:
-        raise SystemExit("gpart merge: error: pass --task (no gpart_task.json next to the adapter says which)")
-    recipe = get_recipe(task)
-    fill_defaults(args, recipe, saved)
+    recipe, saved = _recipe_of_saved_run(args, "merge")
     out = merge(args, recipe, saved)
     print(json.dumps({"merged": str(out)}))
     return 0
