@@ -117,7 +117,7 @@ class WorkerResult:
     final_loss: float | None = None
     torch_threads: int | None = None
     kernel_backend: str | None = None  # GPart's element-wise path that ran: cpp | triton | reference
-    src_sha: str | None = None  # hash of src/gpart/**/*.py when the worker started
+    src_sha: str | None = None  # hash of gpart's training-path source when the worker started (see src_sha)
 
 
 # ------------------------------------------------------------------------------------------ models
@@ -458,13 +458,20 @@ def kernel_backend(device) -> str:
     return kernels.backend_for(device)
 
 
+# Parts of gpart a training step never runs: edits there do not change a measurement.
+NOT_MEASURED = ("recipes", "assets", "cli.py", "demo.py")
+
+
 def src_sha() -> str:
-    """Short sha256 over gpart's source files, to tell which code a measurement ran."""
+    """Short sha256 over the gpart source a training step runs (partition, functional, layers, model,
+    config, kernels, ...; not the recipes, assets or CLI), to tell which code a measurement ran."""
     import hashlib
 
     root = Path(__file__).resolve().parents[1] / "src" / "gpart"
     h = hashlib.sha256()
     for f in sorted(root.rglob("*.py")):
+        if f.relative_to(root).parts[0] in NOT_MEASURED:
+            continue
         h.update(str(f.relative_to(root)).encode())
         h.update(f.read_bytes())
     return h.hexdigest()[:12]

@@ -21,8 +21,8 @@ LABELS = {
 # What every summary row carries (None where it does not apply); the tests check these.
 SUMMARY_FIELDS = (
     "median_s", "min_s", "max_s", "n_steps", "repeat_medians_s", "cpu_median_s", "peak_rss_mib",
-    "rss_before_setup_mib", "peak_cuda_mib", "trainable_params", "adapter_params", "adapter_bytes", "setup_s", "setup_min_s",
-    "setup_max_s", "D", "errors", "skipped",
+    "rss_before_setup_mib", "peak_cuda_mib", "trainable_params", "adapter_params", "adapter_bytes", "setup_s",
+    "setup_min_s", "setup_max_s", "D", "errors", "skipped",
 )
 
 
@@ -192,10 +192,10 @@ def render_markdown(result: dict) -> str:
         lines += [f"- GPart's element-wise path (gpart.kernels.backend_for): {', '.join(g['kernel_backends'])}."]
     shas = sorted({sha for s in summary.values() for sha in s.get("src_shas", [])})
     if len(shas) > 1:
-        lines += [f"- **The gpart source changed during this run** (src hashes {', '.join(shas)}): methods measured "
+        lines += [f"- **The gpart source changed during this run** (hashes {', '.join(shas)}): methods measured "
                   "under different code."]
     elif shas:
-        lines += [f"- gpart source hash (src/gpart/**/*.py): {shas[0]}."]
+        lines += [f"- gpart source hash (the modules a training step runs): {shas[0]}."]
     la = result.get("load_average", {})
     if la:
         lines += [f"- Load average (1/5/15 min) at start {_la(la.get('start'))}, at end {_la(la.get('end'))}; "
@@ -249,7 +249,8 @@ def _step_table(summary, ratios, cfg) -> list[str]:
     lines += ["", "Ratios are of pooled medians of wall time; in brackets the range of the per-repeat ratios (each "
               "repeat's two medians measured close together in time). CPU s/step is the median process CPU time "
               "(all threads) per timed step: on a shared machine it moves less with other users' load than wall "
-              "time does, so its ratio is the steadier estimate of the work each method does. Peak RSS is ru_maxrss of the method's own process "
+              "time does, so its ratio is the steadier estimate of the work each method does. Peak RSS is "
+              "ru_maxrss of the method's own process "
               f"(it includes the model itself: {_model_rss(summary)}). The saved file is save_pretrained's "
               "directory for adapters (including the trained task head on encoders), the trained tensors as "
               "safetensors for full / head-only."]

@@ -40,12 +40,14 @@ def rows(directory: Path) -> tuple[list[str], list[str]]:
         backends = ",".join(g.get("kernel_backends") or []) or "?"
         done = "" if result.get("complete", True) else " (incomplete)"
         if result["benchmark"] == "setup":
+            spread = f"({_f(g.get('setup_min_s'), 3)}–{_f(g.get('setup_max_s'), 3)})"
             setups.append(f"| {cfg['shape']} | {cfg['targets']} | {cfg['d']:,} | {cfg.get('D') or 0:,} | "
-                          f"{_f(g.get('setup_s'), 3)} ({_f(g.get('setup_min_s'), 3)}–{_f(g.get('setup_max_s'), 3)}) | "
+                          f"{_f(g.get('setup_s'), 3)} {spread} | "
                           f"{_f(g.get('rss_growth_mib'), 0)} | {_f(lo.get('setup_s'), 3)} | {link}{done} |")
             continue
         steps.append(
-            f"| {cfg['shape']} | {cfg['targets']} | {cfg['d']:,} | {cfg['batch']}x{cfg['seq']} | {kernels} ({backends}) | "
+            f"| {cfg['shape']} | {cfg['targets']} | {cfg['d']:,} | {cfg['batch']}x{cfg['seq']} | "
+            f"{kernels} ({backends}) | "
             f"{_f(g.get('median_s'))} | {_f(fl.get('median_s'))} | {_f(lo.get('median_s'))} | "
             f"{_f(_ratio(result, 'gpart/floor'))} | {_f(_ratio(result, 'gpart/floor', 'cpu_ratio'))} | "
             f"{_f(_ratio(result, 'gpart/lora-r8'))} | {_f(_ratio(result, 'gpart/lora-r8', 'cpu_ratio'))} | "

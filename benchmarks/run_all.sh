@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# Every step-time / setup result under docs/benchmarks/, in the order they were produced.
-# Run from the repository root: bash benchmarks/run_all.sh   (hours on 2 CPU cores; one run at a time)
-# Each command writes docs/benchmarks/<name>.{json,md,png}; the markdown carries the command itself.
+# The commands behind every step-time / setup result in docs/benchmarks/ (about 2 hours on 2 shared CPU cores).
+# Run from anywhere: bash benchmarks/run_all.sh. One run at a time: runs in parallel would time each other.
+# Each command writes docs/benchmarks/<name>.{json,md,png}; each markdown carries its own command.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 run() { echo "== $*"; "$PY" benchmarks/step_time.py "$@"; }
 
-# 7B-shaped Llama on the meta device: setup time and RSS growth only (goal: <= 1 s, nothing ~ D)
+# 7B-shaped Llama on the meta device: get_peft_model time and RSS growth (goal: <= 1 s, nothing ~ D)
 run --shape llama-7b-meta --targets all --d 524288 --repeats 5
 # the real all-MiniLM-L6-v2
 run --shape minilm --targets qv --d 131072
@@ -20,3 +20,7 @@ run --shape smollm2-135m --targets qv --d 131072
 # d sweep on RoBERTa-base query,value (d changes only GPart's and Uni-LoRA's cost)
 run --shape roberta-base --targets qv --d 23040 --methods gpart,unilora,lora-r8,floor
 run --shape roberta-base --targets qv --d 524288 --methods gpart,unilora,lora-r8,floor
+# GPart's reference (plain PyTorch) path, to show what the fast kernels buy
+GPART_KERNELS=reference run --shape minilm --targets all --d 131072 --methods gpart,lora-r8,floor
+
+"$PY" benchmarks/index.py

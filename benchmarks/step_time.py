@@ -198,7 +198,10 @@ def measure(args, argv) -> dict:
                                       measure_bytes=(rep == 0), threads=args.threads)
             t = time.perf_counter()
             load = os.getloadavg()[0]
-            res = harness.run_worker(spec) if args.in_process else run_child(spec, args.child_timeout, args.omp_wait_policy)
+            if args.in_process:
+                res = harness.run_worker(spec)
+            else:
+                res = run_child(spec, args.child_timeout, args.omp_wait_policy)
             res.update(repeat=rep, position=pos, started_s=t - t_start, loadavg_1m_at_start=load)
             result["runs"].append(res)
             _progress(rep, method, res)
@@ -248,6 +251,9 @@ def main(argv=None) -> int:
     if args.from_json:
         path = Path(args.from_json)
         result = json.loads(path.read_text())
+        if result.get("benchmark") not in ("step_time", "setup"):
+            print(f"{path} is not a step_time.py result", file=sys.stderr)
+            return 2
         finish(result, path.parent, path.stem)
         print(f"re-rendered {path.with_suffix('.md')}")
         return 0

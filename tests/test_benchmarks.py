@@ -264,5 +264,6 @@ def test_bf16_update_and_theta_grad_match_fp32_reference(mode):
     # the test has teeth: a merged bf16 weight (W0 + Delta_W rounded) loses the update completely
     w0 = inner.query.base_layer.weight.detach()
     merged = (w0 + dws[0]).to(torch.bfloat16)
-    naive = F.linear(x.to(torch.bfloat16), merged).float() - F.linear(x.to(torch.bfloat16), w0.to(torch.bfloat16)).float()
+    xb = x.to(torch.bfloat16)
+    naive = F.linear(xb, merged).float() - F.linear(xb, w0.to(torch.bfloat16)).float()
     assert _rel(naive, (x.double() @ dws[0].double().T).float()) > 0.5
