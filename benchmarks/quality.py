@@ -1,0 +1,378 @@
+#!/usr/bin/env python
+"""The quality study: GPart vs LoRA r=8, VeRA, Uni-LoRA, full fine-tuning and head-only in three domains.
+
+    python benchmarks/quality.py run [--jobs 2] [--phase sweep|grid|dsweep|all] [--runs-dir runs/quality]
+    python benchmarks/quality.py report          # docs/results.md + docs/quality/{results.json,*.png}
+
+Every run is one `gpart train` process with the same data, step budget and batch for every method of a
+domain. Runs whose metrics.json exists are skipped, so `run` resumes where it stopped. Phases, in order:
+
+1. sweep  - learning rates on seed 0, chosen by the validation split (never the test split): GPart in
+            every domain, LoRA (the main baseline) in text and vision.
+2. grid   - every method x seeds 0, 1, 2 at the chosen learning rates (others: their usual defaults).
+3. dsweep - GPart's d on the text domain, seeds 0, 1, 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SEEDS = (0, 1, 2)
+
+# One fixed budget per domain, sized so a run takes a few minutes on one CPU core.
+DOMAINS = {
+    "text": dict(
+        title="Text: all-MiniLM-L6-v2 on SpamAssassin (ham / spam)",
+        args=["--task", "text-classification", "--dataset", "spam", "--max-steps", "60", "--batch-size", "16",
+              "--max-length", "64", "--eval-steps", "60", "--max-eval-samples", "500"],
+        metric="accuracy", d=23040,
+        methods=("gpart", "lora", "vera", "unilora", "full", "head-only"),
+        lr_sweep={"gpart": (2e-3, 5e-3, 1e-2, 2e-2, 4e-2), "lora": (2e-4, 5e-4, 1e-3, 2e-3, 4e-3)},
+        d_sweep=(5760, 23040, 92160),
+    ),
+    "vision": dict(
+        title="Vision: DINOv2-small on CIFAR-10 (56 px)",
+        args=["--task", "image-classification", "--dataset", "cifar10", "--image-size", "56", "--max-steps", "60",
+              "--batch-size", "32", "--eval-steps", "60", "--max-eval-samples", "500"],
+        metric="accuracy", d=18000,
+        methods=("gpart", "lora", "vera", "unilora", "full", "head-only"),
+        lr_sweep={"gpart": (2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2), "lora": (1e-3, 2e-3, 4e-3)},
+        d_sweep=(),
+    ),
+    "math": dict(
+        title="Math: SmolLM2-135M-Instruct on GSM-Symbolic (greedy exact match)",
+        args=["--task", "causal-lm", "--dataset", "gsm-symbolic", "--max-steps", "16", "--batch-size", "4",
+              "--max-length", "192", "--eval-steps", "16", "--max-train-samples", "64", "--max-eval-samples", "24",
+              "--max-new-tokens", "128"],
+        metric="exact_match", d=131072,
+        # causal-lm has no fresh head, so there is no head-only baseline; "base" is the untouched model
+        methods=("base", "gpart", "lora", "vera", "unilora", "full"),
+        lr_sweep={"gpart": (1e-3, 5e-3), "lora": (1e-3, 5e-3)},
+        d_sweep=(),
+    ),
+}
+# The CLI's defaults for methods not swept (src/gpart/recipes/methods.py DEFAULT_LR); None = the CLI decides.
+FIXED_LR = {"vera": 1e-2, "unilora": 5e-3, "full": 2e-5, "head-only": None, "base": None}
+
+
+@dataclass(frozen=True)
+class Run:
+    domain: str
+    method: str
+    seed: int
+    lr: float | None
+    d: int | None = None
+    extra: tuple = field(default=())
+
+    @property
+    def tag(self) -> str:
+        parts = [self.method]
+        if self.d is not None and self.method in ("gpart", "unilora"):
+            parts.append(f"d{self.d}")
+        if self.lr is not None:
+            parts.append(f"lr{self.lr:g}")
+        return "-".join(parts) + f"-s{self.seed}"
+
+    def argv(self, out: Path) -> list[str]:
+        if self.method == "base":  # the untouched model on the same test subset (no training)
+            return ["eval", *eval_args(DOMAINS[self.domain]["args"]), "--seed", str(self.seed),
+                    "--output", str(out / "eval.json")]
+        a = ["train", *DOMAINS[self.domain]["args"], "--method", self.method, "--seed", str(self.seed),
+             "--output-dir", str(out), "--quiet"]
+        if self.d is not None and self.method in ("gpart", "unilora"):
+            a += ["--d", str(self.d)]
+        if self.lr is not None:
+            a += ["--lr", f"{self.lr:g}"]
+        return a
+
+
+def eval_args(train_args: list[str]) -> list[str]:
+    """The data / generation flags of a training command, which `gpart eval` shares."""
+    keep = ("--task", "--dataset", "--max-length", "--max-eval-samples", "--max-new-tokens", "--image-size")
+    return [x for i in range(0, len(train_args), 2) if train_args[i] in keep for x in train_args[i:i + 2]]
+
+
+def write_base_metrics(out: Path) -> None:
+    """Give a base-model evaluation the shape of a training run's metrics.json."""
+    test = json.loads((out / "eval.json").read_text())
+    metrics = {"test": test, "validation": {}, "params": {"trainable": 0}, "adapter_bytes": 0, "saved": "nothing",
+               "train": {"runtime_s": 0.0}}
+    tmp = out / "metrics.json.tmp"
+    tmp.write_text(json.dumps(metrics, indent=1))
+    tmp.replace(out / "metrics.json")
+
+
+def run_dir(runs: Path, run: Run) -> Path:
+    return runs / run.domain / run.tag
+
+
+def load_metrics(runs: Path, run: Run) -> dict | None:
+    p = run_dir(runs, run) / "metrics.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def selection_score(domain: str, metrics: dict) -> float:
+    """Higher is better, on the validation split: the metric, or minus the loss for math."""
+    val = metrics["validation"]
+    return -val["loss"] if domain == "math" else val[DOMAINS[domain]["metric"]]
+
+
+def sweep_runs(domain: str) -> list[Run]:
+    spec = DOMAINS[domain]
+    return [Run(domain, m, 0, lr, spec["d"]) for m, lrs in spec["lr_sweep"].items() for lr in lrs]
+
+
+def chosen_lr(runs: Path, domain: str, method: str) -> float | None:
+    """The swept learning rate with the best validation score (seed 0); FIXED_LR otherwise."""
+    lrs = DOMAINS[domain]["lr_sweep"].get(method)
+    if not lrs:
+        return FIXED_LR.get(method, 5e-4 if method == "lora" else None)
+    scored = [(selection_score(domain, m), lr) for lr in lrs
+              if (m := load_metrics(runs, Run(domain, method, 0, lr, DOMAINS[domain]["d"])))]
+    if len(scored) < len(lrs):
+        raise RuntimeError(f"{domain}/{method}: the learning-rate sweep is incomplete; run --phase sweep first")
+    return max(scored)[1]
+
+
+def grid_runs(runs: Path, domain: str) -> list[Run]:
+    spec = DOMAINS[domain]
+    return [Run(domain, m, s, chosen_lr(runs, domain, m), spec["d"]) for s in SEEDS for m in spec["methods"]]
+
+
+def dsweep_runs(runs: Path, domain: str) -> list[Run]:
+    lr = chosen_lr(runs, domain, "gpart")
+    return [Run(domain, "gpart", s, lr, d) for d in DOMAINS[domain]["d_sweep"] for s in SEEDS]
+
+
+def execute(runs: Path, todo: list[Run], jobs: int, threads: int) -> None:
+    todo = [r for r in dict.fromkeys(todo) if load_metrics(runs, r) is None]
+    print(f"{len(todo)} runs to do", flush=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
+    gpart_cli = [sys.executable, "-m", "gpart.cli"]
+
+    def one(run: Run) -> None:
+        out = run_dir(runs, run)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        flag = ["--overwrite"] if (out / "run.json").exists() else []  # an unfinished run starts afresh
+        log = out.parent / f"{run.tag}.log"
+        t = time.time()
+        with open(log, "w") as fh:
+            rc = subprocess.call([*gpart_cli, *run.argv(out), *flag], stdout=fh, stderr=subprocess.STDOUT, env=env)
+        if rc == 0 and run.method == "base":
+            write_base_metrics(out)
+        print(f"{'ok ' if rc == 0 else f'FAILED rc={rc}'} {run.domain}/{run.tag} {time.time() - t:.0f}s", flush=True)
+
+    with ThreadPoolExecutor(jobs) as pool:
+        list(pool.map(one, todo))
+
+
+def cmd_run(args) -> int:
+    runs = Path(args.runs_dir)
+    domains = args.domains.split(",")
+    phases = ["sweep", "grid", "dsweep"] if args.phase == "all" else [args.phase]
+    for phase in phases:
+        todo = []
+        for dom in domains:
+            if phase == "sweep":
+                todo += sweep_runs(dom)
+            elif phase == "grid":
+                todo += grid_runs(runs, dom)
+            else:
+                todo += dsweep_runs(runs, dom)
+        # seed-major order, so an interrupted study still has every method at the first seeds
+        todo.sort(key=lambda r: r.seed)
+        print(f"== phase {phase}", flush=True)
+        execute(runs, todo, args.jobs, args.threads)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+def _mean_sd(xs):
+    if not xs:
+        return None, None
+    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def test_metric(domain: str, m: dict) -> float:
+    return m["test"][DOMAINS[domain]["metric"]]
+
+
+def collect(runs: Path) -> dict:
+    """Everything the report shows, from the runs' metrics.json files."""
+    out = {"domains": {}}
+    for dom, spec in DOMAINS.items():
+        d = out["domains"][dom] = {"title": spec["title"], "metric": spec["metric"], "args": spec["args"],
+                                   "methods": {}, "lr_sweep": {}, "d_sweep": {}}
+        for method, lrs in spec["lr_sweep"].items():
+            d["lr_sweep"][method] = [
+                {"lr": lr, "validation": selection_score(dom, m), "test": test_metric(dom, m)}
+                for lr in lrs if (m := load_metrics(runs, Run(dom, method, 0, lr, spec["d"])))]
+        for method in spec["methods"]:
+            try:
+                lr = chosen_lr(runs, dom, method)
+            except RuntimeError:
+                continue
+            ms = [(s, m) for s in SEEDS if (m := load_metrics(runs, Run(dom, method, s, lr, spec["d"])))]
+            if not ms:
+                continue
+            vals = [test_metric(dom, m) for _, m in ms]
+            mean, sd = _mean_sd(vals)
+            last = ms[-1][1]
+            d["methods"][method] = {
+                "lr": lr, "seeds": [s for s, _ in ms], "test": vals, "mean": mean, "sd": sd,
+                "macro_f1": _mean_sd([m["test"].get("macro_f1") for _, m in ms if "macro_f1" in m["test"]])[0],
+                "trainable": last["params"]["trainable"], "adapter": last["params"].get("adapter"),
+                "saved_bytes": last["adapter_bytes"], "saved": last["saved"], "D": last.get("D"),
+                "train_s": statistics.median(m["train"]["runtime_s"] for _, m in ms),
+                "n_test": last["test"].get("n"),
+            }
+        for dd in spec["d_sweep"]:
+            try:
+                lr = chosen_lr(runs, dom, "gpart")
+            except RuntimeError:
+                continue
+            ms = [m for s in SEEDS if (m := load_metrics(runs, Run(dom, "gpart", s, lr, dd)))]
+            if ms:
+                vals = [test_metric(dom, m) for m in ms]
+                mean, sd = _mean_sd(vals)
+                d["d_sweep"][str(dd)] = {"test": vals, "mean": mean, "sd": sd, "D": ms[0].get("D"),
+                                          "saved_bytes": ms[0]["adapter_bytes"]}
+    return out
+
+
+LABEL = {"gpart": "GPart", "lora": "LoRA r=8", "vera": "VeRA r=256", "unilora": "Uni-LoRA r=4", "full": "full FT",
+         "head-only": "head-only", "base": "base model (no training)"}
+
+
+def _fmt_bytes(n):
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
+
+
+def plot(result: dict, out_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = []
+    doms = [d for d in result["domains"].values() if d["methods"]]
+    if doms:
+        fig, axes = plt.subplots(1, len(doms), figsize=(5 * len(doms), 3.8), squeeze=False)
+        for ax, d in zip(axes[0], doms):
+            methods = list(d["methods"])
+            for i, m in enumerate(methods):
+                r = d["methods"][m]
+                ax.bar(i, r["mean"], color="C3" if m == "gpart" else "C0", alpha=0.6)
+                ax.errorbar(i, r["mean"], yerr=r["sd"], color="k", capsize=3)
+                ax.scatter([i] * len(r["test"]), r["test"], color="k", s=8, zorder=3)
+            ax.set_xticks(range(len(methods)), [LABEL[m] for m in methods], rotation=30, ha="right")
+            ax.set_ylabel(f"test {d['metric']}")
+            ax.set_title(d["title"].split(":")[0])
+            lo = min(min(r["test"]) for r in d["methods"].values())
+            ax.set_ylim(max(0.0, lo - 0.1), None)
+        fig.tight_layout()
+        fig.savefig(out_dir / "methods.png", dpi=110)
+        plt.close(fig)
+        names.append("methods.png")
+    ds = result["domains"]["text"]["d_sweep"]
+    if ds:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        xs = sorted(ds, key=int)
+        ax.errorbar([int(x) for x in xs], [ds[x]["mean"] for x in xs], yerr=[ds[x]["sd"] for x in xs],
+                    marker="o", color="C3", capsize=3, label="GPart")
+        lora = result["domains"]["text"]["methods"].get("lora")
+        if lora:
+            ax.axhline(lora["mean"], color="C0", ls="--", label=f"LoRA r=8 ({lora['trainable']:,} trainable)")
+        ax.set_xscale("log")
+        ax.set_xlabel("d (trainable floats in theta)")
+        ax.set_ylabel("test accuracy")
+        ax.set_title("Text: GPart's d sweep")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out_dir / "d_sweep.png", dpi=110)
+        plt.close(fig)
+        names.append("d_sweep.png")
+    return names
+
+
+def render(result: dict) -> str:
+    cmd = "python benchmarks/quality.py run --jobs 2 --threads 1 && python benchmarks/quality.py report"
+    lines = ["# Quality: GPart against LoRA, VeRA, Uni-LoRA, full fine-tuning and head-only", "",
+             f"Produced by `{cmd}` (the raw numbers: [quality/results.json](quality/results.json)); "
+             "analysis at the end.", ""]
+    for dom, d in result["domains"].items():
+        if not d["methods"]:
+            continue
+        lines += [f"## {d['title']}", "", "Budget, identical for every method: `gpart train " + " ".join(d["args"]) + "`", "",
+                  f"| method | lr | trainable params | saved | test {d['metric']} mean ± sd (seeds) | per seed | train s (median) |",
+                  "|---|---|---|---|---|---|---|"]
+        for m, r in d["methods"].items():
+            lr = "default" if r["lr"] is None else f"{r['lr']:g}"
+            saved = _fmt_bytes(r["saved_bytes"]) + ("" if r["saved"] == "adapter" else f" ({r['saved']})")
+            per = ", ".join(f"{v:.3f}" for v in r["test"])
+            lines.append(f"| {LABEL[m]} | {lr} | {r['trainable']:,} | {saved} | {r['mean']:.3f} ± {r['sd']:.3f} "
+                         f"({len(r['test'])}) | {per} | {r['train_s']:.0f} |")
+        n = next(iter(d["methods"].values())).get("n_test")
+        lines += ["", f"Test examples per run: {n}. Trainable counts include the task head where there is one."]
+        for method, pts in d["lr_sweep"].items():
+            if pts:
+                sel = "-validation loss" if dom == "math" else f"validation {d['metric']}"
+                lines += ["", f"Learning-rate sweep for {LABEL[method]} (seed 0; chosen by {sel}): " + "; ".join(
+                    f"{p['lr']:g} → {p['validation']:.3f}" for p in pts) + "."]
+        if d["d_sweep"]:
+            lines += ["", "GPart d sweep (same lr, seeds 0–2):", "", "| d | D | saved | test accuracy mean ± sd |",
+                      "|---|---|---|---|"]
+            for dd, r in sorted(d["d_sweep"].items(), key=lambda kv: int(kv[0])):
+                lines.append(f"| {int(dd):,} | {r['D']:,} | {_fmt_bytes(r['saved_bytes'])} | {r['mean']:.3f} ± {r['sd']:.3f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def cmd_report(args) -> int:
+    runs = Path(args.runs_dir)
+    result = collect(runs)
+    out = ROOT / "docs" / "quality"
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(out / "results.json")
+    pngs = plot(result, out)
+    body = render(result) + "\n" + "\n".join(f"![{p}](quality/{p})" for p in pngs) + "\n"
+    analysis = ROOT / "docs" / "quality" / "analysis.md"
+    if analysis.exists():
+        body += "\n" + analysis.read_text()
+    target = ROOT / "docs" / "results.md"
+    tmp = target.with_suffix(".md.tmp")
+    tmp.write_text(body)
+    tmp.replace(target)
+    print(f"wrote {target}")
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--phase", choices=("sweep", "grid", "dsweep", "all"), default="all")
+    r.add_argument("--domains", default="text,vision,math")
+    r.add_argument("--jobs", type=int, default=2, help="runs at once")
+    r.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    r.add_argument("--runs-dir", default=str(ROOT / "runs" / "quality"))
+    rep = sub.add_parser("report")
+    rep.add_argument("--runs-dir", default=str(ROOT / "runs" / "quality"))
+    args = p.parse_args(argv)
+    return cmd_run(args) if args.cmd == "run" else cmd_report(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

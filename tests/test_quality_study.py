@@ -1,0 +1,85 @@
+"""benchmarks/quality.py: the learning rate is chosen on validation (never test), every method of a domain gets
+the same budget, the base-model evaluation sees the training runs' test subset, and the report shows each seed."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load():
+    if "quality" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("quality", BENCH / "quality.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["quality"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["quality"]
+
+
+q = _load()
+
+
+def _write(runs: Path, run, val: float, test: float, trainable: int = 100) -> None:
+    out = q.run_dir(runs, run)
+    out.mkdir(parents=True)
+    metric = q.DOMAINS[run.domain]["metric"]
+    (out / "metrics.json").write_text(json.dumps({
+        "validation": {metric: val, "loss": 1 - val}, "test": {metric: test, "n": 500},
+        "params": {"trainable": trainable}, "adapter_bytes": 4 * trainable, "saved": "adapter",
+        "train": {"runtime_s": 10.0}, "D": 1000}))
+
+
+def test_lr_is_chosen_by_validation_not_test(tmp_path):
+    lrs = q.DOMAINS["text"]["lr_sweep"]["gpart"]
+    # the best validation score has the worst test score: the choice must follow validation
+    for i, lr in enumerate(lrs):
+        best = i == 1
+        _write(tmp_path, q.Run("text", "gpart", 0, lr, q.DOMAINS["text"]["d"]), 0.95 if best else 0.8, 0.7 if best else 0.99)
+    assert q.chosen_lr(tmp_path, "text", "gpart") == lrs[1]
+    assert q.chosen_lr(tmp_path, "text", "vera") == q.FIXED_LR["vera"]
+
+
+def test_incomplete_sweep_refuses_to_choose(tmp_path):
+    lr = q.DOMAINS["vision"]["lr_sweep"]["gpart"][0]
+    _write(tmp_path, q.Run("vision", "gpart", 0, lr, q.DOMAINS["vision"]["d"]), 0.9, 0.9)
+    with pytest.raises(RuntimeError, match="sweep is incomplete"):
+        q.chosen_lr(tmp_path, "vision", "gpart")
+
+
+def test_every_method_of_a_domain_gets_the_same_budget(tmp_path):
+    for dom, spec in q.DOMAINS.items():
+        argvs = [q.Run(dom, m, 1, 1e-3, spec["d"]).argv(tmp_path) for m in spec["methods"] if m != "base"]
+        budgets = {tuple(a[1:1 + len(spec["args"])]) for a in argvs}
+        assert budgets == {tuple(spec["args"])}, dom
+        assert all(a[a.index("--seed") + 1] == "1" for a in argvs)
+
+
+def test_base_evaluation_uses_the_training_runs_test_subset(tmp_path):
+    argv = q.Run("math", "base", 2, None, q.DOMAINS["math"]["d"]).argv(tmp_path)
+    assert argv[0] == "eval"
+    opts = dict(zip(argv[1::2], argv[2::2]))
+    train = dict(zip(q.DOMAINS["math"]["args"][::2], q.DOMAINS["math"]["args"][1::2]))
+    for flag in ("--task", "--dataset", "--max-length", "--max-eval-samples", "--max-new-tokens"):
+        assert opts[flag] == train[flag]
+    assert opts["--seed"] == "2" and "--max-steps" not in opts
+
+
+def test_report_shows_every_seed_and_the_mean(tmp_path):
+    spec = q.DOMAINS["text"]
+    for lr in spec["lr_sweep"]["gpart"]:
+        _write(tmp_path, q.Run("text", "gpart", 0, lr, spec["d"]), 0.9 if lr == 5e-3 else 0.5, 0.9)
+    for lr in spec["lr_sweep"]["lora"]:
+        _write(tmp_path, q.Run("text", "lora", 0, lr, spec["d"]), 0.9 if lr == 5e-4 else 0.5, 0.8, trainable=5000)
+    for s, acc in ((1, 0.92), (2, 0.94)):
+        _write(tmp_path, q.Run("text", "gpart", s, 5e-3, spec["d"]), 0.9, acc)
+    result = q.collect(tmp_path)
+    g = result["domains"]["text"]["methods"]["gpart"]
+    assert g["test"] == [0.9, 0.92, 0.94] and g["mean"] == pytest.approx(0.92)
+    assert result["domains"]["text"]["methods"]["lora"]["test"] == [0.8]
+    md = q.render(result)
+    assert "| GPart | 0.005 | 100 | 0.4 kB | 0.920 ± 0.020 (3) | 0.900, 0.920, 0.940 |" in md
