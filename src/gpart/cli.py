@@ -222,6 +222,8 @@ def cmd_train(args) -> int:
     fill_defaults(args, recipe)
     args.single_file_split = "train"
     metrics = train(args, recipe)
+    if int(os.environ.get("RANK", "0")) != 0:  # under a launcher, one summary (all processes agree)
+        return 0
     summary = {k: metrics[k] for k in ("validation", "test")}
     print(json.dumps({"output_dir": args.output_dir, "runtime_s": round(metrics["train"]["runtime_s"], 1),
                       "trainable": metrics["params"]["trainable"], **summary}, indent=2, default=str))
@@ -290,8 +292,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from gpart.recipes.io import RunDirError
     from gpart.recipes.methods import MethodError
     from gpart.recipes.models import ModelError
+    from gpart.recipes.training import LaunchError
 
-    errors = [DataError, RunDirError, ModelError, MethodError]
+    errors = [DataError, RunDirError, ModelError, MethodError, LaunchError]
     try:
         from gpart.assets.errors import AssetError, DatasetError
 
@@ -309,6 +312,9 @@ def _quiet_library_noise() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--"]:  # `torchrun ... -m gpart.cli -- train ...` (see docs/distributed.md)
+        argv = argv[1:]
     parser = build_parser()
     args = parser.parse_args(argv)
     _quiet_library_noise()

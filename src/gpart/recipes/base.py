@@ -24,6 +24,11 @@ class TaskRecipe:
     primary_metric: str = "accuracy"  # chooses the best checkpoint; eval_<metric> in Trainer logs
     greater_is_better: bool = True
     has_head: bool = True
+    # The model's loss is the mean over the batch's examples and ignores the Trainer's
+    # num_items_in_batch (classification heads). The Trainer must then not rescale it for gradient
+    # accumulation or the number of processes (see training.train). Token-level losses that divide
+    # by num_items_in_batch (causal LM) set this False.
+    loss_is_batch_mean: bool = True
     defaults: dict = {}
 
     # ---- data
@@ -52,6 +57,14 @@ class TaskRecipe:
         raise NotImplementedError
 
     def compute_metrics(self, data: TaskData) -> Callable | None:
+        """The Trainer's compute_metrics. It must also return "loss", computed from the gathered,
+        per-example predictions: the Trainer's own eval loss is a mean of batch means, and under
+        several processes it counts the examples repeated to pad each process's last batch."""
+        return None
+
+    def preprocess_logits(self) -> Callable | None:
+        """The Trainer's preprocess_logits_for_metrics: shrinks each batch's logits to what
+        compute_metrics needs, before they are gathered from every process."""
         return None
 
     # ---- evaluation outside the Trainer (final test numbers, `gpart eval`)

@@ -23,6 +23,7 @@ class CausalLM(TaskRecipe):
     primary_metric = "loss"  # generation is too slow to run at every evaluation; exact match at the end
     greater_is_better = False
     has_head = False
+    loss_is_batch_mean = False  # summed over tokens / num_items_in_batch: one mean over every process's tokens
     # Reference MetaMathQA settings: q,k,v,o, theta lr 2e-4, cosine, 5% warm-up, weight decay 0.01,
     # dropout 0.05. d = 131,072 is the reference's choice for Qwen2.5-0.5B; 1 epoch for CPU runs.
     defaults = dict(model="smollm2", dataset="gsm-symbolic", d=131072, lr=2e-4, head_lr=0.0, epochs=1,
@@ -60,6 +61,12 @@ class CausalLM(TaskRecipe):
             out.append({"input_ids": p + a, "labels": [-100] * len(p) + a})
         return out
 
+    def compute_metrics(self, data):
+        return token_mean_loss
+
+    def preprocess_logits(self):
+        return token_loss_stats
+
     def collator(self, tokenizer, args):
         pad = tokenizer.pad_token_id
 
@@ -90,6 +97,22 @@ class CausalLM(TaskRecipe):
     def task_info(self, args, data):
         return {"max_length": args.max_length, "prompt_column": args.prompt_column,
                 "response_column": args.response_column, "answer_column": args.answer_column}
+
+
+def token_loss_stats(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per example: [sum of the next-token losses on answer tokens, their number]. Kept instead of
+    the logits, so the eval loss is one mean over every token of every process (the model's loss)."""
+    if isinstance(logits, tuple):
+        logits = logits[0]
+    labels = labels[:, 1:]  # the token each position predicts
+    losses = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
+                                               ignore_index=-100, reduction="none").view(labels.shape)
+    return torch.stack([losses.sum(1), (labels != -100).sum(1).float()], 1)
+
+
+def token_mean_loss(eval_pred) -> dict:
+    stats = eval_pred.predictions
+    return {"loss": float(stats[:, 0].sum() / max(stats[:, 1].sum(), 1))}
 
 
 def _tokenizer(path, model):

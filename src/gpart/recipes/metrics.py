@@ -102,10 +102,21 @@ def ref_number(answer) -> str:
 
 
 def classification_compute_metrics(num_labels: int):
-    """A Trainer `compute_metrics` callback giving classification_metrics from logits."""
+    """A Trainer `compute_metrics` callback giving classification_metrics and the loss from logits."""
 
     def compute(eval_pred):
         logits = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
-        return classification_metrics(np.asarray(logits).argmax(-1), eval_pred.label_ids, num_labels)
+        logits = np.asarray(logits)
+        return {"loss": mean_cross_entropy(logits, eval_pred.label_ids),
+                **classification_metrics(logits.argmax(-1), eval_pred.label_ids, num_labels)}
 
     return compute
+
+
+def mean_cross_entropy(logits, labels) -> float:
+    """Mean over examples of -log softmax(logits)[label] (the classifiers' training loss), in float64."""
+    y = np.asarray(labels).reshape(-1).astype(np.int64)
+    z = np.asarray(logits, dtype=np.float64).reshape(y.size, -1)
+    top = z.max(-1)
+    log_norm = top + np.log(np.exp(z - top[:, None]).sum(-1))
+    return float((log_norm - z[np.arange(y.size), y]).mean())

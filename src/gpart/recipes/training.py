@@ -1,6 +1,7 @@
 """`gpart train`: one run from arguments to saved adapter, metrics and report, on transformers Trainer."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -42,6 +43,21 @@ def make_trainer_class():
                 kwargs.pop("lr", None)  # every group carries its own
                 self.optimizer = cls(self._param_groups_fn(opt_model), **kwargs)
             return self.optimizer
+
+        def save_model(self, output_dir=None, _internal_call=False):
+            # Under FSDP2 the Trainer gathers the whole model onto rank 0 for every save (or, with
+            # SHARDED_STATE_DICT, writes no adapter file at all); an adapter needs only its trainable
+            # tensors, gathered whole. (The shards for --resume are still written by the Trainer.)
+            state = adapter_state_dict(self)
+            if state is None:
+                return super().save_model(output_dir, _internal_call)
+            self._save(output_dir or self.args.output_dir, state_dict=state)
+
+        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+            loss, logits, labels = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+            # compute_metrics computes the eval loss exactly from the gathered predictions (see
+            # TaskRecipe.compute_metrics); the Trainer's would overwrite it.
+            return (None if self.compute_metrics is not None else loss), logits, labels
 
         def training_step(self, model, inputs, *a, **kw):
             loss = super().training_step(model, inputs, *a, **kw)
@@ -100,6 +116,112 @@ def make_trainer_class():
             self.accelerator.wait_for_everyone()  # nobody reads checkpoint-N before it is in place
 
     return GPartTrainer
+
+
+def adapter_state_dict(trainer) -> dict | None:
+    """Under FSDP2 with a PEFT model: the model's state dict with each trainable tensor (theta, the
+    head) gathered whole and the frozen, sharded base weights left out; None otherwise (nothing to
+    gather: save as usual). A collective: every rank calls it, in the same order."""
+    from peft import PeftModel
+
+    if not (trainer.is_fsdp_enabled and trainer.accelerator.is_fsdp2 and isinstance(trainer.model, PeftModel)):
+        return None
+    trainable = {name for name, p in trainer.model.named_parameters() if p.requires_grad}
+    state = {}
+    for key, value in trainer.model.state_dict().items():
+        if hasattr(value, "full_tensor"):  # a DTensor: this rank holds a shard
+            if key not in trainable:
+                continue
+            value = value.full_tensor()
+        state[key] = value
+    return state
+
+
+def whole_state_dict(trainer) -> dict | None:
+    """The state dict to save the final result from when parameters are sharded (FSDP, ZeRO-3),
+    with whole tensors; None when they are not (save_pretrained then reads the model itself).
+    A collective: every rank calls it."""
+    from peft import PeftModel
+
+    state = adapter_state_dict(trainer)
+    if state is not None or not (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
+        return state
+    if trainer.is_deepspeed_enabled:
+        if trainer.accelerator.deepspeed_config["zero_optimization"].get("stage") != 3:
+            return None  # ZeRO-1/2 shard the optimizer state only
+        # as the Trainer's own checkpoints do: an adapter needs only the trainable tensors
+        return trainer.model_wrapped._zero3_consolidated_16bit_state_dict(
+            exclude_frozen_parameters=isinstance(trainer.model, PeftModel))
+    return trainer.accelerator.get_state_dict(trainer.model)
+
+
+class LaunchError(RuntimeError):
+    """The processes did not come up as the launcher asked (e.g. FSDP requested where Accelerate
+    cannot enable it): training would silently do something else."""
+
+
+def check_launch(trainer) -> None:
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if trainer.args.world_size != launched:
+        raise LaunchError(
+            f"launched as {launched} processes, but the Trainer set up {trainer.args.world_size} "
+            f"(device {trainer.args.device}); each process would train alone. Pass --cpu to train "
+            "on the CPU over gloo, or launch on a machine with one accelerator per process")
+    for flag, engine, enabled in (("ACCELERATE_USE_FSDP", "FSDP", trainer.is_fsdp_enabled),
+                                  ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed", trainer.is_deepspeed_enabled)):
+        if os.environ.get(flag, "").lower() == "true" and not enabled:
+            raise LaunchError(
+                f"the launcher asked for {engine}, but Accelerate did not enable it on device "
+                f"{trainer.args.device} (it enables {engine} only on GPUs and other accelerators); "
+                "use a DDP launch (torchrun, or accelerate launch --multi_gpu) on the CPU")
+
+
+def checkpoint_engine(path: Path) -> str:
+    """Which engine wrote a Trainer checkpoint: each stores the optimizer state its own way."""
+    names = [p.name for p in path.iterdir()]
+    if any(n.startswith("pytorch_model_fsdp") for n in names):
+        return "FSDP"
+    if any(n.startswith("global_step") for n in names):
+        return "DeepSpeed"
+    return "DDP / one process"
+
+
+def trainer_engine(trainer) -> str:
+    return "FSDP" if trainer.is_fsdp_enabled else "DeepSpeed" if trainer.is_deepspeed_enabled else "DDP / one process"
+
+
+def check_resume_launch(checkpoint: Path, trainer) -> None:
+    """A checkpoint resumes under the engine that wrote it. DDP and FSDP (full or DCP-sharded
+    state) checkpoints load under any number of processes; DeepSpeed ZeRO's optimizer shards only
+    under the number that wrote them."""
+    engine = checkpoint_engine(checkpoint)
+    if engine != trainer_engine(trainer):
+        raise LaunchError(
+            f"--resume: {checkpoint} was written under {engine}, this launch uses {trainer_engine(trainer)}; "
+            f"the optimizer state of one cannot be loaded by the other. Resume under {engine}"
+            + (" (the number of processes may differ)" if engine != "DeepSpeed" else ""))
+    shards = len(list(checkpoint.glob("global_step*/*optim_states.pt")))
+    if engine == "DeepSpeed" and shards and shards != trainer.args.world_size:
+        raise LaunchError(
+            f"--resume: {checkpoint} holds DeepSpeed ZeRO optimizer state split over {shards} processes; "
+            f"DeepSpeed loads it only with {shards} processes (this launch has {trainer.args.world_size}); "
+            "relaunch with that number")
+
+
+def device_settings(args) -> dict:
+    """TrainingArguments' use_cpu / ddp_backend. Under a multi-process launch on a machine without
+    an accelerator, Accelerate sets up gloo only when told to use the CPU, and would otherwise leave
+    every process training alone; DeepSpeed brings its own CPU accelerator instead (Accelerate's CPU
+    mode would drop DeepSpeed), and needs the backend named."""
+    if args.cpu:
+        return {"use_cpu": True}
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+    available = accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 or available:
+        return {"use_cpu": False}
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        return {"use_cpu": False, "ddp_backend": "gloo"}
+    return {"use_cpu": True}
 
 
 class TrainingDiverged(RuntimeError):
@@ -219,7 +341,10 @@ def training_arguments(args, out: Path, has_eval: bool, recipe: TaskRecipe):
         greater_is_better=recipe.greater_is_better,
         seed=args.seed,
         bf16=args.bf16,
-        use_cpu=args.cpu,
+        **device_settings(args),
+        # every trainable tensor takes part in every step (theta in each adapted layer, the head);
+        # searching for unused ones costs a graph traversal per step. `full` may leave some unused.
+        ddp_find_unused_parameters=None if args.method == "full" else False,
         report_to="none",
         remove_unused_columns=False,  # our datasets hold model inputs only; PeftModel hides the signature
         dataloader_num_workers=0,
@@ -251,7 +376,6 @@ def train(args, recipe: TaskRecipe) -> dict:
     out = prepare_output_dir(args.output_dir, resume=args.resume, overwrite=args.overwrite)
     if args.resume:
         check_resume(out, config)
-        clear_partial_checkpoints(out / CHECKPOINTS)
 
     set_seed(args.seed)  # the fresh head's init depends on it
     data = recipe.load_data(args)
@@ -268,17 +392,37 @@ def train(args, recipe: TaskRecipe) -> dict:
     trainer = make_trainer_class()(
         model=model, args=training_arguments(args, out, eval_ds is not None, recipe),
         train_dataset=train_ds, eval_dataset=eval_ds, data_collator=recipe.collator(processor, args),
-        compute_metrics=recipe.compute_metrics(data),
+        compute_metrics=recipe.compute_metrics(data), preprocess_logits_for_metrics=recipe.preprocess_logits(),
         param_groups_fn=lambda m: methods.param_groups(
             m, lr=args.lr, head_lr=args.head_lr, weight_decay=args.weight_decay, head=head),
     )
-    if not args.resume:
-        # Touch the directory only now: a bad dataset or model above leaves it as it was.
-        if args.overwrite:
-            reset_run_dir(out)
-        atomic_write_json(out / RUN_MARKER, config)
-    start = time.perf_counter()
+    if recipe.loss_is_batch_mean:
+        # The Trainer sees a forward that takes **kwargs and assumes the loss divides by its
+        # num_items_in_batch: it would skip the 1/grad_accum scaling and multiply by the number of
+        # processes, so gradients (and logged losses) would grow with --grad-accum and world size.
+        trainer.model_accepts_loss_kwargs = False
     last = last_complete_checkpoint(out / CHECKPOINTS) if args.resume else None
+    try:
+        check_launch(trainer)
+        if last is not None:
+            check_resume_launch(last, trainer)
+    except LaunchError:
+        with contextlib.suppress(OSError):  # the Trainer made an empty checkpoints/; leave the dir reusable
+            (out / CHECKPOINTS).rmdir()
+        raise
+    # Only the main process touches the run directory; the barrier before makes sure every process
+    # has checked it (prepare_output_dir, the checkpoint to resume) before it changes.
+    trainer.accelerator.wait_for_everyone()
+    if trainer.args.should_save:
+        if args.resume:
+            clear_partial_checkpoints(out / CHECKPOINTS)
+        else:
+            # Touch the directory only now: a bad dataset or model above leaves it as it was.
+            if args.overwrite:
+                reset_run_dir(out)
+            atomic_write_json(out / RUN_MARKER, config)
+    trainer.accelerator.wait_for_everyone()
+    start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(last) if last else None)
     runtime = time.perf_counter() - start
     model = trainer.model
@@ -291,9 +435,16 @@ def train(args, recipe: TaskRecipe) -> dict:
     test_split = data.splits.get("test")
     test = recipe.evaluate(model, processor, test_split, args, data) if _nonempty(test_split) else {}
 
-    saved_dir, adapter_bytes = save_result(model, processor, out, args.method, recipe.task_info(args, data) | {
-        "task": recipe.name, "model": args.model, "model_path": str(setup["path"]), "method": args.method,
-        "dataset": _absolute_if_local(args.dataset), "seed": args.seed, "val_fraction": args.val_fraction})
+    # Every process evaluated (forward passes are collectives under FSDP) and gathers the state to
+    # save; the main process alone writes the result files.
+    state = whole_state_dict(trainer)
+    main = trainer.args.should_save
+    saved_dir, adapter_bytes = out / result_name(args.method), None
+    if main:
+        saved_dir, adapter_bytes = save_result(model, processor, out, args.method, recipe.task_info(args, data) | {
+            "task": recipe.name, "model": args.model, "model_path": str(setup["path"]), "method": args.method,
+            "dataset": _absolute_if_local(args.dataset), "seed": args.seed, "val_fraction": args.val_fraction},
+            state_dict=state)
     train_pts, eval_pts = reporting.split_history(history)
     metrics = {
         "run": config | {"targets": setup["targets"]},
@@ -307,10 +458,12 @@ def train(args, recipe: TaskRecipe) -> dict:
         "history": {"train": train_pts, "eval": eval_pts},
         "best_checkpoint": trainer.state.best_model_checkpoint,
     }
-    reporting.write_curve(out, train_pts, eval_pts, recipe.primary_metric,
-                          f"{args.method} on {args.model} / {args.dataset}")
-    reporting.write_report(out, metrics)
-    reporting.write_metrics(out, metrics)  # last: its presence means the run finished
+    if main:
+        reporting.write_curve(out, train_pts, eval_pts, recipe.primary_metric,
+                              f"{args.method} on {args.model} / {args.dataset}")
+        reporting.write_report(out, metrics)
+        reporting.write_metrics(out, metrics)  # last: its presence means the run finished
+    trainer.accelerator.wait_for_everyone()  # no process reports success before the files exist
     return metrics
 
 
@@ -330,12 +483,18 @@ def _strip(metrics: dict) -> dict:
             if not any(k.endswith(d) for d in drop)}
 
 
-def save_result(model, processor, out: Path, method: str, task_info: dict) -> tuple[Path, int]:
+def result_name(method: str) -> str:
+    return "adapter" if method in methods.PEFT_METHODS else "model"
+
+
+def save_result(model, processor, out: Path, method: str, task_info: dict,
+                state_dict: dict | None = None) -> tuple[Path, int]:
     """PEFT methods: the adapter in PEFT layout (out/adapter). full / head-only: a standalone model
-    (out/model). Either gets gpart_task.json so `gpart eval`/`merge` can rebuild the task."""
-    name = "adapter" if method in methods.PEFT_METHODS else "model"
+    (out/model). Either gets gpart_task.json so `gpart eval`/`merge` can rebuild the task.
+    `state_dict`: whole tensors gathered from sharded parameters (see whole_state_dict)."""
+    name = result_name(method)
     with atomic_dir(out / name) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state_dict)
         if name == "model":
             processor.save_pretrained(tmp)
         atomic_write_json(tmp / TASK_FILE, task_info)
