@@ -8,10 +8,7 @@ relative to ||x Delta_W^T||, in a setting where merging W0 + Delta_W in bf16 wou
 """
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,22 +17,9 @@ from peft import get_peft_model
 from torch import nn
 
 import gpart
+from benchmark_scripts import load
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load_step_time():
-    """benchmarks/ is not a package, and it must not go on sys.path (its kernels.py would shadow the
-    `kernels` package transformers probes for): load step_time.py by file; it loads its own modules."""
-    if "step_time" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("step_time", BENCH / "step_time.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["step_time"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["step_time"]
-
-
-step_time = _load_step_time()
+step_time = load("step_time")
 harness, report = step_time.harness, step_time.report
 
 

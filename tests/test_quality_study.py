@@ -2,26 +2,13 @@
 the same budget, the base-model evaluation sees the training runs' test subset, and the report shows each seed."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from benchmark_scripts import load
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load():
-    if "quality" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("quality", BENCH / "quality.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["quality"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["quality"]
-
-
-q = _load()
+q = load("quality")
 
 
 def _write(runs: Path, run, val: float, test: float, trainable: int = 100) -> None:
