@@ -143,14 +143,14 @@ def chosen_lr(runs: Path, domain: str, method: str) -> float | None:
     return max(scored)[1]
 
 
-def grid_runs(runs: Path, domain: str) -> list[Run]:
+def grid_runs(runs: Path, domain: str, seeds=SEEDS) -> list[Run]:
     spec = DOMAINS[domain]
-    return [Run(domain, m, s, chosen_lr(runs, domain, m), spec["d"]) for s in SEEDS for m in spec["methods"]]
+    return [Run(domain, m, s, chosen_lr(runs, domain, m), spec["d"]) for s in seeds for m in spec["methods"]]
 
 
-def dsweep_runs(runs: Path, domain: str) -> list[Run]:
+def dsweep_runs(runs: Path, domain: str, seeds=SEEDS) -> list[Run]:
     lr = chosen_lr(runs, domain, "gpart")
-    return [Run(domain, "gpart", s, lr, d) for d in DOMAINS[domain]["d_sweep"] for s in SEEDS]
+    return [Run(domain, "gpart", s, lr, d) for d in DOMAINS[domain]["d_sweep"] for s in seeds]
 
 
 def execute(runs: Path, todo: list[Run], jobs: int, threads: int) -> None:
@@ -178,6 +178,7 @@ def execute(runs: Path, todo: list[Run], jobs: int, threads: int) -> None:
 def cmd_run(args) -> int:
     runs = Path(args.runs_dir)
     domains = args.domains.split(",")
+    seeds = [int(s) for s in args.seeds.split(",")]
     phases = ["sweep", "grid", "dsweep"] if args.phase == "all" else [args.phase]
     for phase in phases:
         todo = []
@@ -185,9 +186,9 @@ def cmd_run(args) -> int:
             if phase == "sweep":
                 todo += sweep_runs(dom)
             elif phase == "grid":
-                todo += grid_runs(runs, dom)
+                todo += grid_runs(runs, dom, seeds)
             else:
-                todo += dsweep_runs(runs, dom)
+                todo += dsweep_runs(runs, dom, seeds)
         # seed-major order, so an interrupted study still has every method at the first seeds
         todo.sort(key=lambda r: r.seed)
         print(f"== phase {phase}", flush=True)
@@ -365,6 +366,7 @@ def main(argv=None) -> int:
     r = sub.add_parser("run")
     r.add_argument("--phase", choices=("sweep", "grid", "dsweep", "all"), default="all")
     r.add_argument("--domains", default="text,vision,math")
+    r.add_argument("--seeds", default="0,1,2", help="seeds of the grid and d-sweep phases")
     r.add_argument("--jobs", type=int, default=2, help="runs at once")
     r.add_argument("--threads", type=int, default=1, help="torch threads per run")
     r.add_argument("--runs-dir", default=str(ROOT / "runs" / "quality"))
