@@ -1,13 +1,17 @@
 """Micro-benchmark of GPart's element-wise work: ns per weight, reference vs fast paths.
 
-    python benchmarks/kernels.py                      # 2 threads, writes docs/benchmarks/kernels.{json,md}
+    python benchmarks/kernels.py                      # 2 and 1 threads, writes docs/benchmarks/kernels.{json,md}
     python benchmarks/kernels.py --threads 1 --repeats 31 --out-dir /tmp/k
+    python benchmarks/kernels.py --baseline-rev HEAD   # also the C++ kernels of a git revision, same rounds
 
 Each path processes one weight slice (default 768 x 3072 = 2.36M weights, a RoBERTa-base MLP matrix) of
 the partition of a RoBERTa-base-shaped model with every linear layer targeted (D = 84,934,656, d = 131,072).
 Rounds are interleaved (every path once per round), so that load from other processes on a shared machine
-spreads over all paths alike; the table reports the median and the minimum over rounds. The reference
-runs on a shorter slice (it is ~100x slower); its cost per weight does not depend on the length.
+spreads over all paths alike; the table reports the median and the minimum over rounds, of the wall time
+and of the process CPU time (all threads: the cores' time a pass costs). The reference runs on a shorter
+slice (it is ~100x slower); its cost per weight does not depend on the length. --baseline-rev REV compiles
+the C++ kernels as they were at git revision REV and runs them in the same rounds (backend "cpp@REV"), for
+before/after comparisons on a noisy machine.
 
 Paths (see gpart.kernels):
   ids            group ids only (int64 out)
@@ -20,17 +24,21 @@ Paths (see gpart.kernels):
   grad+drop      the same with DropConnect
   grad-bf16      the same from a bf16 dL/dW
   grad(ids)      the same reusing the ids written by merged+ids
+  merge+grad     the backward in one sweep: merged (fp32) and grad from the same ids (_GPartOp.backward)
   copy / add     memory floor for comparison: W.copy_(W0) and torch.add(W0, Delta, out=W)
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -52,10 +60,43 @@ ROBERTA_BASE_ALL_LINEAR_D = 12 * (4 * 768 * 768 + 2 * 768 * 3072)  # 84,934,656 
 STEP_FLOOR_S = 2.6  # DESIGN.md: frozen fwd+bwd with weight grads, RoBERTa-base, batch 8x128, 2 cores
 
 
-def _timeit(fn) -> float:
-    t0 = time.perf_counter()
+def _timeit(fn) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one call."""
+    c0, t0 = time.process_time(), time.perf_counter()
     fn()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def baseline_library(rev: str):
+    """The C++ kernels of git revision `rev`, compiled with today's flags into a temporary folder and loaded."""
+    src = subprocess.run(["git", "show", f"{rev}:src/gpart/kernels/_cpu_src.py"], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout
+    scope: dict = {}
+    exec(compile(src, f"{rev}:_cpu_src.py", "exec"), scope)
+    cxx = cpu._compiler()
+    folder = tempfile.mkdtemp(prefix="gpart-baseline-")
+    cpp, so = os.path.join(folder, "k.cpp"), os.path.join(folder, "k.so")
+    Path(cpp).write_text(scope["SOURCE"])
+    err = cpu._try_compile(cxx, cpu._flag_sets()[0], cpp, so)
+    if err is not None:
+        raise RuntimeError(f"could not compile the kernels of {rev}: {err}")
+    lib = ctypes.CDLL(so)
+    for name in ("gpart_ids", "gpart_gather", "gpart_scatter", "gpart_merge_scatter"):
+        if hasattr(lib, name):  # the entry points an older revision has kept their signatures
+            cpu._declare_one(lib, name)
+    return lib
+
+
+def _with_lib(lib, fn):
+    """fn run with gpart.kernels.cpu pointed at another build of the kernels."""
+    def run():
+        saved = cpu._lib
+        cpu._lib = lib
+        try:
+            return fn()
+        finally:
+            cpu._lib = saved
+    return run
 
 
 def _cpu_model() -> str:
@@ -117,24 +158,34 @@ def build_paths(args):
             "add": (n, lambda: torch.add(w0, delta, out=out)),
         },
     }
-    if cpu.available():
-        paths["cpp"] = {
-            "ids": (n, lambda: cpu.ids(part, start, n)),
-            "delta": (n, lambda: cpu.gather(theta_s, part, start, n)),
-            "delta+drop": (n, lambda: cpu.gather(theta_s, part, start, n, drop=drop)),
-            "merged": (n, lambda: cpu.gather(theta_s, part, start, n, base=w0, out_dtype=torch.float32)),
-            "merged-bf16": (n, lambda: cpu.gather(theta_s, part, start, n, base=w0_bf16, out_dtype=torch.bfloat16)),
-            "merged+ids": (n, lambda: cpu.gather(theta_s, part, start, n, base=w0, ids_out=ids32)),
-            "grad": (n, lambda: cpu.scatter(acc, grad, part, start)),
-            "grad+drop": (n, lambda: cpu.scatter(acc, grad, part, start, drop=drop)),
-            "grad-bf16": (n, lambda: cpu.scatter(acc, grad_bf16, part, start)),
-            "grad(ids)": (n, lambda: cpu.scatter(acc, grad, part, start, ids=ids32)),
+    def cpp_paths(lib=None):
+        wrap = (lambda fn: fn) if lib is None else (lambda fn: _with_lib(lib, fn))
+        ps = {
+            "ids": (n, wrap(lambda: cpu.ids(part, start, n))),
+            "delta": (n, wrap(lambda: cpu.gather(theta_s, part, start, n))),
+            "delta+drop": (n, wrap(lambda: cpu.gather(theta_s, part, start, n, drop=drop))),
+            "merged": (n, wrap(lambda: cpu.gather(theta_s, part, start, n, base=w0, out_dtype=torch.float32))),
+            "merged-bf16": (n, wrap(lambda: cpu.gather(theta_s, part, start, n, base=w0_bf16,
+                                                       out_dtype=torch.bfloat16))),
+            "merged+ids": (n, wrap(lambda: cpu.gather(theta_s, part, start, n, base=w0, ids_out=ids32))),
+            "grad": (n, wrap(lambda: cpu.scatter(acc, grad, part, start))),
+            "grad+drop": (n, wrap(lambda: cpu.scatter(acc, grad, part, start, drop=drop))),
+            "grad-bf16": (n, wrap(lambda: cpu.scatter(acc, grad_bf16, part, start))),
+            "grad(ids)": (n, wrap(lambda: cpu.scatter(acc, grad, part, start, ids=ids32))),
         }
+        if lib is None or hasattr(lib, "gpart_merge_scatter"):
+            ps["merge+grad"] = (n, wrap(lambda: cpu.merge_scatter(theta_s, part, start, w0, grad, acc)))
         # the worst case for cycle-walking (D just above a power of two) and the wide path (D > 2^32)
         for label, D in (("D=2^26+1", (1 << 26) + 1), ("D=2^33+5", (1 << 33) + 5)):
             p2 = Partition(args.seed, D, args.d)
             s2 = D - n - 1
-            paths["cpp"][f"delta {label}"] = (n, lambda p2=p2, s2=s2: cpu.gather(theta_s, p2, s2, n))
+            ps[f"delta {label}"] = (n, wrap(lambda p2=p2, s2=s2: cpu.gather(theta_s, p2, s2, n)))
+        return ps
+
+    if cpu.available():
+        paths["cpp"] = cpp_paths()
+        if args.baseline_rev:
+            paths[f"cpp@{args.baseline_rev}"] = cpp_paths(baseline_library(args.baseline_rev))
     else:
         print(f"C++ kernels unavailable: {cpu._error}", file=sys.stderr)
     if torch.cuda.is_available():
@@ -167,12 +218,17 @@ def measure(paths, repeats: int, warmup: int, threads: int):
         for _ in range(warmup):
             fn()
     times = {(g, name): [] for g, name, _, _ in flat}
+    cpu_times = {(g, name): [] for g, name, _, _ in flat}
     for _ in range(repeats):
         for g, name, n, fn in flat:
-            times[(g, name)].append(_timeit(fn) / n * 1e9)
+            wall, cpu_s = _timeit(fn)
+            times[(g, name)].append(wall / n * 1e9)
+            cpu_times[(g, name)].append(cpu_s / n * 1e9)
     return [
         {"backend": g, "path": name, "threads": threads, "weights": n,
          "ns_per_weight_median": statistics.median(times[(g, name)]), "ns_per_weight_min": min(times[(g, name)]),
+         "cpu_ns_per_weight_median": statistics.median(cpu_times[(g, name)]),
+         "cpu_ns_per_weight_min": min(cpu_times[(g, name)]),
          "repeats": repeats}
         for g, name, n, _ in flat
     ]
@@ -187,7 +243,7 @@ def loadavg() -> list[float] | None:
 
 def _reference_key(path: str) -> str:
     base = path.split(" ")[0]
-    for a, b in (("merged", "delta"), ("-bf16", ""), ("+ids", ""), ("(ids)", "")):
+    for a, b in (("merge+grad", "grad"), ("merged", "delta"), ("-bf16", ""), ("+ids", ""), ("(ids)", "")):
         base = base.replace(a, b)
     return base
 
@@ -204,21 +260,25 @@ def write_report(results, meta, out_dir: Path):
         f"Machine: {meta['cpu']}, {meta['cores']} cores, torch {meta['torch']}, {meta['compiler']}; "
         f"{meta['date']}. Load average (1, 5, 15 min) before/after: {meta['loadavg_before']} / "
         f"{meta['loadavg_after']}. Other processes on a shared machine inflate the medians (a load above the "
-        "core count means the threads waited for cores); the minimum over rounds is the figure on idle cores.",
+        "core count means the threads waited for cores); the minimum over rounds is the figure on idle cores. "
+        "CPU: process CPU time, all threads together (the core time a pass costs; about threads x wall when "
+        "the threads had their cores).",
         "",
         f"Partition: D = {meta['D']:,}, d = {meta['d']:,}; one slice of {meta['weights']:,} weights "
         f"({meta['shape'][0]} x {meta['shape'][1]}); the reference on {meta['ref_weights']:,} weights. "
         f"{meta['repeats']} interleaved rounds per thread count.",
         "",
-        "| backend | path | threads | ns/weight (median) | ns/weight (min) | speed-up vs reference (median) |",
-        "| --- | --- | ---: | ---: | ---: | ---: |",
+        "| backend | path | threads | ns/weight (median) | ns/weight (min) | CPU ns/weight (median) "
+        "| CPU ns/weight (min) | speed-up vs reference (median) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
         base = by.get(("reference", _reference_key(r["path"]), r["threads"]))
         speedup = "" if base is None or r["backend"] == "reference" else \
             f"{base['ns_per_weight_median'] / r['ns_per_weight_median']:.0f}x"
         lines.append(f"| {r['backend']} | {r['path']} | {r['threads']} | {r['ns_per_weight_median']:.2f} | "
-                     f"{r['ns_per_weight_min']:.2f} | {speedup} |")
+                     f"{r['ns_per_weight_min']:.2f} | {r.get('cpu_ns_per_weight_median', float('nan')):.2f} | "
+                     f"{r.get('cpu_ns_per_weight_min', float('nan')):.2f} | {speedup} |")
     est = meta.get("step_estimate")
     if est:
         lines += [
@@ -228,28 +288,33 @@ def write_report(results, meta, out_dir: Path):
             "table above; the GEMM floor is DESIGN.md's 2.6 s (batch 8 x 128, 2 cores):",
             "",
             "| schedule | threads | ns/weight/step (median / min) | s/step (median / min) "
-            "| share of the floor (median / min) |",
-            "| --- | ---: | ---: | ---: | ---: |",
+            "| share of the floor (median / min) | CPU ns/weight/step (median / min) |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
         ]
         for row in est:
             lines.append(f"| {row['schedule']} | {row['threads']} | {row['ns_median']:.2f} / {row['ns_min']:.2f} | "
                          f"{row['s_median']:.3f} / {row['s_min']:.3f} | "
-                         f"{row['share_median']:.1%} / {row['share_min']:.1%} |")
+                         f"{row['share_median']:.1%} / {row['share_min']:.1%} | "
+                         f"{row['cpu_ns_median']:.2f} / {row['cpu_ns_min']:.2f} |")
     (out_dir / "kernels.md").write_text("\n".join(lines) + "\n")
 
 
 def step_estimates(results, D):
     rows = []
     for threads in sorted({r["threads"] for r in results}, reverse=True):
-        med = {(r["backend"], r["path"]): r["ns_per_weight_median"] for r in results if r["threads"] == threads}
-        mn = {(r["backend"], r["path"]): r["ns_per_weight_min"] for r in results if r["threads"] == threads}
+        sel = [r for r in results if r["threads"] == threads]
+        med = {(r["backend"], r["path"]): r["ns_per_weight_median"] for r in sel}
+        mn = {(r["backend"], r["path"]): r["ns_per_weight_min"] for r in sel}
+        cmed = {(r["backend"], r["path"]): r.get("cpu_ns_per_weight_median", float("nan")) for r in sel}
+        cmn = {(r["backend"], r["path"]): r.get("cpu_ns_per_weight_min", float("nan")) for r in sel}
 
         def add(name, keys):
             if all(k in med for k in keys):
                 a, b = sum(med[k] for k in keys), sum(mn[k] for k in keys)
                 rows.append({"schedule": name, "threads": threads, "ns_median": a, "ns_min": b,
                              "s_median": a * D * 1e-9, "s_min": b * D * 1e-9,
-                             "share_median": a * D * 1e-9 / STEP_FLOOR_S, "share_min": b * D * 1e-9 / STEP_FLOOR_S})
+                             "share_median": a * D * 1e-9 / STEP_FLOOR_S, "share_min": b * D * 1e-9 / STEP_FLOOR_S,
+                             "cpu_ns_median": sum(cmed[k] for k in keys), "cpu_ns_min": sum(cmn[k] for k in keys)})
 
         add("reference: delta, add, delta, add, grad",
             [("reference", "delta"), ("memory floor (torch)", "add"), ("reference", "delta"),
@@ -258,8 +323,11 @@ def step_estimates(results, D):
             [("cpp", "delta"), ("memory floor (torch)", "add"), ("cpp", "delta"), ("memory floor (torch)", "add"),
              ("cpp", "grad")])
         add("cpp fused: merged, merged, grad", [("cpp", "merged"), ("cpp", "merged"), ("cpp", "grad")])
-        add("cpp fused, ids reused: merged, merged+ids, grad(ids)",
-            [("cpp", "merged"), ("cpp", "merged+ids"), ("cpp", "grad(ids)")])
+        for backend in sorted({r["backend"] for r in sel if r["backend"].startswith("cpp")}):
+            add(f"{backend} fused, ids reused: merged, merged+ids, grad(ids)",
+                [(backend, "merged"), (backend, "merged+ids"), (backend, "grad(ids)")])
+            add(f"{backend}, backward in one sweep: merged, merge+grad",
+                [(backend, "merged"), (backend, "merge+grad")])
     return rows
 
 
@@ -274,6 +342,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--ref-len", type=int, default=1 << 17, help="weights in the reference's slice")
     ap.add_argument("--out-dir", default=str(ROOT / "docs" / "benchmarks"))
+    ap.add_argument("--baseline-rev", default=None,
+                    help="also time the C++ kernels of this git revision (e.g. HEAD) in the same rounds")
     args = ap.parse_args(argv)
 
     t0 = time.perf_counter()

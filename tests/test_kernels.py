@@ -44,6 +44,18 @@ ID_CASES = [
     (13, (1 << 33) + 5, 524_288, (1 << 33) - 30_000, 30_005),  # D > 2^32, slice at the end
     (14, (1 << 40) + 123, (1 << 31) + 11, (1 << 40) - 5000, 5123),  # large d on the wide path
     (15, 3 << 30, (3 << 30) - 7, (3 << 30) - 4000, 4000),
+    # contiguous slices long enough for the C++ first-round table (n >= 2 * (2^b + 4096))
+    (16, (1 << 20) + 1, 1000, 0, (1 << 20) + 1),  # the whole domain, D = 2^k + 1: heavy cycle-walking
+    (17, 1 << 32, 1 << 31, (1 << 32) - 150_000, 150_000),  # b = 16, the largest table; d a power of two
+    (18, 3 << 30, 65536, 7, 140_001),  # D not a power of two, b = 16
+    (19, (1 << 35) + 3, 1 << 31, (1 << 35) - 5000, 5003),  # wide path, d a power of two
+    (20, 85_000_000, 23040, 40_000_000, 100_003),  # d not a power of two (GLUE's d), with the table
+    # `mod d` by a single-precision quotient (d <= 2^30, D / d < 2^21) and at the edges of where it applies
+    (22, 1 << 32, 2049, (1 << 32) - 150_000, 150_000),  # D / d just below 2^21, the largest values
+    (23, 1 << 32, 2047, (1 << 32) - 5000, 5000),  # D / d just above 2^21: the double-precision path
+    (24, (1 << 30) + 5, (1 << 30) - 3, (1 << 30) - 3000, 3005),  # d just below 2^30
+    (25, (1 << 31) + 7, (1 << 30) + 1, (1 << 31) - 3000, 3007),  # d just above 2^30: double precision
+    (26, 6_000_000, 3, 6_000_000 - 5000, 5000),  # tiny d, quotients near 2^21
 ]
 # cases small enough in d for a theta vector
 VALUE_CASES = [c for c in ID_CASES if c[2] <= 1 << 21]
@@ -105,6 +117,20 @@ def test_cpp_ids_random_sizes(seed, log_d, data):
     D = data.draw(st.integers(1, 2**41))
     d = max(1, min(D, int(2**log_d)))
     n = data.draw(st.integers(0, min(D, 3000)))
+    start = data.draw(st.integers(0, D - n))
+    part = Partition(seed, D, d)
+    assert torch.equal(cpu.ids(part, start, n), part.ids(start, n))
+
+
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 2**63 - 1), log_D=st.floats(12, 34), log_d=st.floats(0, 32), data=st.data())
+def test_cpp_ids_random_long_slices(seed, log_D, log_d, data):
+    """Slices long enough for the first-round table, at random sizes and offsets."""
+    if not cpu.available():
+        pytest.skip("C++ kernels unavailable")
+    D = int(2**log_D) + data.draw(st.integers(-3, 3))
+    d = max(1, min(D, int(2**log_d)))
+    n = data.draw(st.integers(min(D, 140_000), min(D, 200_000)))
     start = data.draw(st.integers(0, D - n))
     part = Partition(seed, D, d)
     assert torch.equal(cpu.ids(part, start, n), part.ids(start, n))
@@ -294,6 +320,77 @@ def test_cpp_ids_reused_between_gather_and_scatter(cpp):
     with K.use_backend("reference"):
         merged_ref, no_ids = K.merged_weight(theta_s, part, 4242, base, DROPS[1], keep_ids=True)
     assert no_ids is None and torch.equal(merged_ref, merged)
+
+
+# ---- C++: the backward's fused merge + scatter ------------------------------------------------------
+
+FUSED_CASES = [
+    (0, 1, 1, 0, 1),
+    (5, 4097, 4096, 0, 4097),
+    (6, (1 << 20) + 1, 1, 0, 5000),  # d = 1
+    (7, (1 << 20) + 1, (1 << 20) + 1, (1 << 20) - 3000, 3001),  # d = D
+    (9, 85_000_000, 131072, 12_345_678, 70_001),  # crosses tiles and threads; first-round table
+    (16, (1 << 20) + 1, 1000, 0, (1 << 20) + 1),  # D = 2^k + 1: heavy cycle-walking
+    (20, 85_000_000, 23040, 40_000_000, 100_003),  # d not a power of two
+    (13, (1 << 33) + 5, 524_288, (1 << 33) - 30_000, 30_005),  # wide path
+    (21, 85_000_000, 1 << 21, 1000, 150_000),  # d >> n: groups owned by threads (2 threads)
+]
+
+
+@pytest.mark.parametrize("nthreads", [1, 2])
+@pytest.mark.parametrize("drop", DROPS[:2], ids=["nodrop", "drop"])
+@pytest.mark.parametrize("case", FUSED_CASES, ids=_case_id)
+def test_cpp_merge_scatter_equals_the_two_sweeps(cpp, threads, case, drop, nthreads):
+    """One sweep gives bit for bit what merged_weight and accumulate_grad give, and equals the reference."""
+    torch.set_num_threads(nthreads)
+    seed, D, d, start, n = case
+    part = Partition(seed, D, d)
+    theta_s = torch.randn(d) * 1e-2
+    base = torch.randn(n) * 0.05
+    grad = torch.randn(n)
+    acc0 = torch.randn(d)
+    a, b = acc0.clone(), acc0.clone()
+    merged = K.merged_weight_and_grad(theta_s, part, start, base, grad, a, drop)
+    assert merged is not None and merged.shape == base.shape and merged.dtype == torch.float32
+    with K.use_backend("cpp"):
+        assert torch.equal(merged, K.merged_weight(theta_s, part, start, base, drop))
+    assert cpp.scatter(b, grad, part, start, drop=drop)
+    assert torch.equal(a, b)
+    assert torch.equal(merged, base + _ref_delta(theta_s, part, start, n, drop))
+    torch.testing.assert_close(a - acc0, _ref_grad(part, start, grad, drop), rtol=1e-5,
+                               atol=1e-4 * max(1.0, (n / d) ** 0.5))
+
+
+@pytest.mark.parametrize(
+    "base_dtype,out_dtype,grad_dtype",
+    [
+        (torch.bfloat16, torch.bfloat16, torch.bfloat16),
+        (torch.float16, torch.float16, torch.float16),
+        (torch.float32, torch.bfloat16, torch.bfloat16),  # fp32 weights under bf16 autocast
+        (torch.float32, torch.float32, torch.bfloat16),
+    ],
+)
+def test_cpp_merge_scatter_half_precision(cpp, base_dtype, out_dtype, grad_dtype):
+    part = Partition(8, 85_000_000, 131072)
+    base = (torch.randn(300, 257) * 0.05).to(base_dtype)
+    grad = torch.randn(300, 257).to(grad_dtype)
+    theta_s = torch.randn(part.d) * 1e-3
+    acc = torch.zeros(part.d)
+    merged = K.merged_weight_and_grad(theta_s, part, 5_000_000, base, grad, acc, DROPS[1], out_dtype=out_dtype)
+    ref = (base.float() + _ref_delta(theta_s, part, 5_000_000, base.numel(), DROPS[1]).view(base.shape)).to(out_dtype)
+    assert merged.shape == base.shape and merged.dtype == out_dtype and torch.equal(merged, ref)
+    torch.testing.assert_close(acc, _ref_grad(part, 5_000_000, grad, DROPS[1]), rtol=1e-5, atol=1e-5)
+
+
+def test_merge_scatter_declines_without_doing_anything(cpp):
+    part = Partition(8, 85_000_000, 131072)
+    theta_s, base, acc = torch.randn(part.d), torch.randn(10, 20), torch.zeros(part.d)
+    with K.use_backend("reference"):
+        assert K.merged_weight_and_grad(theta_s, part, 0, base, torch.randn(10, 20), acc) is None
+    assert K.merged_weight_and_grad(theta_s, part, 0, base, torch.randn(10, 21), acc) is None  # sizes differ
+    assert K.merged_weight_and_grad(theta_s, part, 0, base.double(), torch.randn(10, 20), acc) is None
+    assert K.merged_weight_and_grad(theta_s, part, 0, base, torch.randn(10, 20), acc, out_dtype=torch.float64) is None
+    assert torch.equal(acc, torch.zeros(part.d))
 
 
 # ---- C++: positions (embedding rows) ---------------------------------------------------------------
@@ -489,6 +586,45 @@ def test_end_to_end_gradients_match_reference(cpp):
         results[backend] = (out.detach(), model.base_model.gpart_theta["default"].grad.clone())
     torch.testing.assert_close(results["cpp"][0], results["reference"][0], rtol=0, atol=0)
     torch.testing.assert_close(results["cpp"][1], results["reference"][1], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-backward", "two-sweeps"])
+@pytest.mark.parametrize("nthreads", [1, 2])
+def test_linear_backward_paths_match_reference(cpp, threads, monkeypatch, fused, nthreads):
+    """_GPartOp's backward with the fused merge + scatter, and with the two-sweep fallback, equals the
+    reference: a first layer whose input needs no gradient (no merge at all), a middle layer, DropConnect,
+    layers long enough for several tiles and threads."""
+    from peft import get_peft_model
+
+    import gpart
+
+    torch.set_num_threads(nthreads)
+    calls = []
+    real = K.merged_weight_and_grad
+
+    def spy(*args, **kwargs):
+        res = real(*args, **kwargs) if fused else None
+        calls.append(res is not None)
+        return res
+
+    monkeypatch.setattr(K, "merged_weight_and_grad", spy)
+    results = {}
+    for backend in ("reference", "cpp"):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(300, 257), torch.nn.GELU(), torch.nn.Linear(257, 301))
+        model = get_peft_model(model, gpart.GPartConfig(d=1031, seed=3, init_scale=0.5, dropout=0.2,
+                                                        target_modules=["0", "2"]))
+        model.train()
+        x = torch.randn(5, 300)
+        with K.use_backend(backend):
+            torch.manual_seed(1)
+            out = model(x)
+            out.square().sum().backward()
+        results[backend] = (out.detach(), model.base_model.gpart_theta["default"].grad.clone())
+    torch.testing.assert_close(results["cpp"][0], results["reference"][0], rtol=0, atol=0)
+    torch.testing.assert_close(results["cpp"][1], results["reference"][1], rtol=1e-5, atol=1e-5)
+    # the first layer's input needs no gradient: only the second layer asks for a merged weight
+    assert calls[-1:] == [fused] and len(calls) == 2  # one call per backend run (reference: declined)
 
 
 # ---- Triton (interpreter on CPU) -------------------------------------------------------------------

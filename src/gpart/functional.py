@@ -188,7 +188,7 @@ class _GPartOp(torch.autograd.Function):
             b0 = None if bias is None else bias.to(cdt)
             b = _add_bias(b0, _bias_update(theta_s, spec, cdt))
             if cdt == torch.float32 and wc.dtype == torch.float32:
-                y = _apply(xc, _merged(theta_s, spec, weight, cdt)[0], b, spec)
+                y = _apply(xc, _merged(theta_s, spec, weight, cdt), b, spec)
             elif cdt == torch.float64:
                 y = _apply(xc, wc + _weight_update(theta_s, spec, cdt), b, spec)
             else:
@@ -204,32 +204,39 @@ class _GPartOp(torch.autograd.Function):
         x, theta, weight = ctx.saved_tensors
         spec: _Spec = ctx.spec
         cdt = spec.compute_dtype
-        theta_s = scaled_theta(theta, spec.weight.partition, spec.scales)
+        sl = spec.weight
+        theta_s = scaled_theta(theta, sl.partition, spec.scales)
         gy = gy.to(cdt)
         xc = x.to(cdt)
-        wm, ids = _merged(theta_s, spec, weight, cdt, keep_ids=True)
+        need_gx = ctx.needs_input_grad[0]
         grad_theta_s = torch.zeros_like(theta_s)
         if spec.kind == "conv":
             stride, padding, dilation, groups, nd = spec.conv_args
             gx, gw, gb = torch.ops.aten.convolution_backward(
-                gy, xc, wm, None, list(stride), list(padding), list(dilation), False, [0] * nd, groups,
-                [ctx.needs_input_grad[0], True, spec.bias is not None],
+                gy, xc, _merged(theta_s, spec, weight, cdt), None, list(stride), list(padding), list(dilation), False,
+                [0] * nd, groups, [need_gx, True, spec.bias is not None],
             )
+            accumulate_grad(grad_theta_s, gw, sl, spec.drop)
         else:
             g2 = gy.reshape(-1, gy.shape[-1])
             x2 = xc.reshape(-1, xc.shape[-1])
-            if spec.kind == "conv1d":
-                gx = (gy @ wm.t()) if ctx.needs_input_grad[0] else None
-                gw = x2.t() @ g2
-            else:
-                gx = (gy @ wm) if ctx.needs_input_grad[0] else None
-                gw = g2.t() @ x2
+            gw = (x2.t() @ g2) if spec.kind == "conv1d" else (g2.t() @ x2)
             gb = g2.sum(0) if spec.bias is not None else None
-        del wm
-
-        if not kernels.accumulate_grad(grad_theta_s, gw, spec.weight.partition, spec.weight.start, spec.drop, ids=ids):
-            accumulate_grad(grad_theta_s, gw, spec.weight, spec.drop)
-        del gw, ids
+            # dL/dW first, so that the merged weight for the input gradient and the scatter of dL/dW into
+            # dL/dtheta share one sweep over the ids (the fused kernel); else two sweeps.
+            wm = None
+            if need_gx:
+                wm = kernels.merged_weight_and_grad(theta_s, sl.partition, sl.start, weight, gw, grad_theta_s,
+                                                    spec.drop, out_dtype=cdt)
+            if wm is None:
+                accumulate_grad(grad_theta_s, gw, sl, spec.drop)
+                if need_gx:
+                    wm = _merged(theta_s, spec, weight, cdt)
+            del gw
+            gx = None
+            if need_gx:
+                gx = (gy @ wm.t()) if spec.kind == "conv1d" else (gy @ wm)
+            del wm
         if spec.bias is not None:
             accumulate_grad(grad_theta_s, gb, spec.bias, spec.drop)
         grad_theta = (grad_theta_s * spec.scales).to(theta.dtype)
@@ -237,16 +244,12 @@ class _GPartOp(torch.autograd.Function):
         return gx, grad_theta, None, None, None
 
 
-def _merged(theta_s, spec: _Spec, weight: torch.Tensor, cdt: torch.dtype, keep_ids: bool = False):
-    """(W0 + Delta_W in dtype cdt, group ids or None): one fused sweep where a fast kernel applies; the ids
-    (int32, one layer, freed after the backward's scatter) spare the scatter recomputing them."""
+def _merged(theta_s, spec: _Spec, weight: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:
+    """W0 + Delta_W in dtype cdt: one fused sweep where a fast kernel applies."""
     if weight.dtype == torch.float64 or cdt == torch.float64:
-        return (weight.double() + _weight_update(theta_s, spec, torch.float64)).to(cdt), None
-
+        return (weight.double() + _weight_update(theta_s, spec, torch.float64)).to(cdt)
     sl = spec.weight
-    if keep_ids:
-        return kernels.merged_weight(theta_s, sl.partition, sl.start, weight, spec.drop, out_dtype=cdt, keep_ids=True)
-    return kernels.merged_weight(theta_s, sl.partition, sl.start, weight, spec.drop, out_dtype=cdt), None
+    return kernels.merged_weight(theta_s, sl.partition, sl.start, weight, spec.drop, out_dtype=cdt)
 
 
 def _apply(x, w, b, spec: _Spec):

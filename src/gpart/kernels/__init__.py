@@ -53,6 +53,7 @@ __all__ = [
     "get_backend",
     "ids",
     "merged_weight",
+    "merged_weight_and_grad",
     "set_backend",
     "use_backend",
 ]
@@ -336,6 +337,25 @@ def merged_weight(theta_s: torch.Tensor, partition, start: int, base: torch.Tens
             res = out
     res = res.view(base.shape)
     return (res, ids) if keep_ids else res
+
+
+@_opaque
+def merged_weight_and_grad(theta_s: torch.Tensor, partition, start: int, base: torch.Tensor, grad_w: torch.Tensor,
+                           grad_theta_s: torch.Tensor, drop=None, out_dtype: torch.dtype | None = None):
+    """The backward's element-wise work in one sweep that computes each id once: returns
+    (base.float() + Delta_W).to(out_dtype) shaped like `base` (as merged_weight) and adds
+    P^T vec(grad_w) (times the DropConnect factor) to grad_theta_s in place (as accumulate_grad).
+
+    Returns None, having done nothing, when no fused path applies (today: anything but the C++ kernels);
+    the caller then calls merged_weight and accumulate_grad.
+    """
+    if not (_theta_ok(theta_s) and _grad_ok(grad_theta_s, grad_w)) or base.device != theta_s.device:
+        return None
+    if base.numel() != grad_w.numel() or backend_for(theta_s.device) != "cpp":
+        return None
+    out_dtype = base.dtype if out_dtype is None else out_dtype
+    res = cpu.merge_scatter(theta_s, partition, start, base, grad_w, grad_theta_s, drop=drop, out_dtype=out_dtype)
+    return None if res is None else res.view(base.shape)
 
 
 @_opaque

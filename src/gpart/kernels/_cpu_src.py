@@ -11,10 +11,19 @@ SOURCE = r'''// gpart CPU kernels: the GPart partition ids fused with gather / s
 //   every add and multiply by a constant below 2^31, which is exactly uint32 arithmetic;
 // - the Feistel halves are at most 32 bits each; when D <= 2^32 the whole value fits a uint32
 //   ("narrow" path, SIMD friendly), otherwise the value is a uint64 ("wide" path);
-// - v mod d is exact: a double-precision quotient estimate (never above the true quotient for
-//   v < 2^52, at most one below) with one integer correction; 128-bit fastmod on the wide path;
+// - v mod d is exact: a mask when d is a power of two; else a single-precision quotient estimate with a
+//   correction each way where its error provably stays below one (mod32f), or a double-precision one
+//   (never above the true quotient for v < 2^52, at most one below) with one integer correction;
+//   128-bit fastmod on the wide path;
 // - floating point: one multiply (dropout) and one add (base weight), never contracted into an FMA
 //   (built with -ffp-contract=off), so values equal the reference's element-wise torch ops.
+//
+// Speed (docs/performance.md): the ids cost most. The Feistel rounds run as uint32 SIMD lanes (the
+// loops are written for the auto-vectoriser); for a contiguous slice the first round reads a per-call
+// table (its input is the low half of the position, so consecutive positions read consecutive
+// entries); cycle-walking runs on a compacted list of the lanes still outside [0, D); `mod d` is a
+// mask when d is a power of two, else a float or double quotient estimate with exact corrections. The
+// backward's merge and scatter share one computation of the ids (gpart_merge_scatter).
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -27,7 +36,7 @@ typedef uint32_t u32;
 typedef uint64_t u64;
 typedef uint16_t u16;
 
-#define GPART_ABI 1
+#define GPART_ABI 2
 #define TILE 4096
 
 extern "C" {
@@ -62,15 +71,18 @@ struct Ctx {
     u32 k0, k1, k2, k3, a, b, ma, mb;
     u32 narrow;      // D <= 2^32
     u32 walk;        // D < 2^(a+b): cycle-walking may be needed
-    u32 modkind;     // 0: id = v (d == D), 1: id = 0 (d == 1), 2: general
+    u32 modkind;     // 0: id = v (d == D), 1: id = 0 (d == 1), 2: general, 3: d a power of two,
+                     // 4: single-precision quotient (d <= 2^30 and D / d < 2^21)
     u32 Dm1_32, d32;
     double inv_d;
+    float inv_f;
     unsigned __int128 M128;  // fastmod constant, wide path
     bool drop;
     u32 klo, khi;
     u64 thr;
     float scale, zero;
     int nt;
+    const u32* t0;   // NULL, or the first round's F(r) & ma for r = j & mb, j < 2^b + TILE (contiguous positions)
 };
 
 static Ctx make_ctx(const GPartParams* p) {
@@ -83,14 +95,17 @@ static Ctx make_ctx(const GPartParams* p) {
     c.narrow = p->D <= (u64(1) << 32);
     u32 total = p->a + p->b;
     c.walk = total >= 64 ? 1 : (p->D != (u64(1) << total));
-    c.modkind = (p->d == p->D) ? 0 : (p->d == 1 ? 1 : 2);
+    c.modkind = (p->d == p->D) ? 0 : (p->d == 1 ? 1 : ((p->d & (p->d - 1)) == 0 ? 3 : 2));
     c.Dm1_32 = (u32)(p->D - 1);
     c.d32 = (u32)p->d;
     c.inv_d = 1.0 / (double)p->d;
+    c.inv_f = 1.0f / (float)p->d;
+    if (c.modkind == 2 && p->d <= (u64(1) << 30) && (p->D - 1) / p->d < (u64(1) << 21)) c.modkind = 4;
     c.M128 = (p->d > 1) ? (~(unsigned __int128)0) / p->d + 1 : 0;
     c.drop = p->drop != 0;
     c.klo = p->drop_klo; c.khi = p->drop_khi; c.thr = p->drop_thr; c.scale = p->drop_scale; c.zero = p->drop_zero;
     c.nt = p->nthreads < 1 ? 1 : p->nthreads;
+    c.t0 = nullptr;
     return c;
 }
 
@@ -99,6 +114,15 @@ static Ctx make_ctx(const GPartParams* p) {
 static inline u32 feistel32(u32 x, u32 k0, u32 k1, u32 k2, u32 k3, u32 b, u32 ma, u32 mb) {
     u32 L = x >> b, R = x & mb, t;
     t = L ^ (rf(R, k0) & ma); L = R; R = t;
+    t = L ^ (rf(R, k1) & mb); L = R; R = t;
+    t = L ^ (rf(R, k2) & ma); L = R; R = t;
+    t = L ^ (rf(R, k3) & mb); L = R; R = t;
+    return (L << b) | R;
+}
+
+// Rounds 2-4 of feistel32, from the state after round 1.
+static inline u32 feistel32_from1(u32 L, u32 R, u32 k1, u32 k2, u32 k3, u32 b, u32 ma, u32 mb) {
+    u32 t;
     t = L ^ (rf(R, k1) & mb); L = R; R = t;
     t = L ^ (rf(R, k2) & ma); L = R; R = t;
     t = L ^ (rf(R, k3) & mb); L = R; R = t;
@@ -119,6 +143,16 @@ static inline u64 feistel64(u64 x, const Ctx& c) {
 static inline u32 mod32(u32 v, u32 d, double inv) {
     u32 q = (u32)((double)v * inv);
     u32 r = v - q * d;
+    return r >= d ? r - d : r;
+}
+
+// v mod d from a single-precision quotient estimate (twice as fast as mod32), exact when v / d < 2^21 and
+// d <= 2^30: four roundings of relative size 2^-24 put the estimate within 0.5 of v / d, so q is the true
+// quotient or one off either way, and r = v - q d lies in (-d, 2d): one correction each way.
+static inline u32 mod32f(u32 v, u32 d, float inv) {
+    const u32 q = (u32)((float)v * inv);
+    u32 r = v - q * d;
+    r = (int32_t)r < 0 ? r + d : r;
     return r >= d ? r - d : r;
 }
 
@@ -257,9 +291,19 @@ static void ids_tile(const Ctx& c, u64 start, const int64_t* pos, int n, u32* id
     if (c.narrow) {
         const u32 k0 = c.k0, k1 = c.k1, k2 = c.k2, k3 = c.k3, b = c.b, ma = c.ma, mb = c.mb;
         const u32 s32 = (u32)start;
-        for (int i = 0; i < n; i++) {
-            u32 x = CONTIG ? s32 + (u32)i : (u32)pos[i];
-            ids[i] = feistel32(x, k0, k1, k2, k3, b, ma, mb);
+        if (CONTIG && c.t0) {
+            // the first round's input is the low half of the position: consecutive positions read
+            // consecutive entries of the table (a plain vector load instead of a round)
+            const u32* tp = c.t0 + (s32 & mb);
+            for (int i = 0; i < n; i++) {
+                const u32 x = s32 + (u32)i;
+                ids[i] = feistel32_from1(x & mb, (x >> b) ^ tp[i], k1, k2, k3, b, ma, mb);
+            }
+        } else {
+            for (int i = 0; i < n; i++) {
+                u32 x = CONTIG ? s32 + (u32)i : (u32)pos[i];
+                ids[i] = feistel32(x, k0, k1, k2, k3, b, ma, mb);
+            }
         }
         if (c.walk) walk_narrow(c, ids, n);
         if (c.modkind == 1) {
@@ -268,6 +312,13 @@ static void ids_tile(const Ctx& c, u64 start, const int64_t* pos, int n, u32* id
             const u32 d = c.d32;
             const double inv = c.inv_d;
             for (int i = 0; i < n; i++) ids[i] = mod32(ids[i], d, inv);
+        } else if (c.modkind == 3) {
+            const u32 m = c.d32 - 1u;
+            for (int i = 0; i < n; i++) ids[i] &= m;
+        } else if (c.modkind == 4) {
+            const u32 d = c.d32;
+            const float inv = c.inv_f;
+            for (int i = 0; i < n; i++) ids[i] = mod32f(ids[i], d, inv);
         }
     } else {
         // wide: D > 2^32, hence d < D; d <= 2^32 is checked by the caller. Same three passes as the
@@ -298,6 +349,9 @@ static void ids_tile(const Ctx& c, u64 start, const int64_t* pos, int n, u32* id
         }
         if (c.modkind == 1) {
             for (int i = 0; i < n; i++) ids[i] = 0;
+        } else if (c.modkind == 3) {
+            const u64 m = c.d - 1;
+            for (int i = 0; i < n; i++) ids[i] = (u32)(v[i] & m);
         } else {
             const u64 d = c.d;
             const unsigned __int128 M = c.M128;
@@ -377,6 +431,9 @@ static inline void gather_consume(const u32* ids, const float* ks, const float* 
                                   int64_t off, int n) {
     const typename B::T* bp = (const typename B::T*)base + off;
     typename O::T* op = (typename O::T*)out + off;
+    // no loop-carried dependency (out may be base itself, element by element; theta is never written):
+    // lets the compiler vectorize the gather, which it would not do on its own for fear of aliasing
+#pragma GCC ivdep
     for (int i = 0; i < n; i++) {
         float v = theta[ids[i]];
         if (DROP) v = v * ks[i];
@@ -481,9 +538,17 @@ static values_fn pick_values(int gdt, bool drop) {
     return nullptr;
 }
 
+// The backward's merge fused into the scatter: out[i] = base[i] + theta[g(i)] * keep(i) from the same ids.
+struct MergeArgs {
+    const float* theta;
+    const void* base;
+    void* out;
+    gather_fn fn;
+};
+
 template <bool CONTIG>
 static void scatter_tiles(const Ctx& c, u64 start, const int64_t* pos, int64_t t0, int64_t t1, int64_t n,
-                          const u32* ids_in, const void* grad, float* acc, scatter_fn fn) {
+                          const u32* ids_in, const void* grad, float* acc, scatter_fn fn, const MergeArgs* mg) {
     u32 buf[TILE];
     float ks[TILE];
     for (int64_t t = t0; t < t1; t++) {
@@ -493,6 +558,7 @@ static void scatter_tiles(const Ctx& c, u64 start, const int64_t* pos, int64_t t
         if (ids_in) ids = ids_in + off;
         else ids_tile<CONTIG>(c, start + (u64)off, pos + (CONTIG ? 0 : off), m, buf);
         if (c.drop) keep_tile<CONTIG>(c, start + (u64)off, pos + (CONTIG ? 0 : off), m, ks);
+        if (mg) mg->fn(ids, ks, mg->theta, mg->base, mg->out, off, m);
         fn(ids, ks, grad, acc, off, m);
     }
 }
@@ -505,7 +571,7 @@ static void scatter_tiles(const Ctx& c, u64 start, const int64_t* pos, int64_t t
 //   those whose group falls in its own range of groups, in position order (identical to serial).
 template <bool CONTIG>
 static int scatter_impl(const Ctx& c, u64 start, const int64_t* pos, int64_t n, const u32* ids_in, const void* grad,
-                        int gdt, float* acc) {
+                        int gdt, float* acc, const MergeArgs* mg) {
     scatter_fn fn = pick_scatter(gdt, c.drop);
     values_fn vfn = pick_values(gdt, c.drop);
     if (!fn || !vfn) return -2;
@@ -513,7 +579,7 @@ static int scatter_impl(const Ctx& c, u64 start, const int64_t* pos, int64_t n, 
     const int nt = threads_for(c, n);
     const u64 d = c.d;
     if (nt <= 1) {
-        scatter_tiles<CONTIG>(c, start, pos, 0, ntiles, n, ids_in, grad, acc, fn);
+        scatter_tiles<CONTIG>(c, start, pos, 0, ntiles, n, ids_in, grad, acc, fn, mg);
         return 0;
     }
     const u64 extra = (u64)(nt - 1) * d;
@@ -529,7 +595,7 @@ static int scatter_impl(const Ctx& c, u64 start, const int64_t* pos, int64_t n, 
 #endif
             const int64_t t0 = ntiles * tid / T, t1 = ntiles * (tid + 1) / T;
             float* mine = tid == 0 ? acc : priv + (u64)(tid - 1) * d;
-            scatter_tiles<CONTIG>(c, start, pos, t0, t1, n, ids_in, grad, mine, fn);
+            scatter_tiles<CONTIG>(c, start, pos, t0, t1, n, ids_in, grad, mine, fn, mg);
 #pragma omp barrier
 #pragma omp for schedule(static)
             for (int64_t j = 0; j < (int64_t)d; j++) {
@@ -566,6 +632,7 @@ static int scatter_impl(const Ctx& c, u64 start, const int64_t* pos, int64_t n, 
                 const int m = (int)((n - off) < TILE ? (n - off) : TILE);
                 if (!ids_in) ids_tile<CONTIG>(c, start + (u64)off, pos + (CONTIG ? 0 : off), m, ids_buf + t * TILE);
                 if (c.drop) keep_tile<CONTIG>(c, start + (u64)off, pos + (CONTIG ? 0 : off), m, ks);
+                if (mg) mg->fn(ids_in ? ids_in + off : ids_buf + t * TILE, ks, mg->theta, mg->base, mg->out, off, m);
                 vfn(ks, grad, val_buf + t * TILE, off, m);
             }
             // (implicit barrier) the block's ids and values are ready: add those of my groups, in order
@@ -579,6 +646,21 @@ static int scatter_impl(const Ctx& c, u64 start, const int64_t* pos, int64_t n, 
     }
     return 0;
 }
+
+// The first-round table for contiguous narrow slices long enough to repay it (2^b + TILE entries).
+struct Round1Table {
+    std::vector<u32> tab;
+    Round1Table(Ctx& c, const int64_t* pos, int64_t n) {
+        if (pos || !c.narrow || c.b > 16) return;
+        const int64_t len = ((int64_t)1 << c.b) + TILE;
+        if (n < 2 * len) return;
+        tab.resize((size_t)len);
+        const u32 k0 = c.k0, ma = c.ma, mb = c.mb;
+        u32* t = tab.data();
+        for (int64_t j = 0; j < len; j++) t[j] = rf((u32)j & mb, k0) & ma;
+        c.t0 = t;
+    }
+};
 
 // ---- entry points ------------------------------------------------------------------------------
 
@@ -599,6 +681,7 @@ int gpart_ids(const GPartParams* p, u64 start, const int64_t* pos, int64_t n, in
     Ctx c = make_ctx(p);
     if (c.d > (u64(1) << 32)) return -1;
     if (pos && !positions_ok(pos, n, c.D)) return -4;
+    Round1Table r1(c, pos, n);
     const int64_t ntiles = (n + TILE - 1) / TILE;
     const int nt = threads_for(c, n);
 #pragma omp parallel for schedule(dynamic, 4) num_threads(nt)
@@ -620,6 +703,7 @@ int gpart_gather(const GPartParams* p, u64 start, const int64_t* pos, int64_t n,
     Ctx c = make_ctx(p);
     if (c.d > (u64(1) << 32)) return -1;
     if (pos && !positions_ok(pos, n, c.D)) return -4;
+    Round1Table r1(c, pos, n);
     gather_fn fn = pick_gather(base ? bdt : -1, odt, c.drop);
     if (!fn) return -2;
     if (pos) gather_impl<false>(c, 0, pos, n, theta, base, out, ids_out, fn);
@@ -633,8 +717,23 @@ int gpart_scatter(const GPartParams* p, u64 start, const int64_t* pos, int64_t n
     Ctx c = make_ctx(p);
     if (c.d > (u64(1) << 32)) return -1;
     if (pos && !positions_ok(pos, n, c.D)) return -4;
-    if (pos) return scatter_impl<false>(c, 0, pos, n, ids_in, grad, gdt, acc);
-    return scatter_impl<true>(c, start, nullptr, n, ids_in, grad, gdt, acc);
+    Round1Table r1(c, pos, n);
+    if (pos) return scatter_impl<false>(c, 0, pos, n, ids_in, grad, gdt, acc, nullptr);
+    return scatter_impl<true>(c, start, nullptr, n, ids_in, grad, gdt, acc, nullptr);
+}
+
+// The backward in one sweep: out[i] = base[i] + theta[g(i)] * keep(i) (as gpart_gather) and
+// acc[g(i)] += grad[i] * keep(i) (as gpart_scatter), computing each id once.
+int gpart_merge_scatter(const GPartParams* p, u64 start, const int64_t* pos, int64_t n, const float* theta,
+                        const void* base, int bdt, void* out, int odt, const void* grad, int gdt, float* acc) {
+    Ctx c = make_ctx(p);
+    if (c.d > (u64(1) << 32)) return -1;
+    if (pos && !positions_ok(pos, n, c.D)) return -4;
+    Round1Table r1(c, pos, n);
+    MergeArgs mg{theta, base, out, pick_gather(base ? bdt : -1, odt, c.drop)};
+    if (!mg.fn) return -2;
+    if (pos) return scatter_impl<false>(c, 0, pos, n, nullptr, grad, gdt, acc, &mg);
+    return scatter_impl<true>(c, start, nullptr, n, nullptr, grad, gdt, acc, &mg);
 }
 
 }  // extern "C"

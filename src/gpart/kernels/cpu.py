@@ -34,7 +34,7 @@ import torch
 from ..partition import Partition, domain_bits
 from ._cpu_src import SOURCE
 
-ABI = 1
+ABI = 2
 _M32 = 0xFFFFFFFF
 # ids are computed as uint32, so the fast path needs d <= 2^32 (theta would hold 17 GB beyond that)
 MAX_GROUPS = 1 << 32
@@ -179,23 +179,32 @@ _lib = None
 _error: Exception | None = None
 
 
+_vp, _P, _int = ctypes.c_void_p, ctypes.POINTER(_Params), ctypes.c_int
+_SIGNATURES = {  # name: (restype, argtypes)
+    "gpart_abi": (_int, []),
+    "gpart_ids": (_int, [_P, ctypes.c_uint64, _vp, ctypes.c_int64, _vp]),
+    "gpart_gather": (_int, [_P, ctypes.c_uint64, _vp, ctypes.c_int64, _vp, _vp, _int, _vp, _int, _vp]),
+    "gpart_scatter": (_int, [_P, ctypes.c_uint64, _vp, ctypes.c_int64, _vp, _vp, _int, _vp]),
+    "gpart_merge_scatter": (_int, [_P, ctypes.c_uint64, _vp, ctypes.c_int64, _vp, _vp, _int, _vp, _int, _vp, _int,
+                                   _vp]),
+}
+
+
+def _declare_one(lib, name: str) -> None:
+    fn = getattr(lib, name)
+    fn.restype, fn.argtypes = _SIGNATURES[name]
+
+
 def _declare(lib) -> None:
-    vp, P = ctypes.c_void_p, ctypes.POINTER(_Params)
-    lib.gpart_abi.restype = ctypes.c_int
-    lib.gpart_abi.argtypes = []
-    lib.gpart_ids.restype = ctypes.c_int
-    lib.gpart_ids.argtypes = [P, ctypes.c_uint64, vp, ctypes.c_int64, vp]
-    lib.gpart_gather.restype = ctypes.c_int
-    lib.gpart_gather.argtypes = [P, ctypes.c_uint64, vp, ctypes.c_int64, vp, vp, ctypes.c_int, vp, ctypes.c_int, vp]
-    lib.gpart_scatter.restype = ctypes.c_int
-    lib.gpart_scatter.argtypes = [P, ctypes.c_uint64, vp, ctypes.c_int64, vp, vp, ctypes.c_int, vp]
+    for name in _SIGNATURES:
+        _declare_one(lib, name)
 
 
 def _self_test(lib) -> None:
     """The loaded library must reproduce the reference ids (cycle-walking included) on both paths."""
     cases = [
         (3, 1000, 7, 0, 1000),
-        (11, 85_000_000, 131072, 12_345_678, 3000),
+        (11, 85_000_000, 131072, 12_345_678, 30_000),  # long enough for the first-round table
         (5, (1 << 33) + 5, 524288, (1 << 33) - 995, 1000),
     ]
     for seed, D, d, start, n in cases:
@@ -332,6 +341,34 @@ def gather(theta_s: torch.Tensor, part: Partition, start: int, length: int, *, p
         None if ids_out is None else ids_out.data_ptr(),
     )
     return out.view(-1) if rc == 0 else None
+
+
+def merge_scatter(theta_s: torch.Tensor, part: Partition, start: int, base: torch.Tensor, grad: torch.Tensor,
+                  acc: torch.Tensor, *, drop=None, out_dtype: torch.dtype | None = None) -> torch.Tensor | None:
+    """The backward's two sweeps in one: returns base + theta_s[g(i)] * keep(i) (a new flat tensor of
+    `out_dtype`, as gather(base=...)) and adds grad[i] * keep(i) to acc[g(i)] in place (as scatter), for the
+    positions [start, start + base.numel()), computing each id once. Results are bit-identical to those two
+    calls. None when not supported (nothing was done).
+    """
+    lib = load()
+    out_dtype = base.dtype if out_dtype is None else out_dtype
+    if (not supports(part) or theta_s.dtype != torch.float32 or out_dtype not in _DTYPE_CODES
+            or base.dtype not in _DTYPE_CODES or grad.dtype not in _DTYPE_CODES
+            or acc.dtype != torch.float32 or not acc.is_contiguous()):
+        return None
+    n = base.numel()
+    if grad.numel() != n:
+        return None
+    base = base.reshape(-1).contiguous()
+    flat = grad.reshape(-1).contiguous()
+    theta_s = theta_s.contiguous()
+    out = torch.empty(n, dtype=out_dtype)
+    rc = lib.gpart_merge_scatter(
+        ctypes.byref(_params(part, drop, torch.get_num_threads())), start, None, n, theta_s.data_ptr(),
+        base.data_ptr(), _DTYPE_CODES[base.dtype], out.data_ptr(), _DTYPE_CODES[out_dtype], flat.data_ptr(),
+        _DTYPE_CODES[flat.dtype], acc.data_ptr(),
+    )
+    return out if rc == 0 else None
 
 
 def scatter(acc: torch.Tensor, grad: torch.Tensor, part: Partition, start: int, *, positions=None, drop=None,
