@@ -8,9 +8,8 @@ Every run is one `gpart train` process with the same data, step budget and batch
 domain. Runs whose metrics.json exists are skipped, so `run` resumes where it stopped. Phases, in order:
 
 1. sweep  - learning rates on seed 0, chosen by the validation split (never the test split): GPart in
-            every domain, LoRA (the main baseline) and Uni-LoRA (the same d) in text and vision,
-            LoRA in math.
-2. grid   - every method x seeds 0, 1, 2 at the chosen learning rates (others: their usual defaults).
+            every domain; LoRA, Uni-LoRA, VeRA and full fine-tuning in text and vision; LoRA in math.
+2. grid   - every method x seeds 0, 1, 2 at the chosen learning rates (unswept: the CLI's defaults).
 3. dsweep - GPart's d on the text domain, seeds 0, 1, 2.
 """
 from __future__ import annotations
@@ -37,8 +36,8 @@ DOMAINS = {
               "--max-length", "64", "--eval-steps", "60", "--max-eval-samples", "500"],
         metric="accuracy", d=23040,
         methods=("gpart", "lora", "vera", "unilora", "full", "head-only"),
-        lr_sweep={"gpart": (2e-3, 5e-3, 1e-2, 2e-2, 4e-2), "lora": (2e-4, 5e-4, 1e-3, 2e-3, 4e-3),
-                  "unilora": (5e-3, 2e-2, 4e-2)},
+        lr_sweep={"gpart": (2e-3, 5e-3, 1e-2, 2e-2, 4e-2, 8e-2), "lora": (2e-4, 5e-4, 1e-3, 2e-3, 4e-3, 8e-3),
+                  "unilora": (5e-3, 2e-2, 4e-2), "vera": (1e-2, 4e-2), "full": (2e-5, 1e-4)},
         d_sweep=(5760, 23040, 92160),
     ),
     "vision": dict(
@@ -47,8 +46,8 @@ DOMAINS = {
               "--batch-size", "32", "--eval-steps", "60", "--max-eval-samples", "500"],
         metric="accuracy", d=18000,
         methods=("gpart", "lora", "vera", "unilora", "full", "head-only"),
-        lr_sweep={"gpart": (2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2), "lora": (1e-3, 2e-3, 4e-3),
-                  "unilora": (5e-3, 1.6e-2, 3.2e-2)},
+        lr_sweep={"gpart": (2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2), "lora": (1e-3, 2e-3, 4e-3, 8e-3),
+                  "unilora": (5e-3, 1.6e-2, 3.2e-2), "vera": (1e-2, 4e-2), "full": (2e-5, 1e-4)},
         d_sweep=(),
     ),
     "math": dict(
