@@ -238,6 +238,7 @@ def collect(runs: Path) -> dict:
                 "saved_bytes": last["adapter_bytes"], "saved": last["saved"], "D": last.get("D"),
                 "train_s": statistics.median(m["train"]["runtime_s"] for _, m in ms),
                 "n_test": last["test"].get("n"),
+                "val_loss": _mean_sd([m["validation"]["loss"] for _, m in ms if "loss" in m["validation"]])[0],
             }
         for dd in spec["d_sweep"]:
             try:
@@ -317,16 +318,23 @@ def render(result: dict) -> str:
         if not d["methods"]:
             continue
         lines += [f"## {d['title']}", "", "Budget, identical for every method: `gpart train " + " ".join(d["args"]) + "`", "",
-                  f"| method | lr | trainable params | saved | test {d['metric']} mean ± sd (seeds) | per seed | train s (median) |",
-                  "|---|---|---|---|---|---|---|"]
+                  f"| method | lr | trainable params | saved | test {d['metric']} mean ± sd (seeds) | per seed | "
+                  "validation loss (mean) | train s (median) |",
+                  "|---|---|---|---|---|---|---|---|"]
         for m, r in d["methods"].items():
             lr = "default" if r["lr"] is None else f"{r['lr']:g}"
-            saved = _fmt_bytes(r["saved_bytes"]) + ("" if r["saved"] == "adapter" else f" ({r['saved']})")
+            saved = {"adapter": _fmt_bytes(r["saved_bytes"]), "nothing": "–"}.get(
+                r["saved"], f"{_fmt_bytes(r['saved_bytes'])} whole model ({_fmt_bytes(4 * r['trainable'])} trained)")
             per = ", ".join(f"{v:.3f}" for v in r["test"])
+            val = "–" if r["val_loss"] is None else f"{r['val_loss']:.3f}"
             lines.append(f"| {LABEL[m]} | {lr} | {r['trainable']:,} | {saved} | {r['mean']:.3f} ± {r['sd']:.3f} "
-                         f"({len(r['test'])}) | {per} | {r['train_s']:.0f} |")
+                         f"({len(r['test'])}) | {per} | {val} | {r['train_s']:.0f} |")
         n = next(iter(d["methods"].values())).get("n_test")
-        lines += ["", f"Test examples per run: {n}. Trainable counts include the task head where there is one."]
+        lines += ["", f"Test examples per run: {n} (a seeded subset: each seed sees other examples, the same for "
+                  "every method). Trainable counts include the task head where there is one; full and head-only "
+                  "runs save a standalone model, in brackets the bytes of the tensors they trained (fp32). Train "
+                  "times depend on what else ran on the shared 2 cores: they are not a speed comparison "
+                  "(benchmarks/step_time.py is)."]
         for method, pts in d["lr_sweep"].items():
             if pts:
                 sel = "-validation loss" if dom == "math" else f"validation {d['metric']}"

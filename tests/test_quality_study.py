@@ -69,4 +69,4 @@ def test_report_shows_every_seed_and_the_mean(tmp_path):
     assert g["test"] == [0.9, 0.92, 0.94] and g["mean"] == pytest.approx(0.92)
     assert result["domains"]["text"]["methods"]["lora"]["test"] == [0.8]
     md = q.render(result)
-    assert "| GPart | 0.005 | 100 | 0.4 kB | 0.920 ± 0.020 (3) | 0.900, 0.920, 0.940 |" in md
+    assert "| GPart | 0.005 | 100 | 0.4 kB | 0.920 ± 0.020 (3) | 0.900, 0.920, 0.940 | 0.100 | 10 |" in md
