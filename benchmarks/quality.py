@@ -38,7 +38,7 @@ DOMAINS = {
         methods=("gpart", "lora", "vera", "unilora", "full", "head-only"),
         lr_sweep={"gpart": (2e-3, 5e-3, 1e-2, 2e-2, 4e-2, 8e-2), "lora": (2e-4, 5e-4, 1e-3, 2e-3, 4e-3, 8e-3),
                   "unilora": (5e-3, 2e-2, 4e-2), "vera": (1e-2, 4e-2), "full": (2e-5, 1e-4)},
-        d_sweep=(5760, 23040, 92160),
+        d_sweep=(2880, 5760, 23040, 92160, 368640),
     ),
     "vision": dict(
         title="Vision: DINOv2-small on CIFAR-10 (56 px)",
