@@ -300,7 +300,7 @@ def plot(result: dict, out_dir: Path) -> list[str]:
         ax.set_xscale("log")
         ax.set_xlabel("d (trainable floats in theta)")
         ax.set_ylabel("test accuracy")
-        ax.set_title("Text: GPart's d sweep")
+        ax.set_title("Text: GPart's d sweep (lr fixed at the d = 23,040 optimum)", fontsize=9)
         ax.legend()
         fig.tight_layout()
         fig.savefig(out_dir / "d_sweep.png", dpi=110)
