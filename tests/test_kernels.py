@@ -572,20 +572,28 @@ def test_end_to_end_gradients_match_reference(cpp):
 
     import gpart
 
+    results = _output_and_theta_grad_by_backend(
+        lambda: get_peft_model(MLP(), gpart.GPartConfig(d=37, seed=3, init_scale=0.5, dropout=0.2,
+                                                        target_modules=["lin0", "lin1"], partition_bias=True)),
+        (6, 10))
+    torch.testing.assert_close(results["cpp"][0], results["reference"][0], rtol=0, atol=0)
+    torch.testing.assert_close(results["cpp"][1], results["reference"][1], rtol=1e-6, atol=1e-6)
+
+
+def _output_and_theta_grad_by_backend(make_model, input_shape) -> dict:
+    """For the reference and C++ backends: a fresh model's output and dL/dtheta, same seeds."""
     results = {}
     for backend in ("reference", "cpp"):
         torch.manual_seed(0)
-        model = get_peft_model(MLP(), gpart.GPartConfig(d=37, seed=3, init_scale=0.5, dropout=0.2,
-                                                        target_modules=["lin0", "lin1"], partition_bias=True))
+        model = make_model()
         model.train()
-        x = torch.randn(6, 10)
+        x = torch.randn(*input_shape)
         with K.use_backend(backend):
             torch.manual_seed(1)
             out = model(x)
             out.square().sum().backward()
         results[backend] = (out.detach(), model.base_model.gpart_theta["default"].grad.clone())
-    torch.testing.assert_close(results["cpp"][0], results["reference"][0], rtol=0, atol=0)
-    torch.testing.assert_close(results["cpp"][1], results["reference"][1], rtol=1e-6, atol=1e-6)
+    return results
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-backward", "two-sweeps"])
@@ -608,19 +616,11 @@ def test_linear_backward_paths_match_reference(cpp, threads, monkeypatch, fused,
         return res
 
     monkeypatch.setattr(K, "merged_weight_and_grad", spy)
-    results = {}
-    for backend in ("reference", "cpp"):
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(300, 257), torch.nn.GELU(), torch.nn.Linear(257, 301))
-        model = get_peft_model(model, gpart.GPartConfig(d=1031, seed=3, init_scale=0.5, dropout=0.2,
-                                                        target_modules=["0", "2"]))
-        model.train()
-        x = torch.randn(5, 300)
-        with K.use_backend(backend):
-            torch.manual_seed(1)
-            out = model(x)
-            out.square().sum().backward()
-        results[backend] = (out.detach(), model.base_model.gpart_theta["default"].grad.clone())
+    results = _output_and_theta_grad_by_backend(
+        lambda: get_peft_model(
+            torch.nn.Sequential(torch.nn.Linear(300, 257), torch.nn.GELU(), torch.nn.Linear(257, 301)),
+            gpart.GPartConfig(d=1031, seed=3, init_scale=0.5, dropout=0.2, target_modules=["0", "2"])),
+        (5, 300))
     torch.testing.assert_close(results["cpp"][0], results["reference"][0], rtol=0, atol=0)
     torch.testing.assert_close(results["cpp"][1], results["reference"][1], rtol=1e-5, atol=1e-5)
     # the first layer's input needs no gradient: only the second layer asks for a merged weight
