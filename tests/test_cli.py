@@ -462,3 +462,24 @@ def test_builtin_causal_lm_smollm2_gsm_symbolic(tmp_path):
     assert all(np.isfinite(p["loss"]) for p in history) and np.isfinite(m["validation"]["loss"])
     assert m["test"]["n"] == 4 and 0 <= m["test"]["exact_match"] <= 1
     assert m["test"]["answered"] >= 0.5  # the instruct model states a number early
+
+
+def test_model_as_hub_id_reads_the_local_hugging_face_cache(text_setup, tmp_path, monkeypatch, capsys):
+    """`--model org/name` is a hub id: found in the Hugging Face cache with no network, and a clear error
+    (not a trace) when it is not cached, saying how to allow the download."""
+    import shutil
+
+    import huggingface_hub.constants as hub_constants
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--someorg--tiny-bert" / "snapshots" / ("a" * 40)
+    shutil.copytree(text_setup / "bert", snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["info", "--task", "text-classification", "--model", "someorg/tiny-bert", "--d", "64", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["D"] == 4096 and info["trainable"] > 64  # the cached tiny BERT: 4,096 query/value weights
+    rc, err = _run(["info", "--task", "text-classification", "--model", "someorg/not-cached"], capsys)
+    assert rc == 2 and "not in the local Hugging Face cache; set HF_HUB_OFFLINE=0" in err and "Traceback" not in err

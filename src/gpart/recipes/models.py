@@ -37,9 +37,33 @@ def resolve_model_path(name_or_path: str) -> Path:
     except ImportError as e:  # the asset layer is optional at import time
         raise ModelError(f"model {name_or_path!r} is not a local directory and built-in models are unavailable ({e})") from None
     try:
-        return Path(resolve_model(name_or_path))
+        resolved = resolve_model(name_or_path)
     except (KeyError, ValueError, LookupError) as e:
         raise ModelError(f"model {name_or_path!r}: not a local directory and not a built-in model ({e})") from None
+    return Path(resolved) if Path(resolved).is_dir() else hub_snapshot(resolved)
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """A Hugging Face hub id -> its local snapshot directory. gpart runs offline by default
+    (HF_HUB_OFFLINE=1 above), so this reads the local Hugging Face cache; a user who sets
+    HF_HUB_OFFLINE=0 lets it download where the network allows."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "1") not in ("0", "false", "False", "")
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=MODEL_FILES))
+    except HFValidationError as e:
+        raise ModelError(f"model {repo_id!r}: not a local directory, a built-in model or a hub id ({e})") from None
+    except Exception as e:  # noqa: BLE001 - network, cache and repository errors all mean "not available"
+        how = ("gpart runs offline: it is not in the local Hugging Face cache; set HF_HUB_OFFLINE=0 to download it"
+               if offline else f"the hub did not provide it ({type(e).__name__}: {e})")
+        raise ModelError(f"model {repo_id!r}: not a local directory or a built-in model, and as a hub id {how}; "
+                         "or pass a local model directory") from None
+
+
+# What a transformers model directory needs (weights, configs, tokenizer / image processor files).
+MODEL_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
 
 
 def linear_leaf_names(model: nn.Module) -> set[str]:
