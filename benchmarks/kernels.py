@@ -46,6 +46,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+from bench_harness import cpu_name  # noqa: E402 - stdlib-only at import; needs this folder on sys.path
+
 # Running a script puts its folder first on sys.path, where this file would shadow Hugging Face's
 # `kernels` package that transformers probes for: take the folder off the path.
 sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != HERE]
@@ -97,17 +99,6 @@ def _with_lib(lib, fn):
         finally:
             cpu._lib = saved
     return run
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _compiler() -> str:
@@ -357,7 +348,7 @@ def main(argv=None):
     cmd = " ".join(["python benchmarks/kernels.py", *given])
     meta = {
         "command": cmd.strip(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "threads": args.threads,
         "torch": torch.__version__,

@@ -22,8 +22,10 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+
+from gpart.recipes.methods import DEFAULT_LR
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = (0, 1, 2)
@@ -62,8 +64,9 @@ DOMAINS = {
         d_sweep=(),
     ),
 }
-# The CLI's defaults for methods not swept (src/gpart/recipes/methods.py DEFAULT_LR); None = the CLI decides.
-FIXED_LR = {"vera": 1e-2, "unilora": 5e-3, "full": 2e-5, "head-only": None, "base": None}
+# Methods not swept in a domain keep the CLI's default learning rate; None = no --lr flag (head-only trains
+# only the head, the base model does not train).
+FIXED_LR = {**DEFAULT_LR, "head-only": None, "base": None}
 
 
 @dataclass(frozen=True)
@@ -73,12 +76,15 @@ class Run:
     seed: int
     lr: float | None
     d: int | None = None
-    extra: tuple = field(default=())
+
+    @property
+    def uses_d(self) -> bool:
+        return self.d is not None and self.method in ("gpart", "unilora")
 
     @property
     def tag(self) -> str:
         parts = [self.method]
-        if self.d is not None and self.method in ("gpart", "unilora"):
+        if self.uses_d:
             parts.append(f"d{self.d}")
         if self.lr is not None:
             parts.append(f"lr{self.lr:g}")
@@ -90,7 +96,7 @@ class Run:
                     "--output", str(out / "eval.json")]
         a = ["train", *DOMAINS[self.domain]["args"], "--method", self.method, "--seed", str(self.seed),
              "--output-dir", str(out), "--quiet"]
-        if self.d is not None and self.method in ("gpart", "unilora"):
+        if self.uses_d:
             a += ["--d", str(self.d)]
         if self.lr is not None:
             a += ["--lr", f"{self.lr:g}"]
@@ -137,7 +143,7 @@ def chosen_lr(runs: Path, domain: str, method: str) -> float | None:
     """The swept learning rate with the best validation score (seed 0); FIXED_LR otherwise."""
     lrs = DOMAINS[domain]["lr_sweep"].get(method)
     if not lrs:
-        return FIXED_LR.get(method, 5e-4 if method == "lora" else None)
+        return FIXED_LR[method]
     scored = [(selection_score(domain, m), lr) for lr in lrs
               if (m := load_metrics(runs, Run(domain, method, 0, lr, DOMAINS[domain]["d"])))]
     if len(scored) < len(lrs):

@@ -67,27 +67,23 @@ def fsync_tree(path: str | os.PathLike, *, files: bool = True) -> None:
         for root, subdirs, names in os.walk(path):
             dirs += [Path(root) / d for d in subdirs]
             for name in names:
-                try:
-                    fd = os.open(Path(root) / name, os.O_RDONLY)
-                except OSError:
-                    continue
-                try:
-                    os.fsync(fd)
-                except OSError:
-                    pass
-                finally:
-                    os.close(fd)
+                _fsync(Path(root) / name)
     for d in dirs:
-        try:
-            fd = os.open(d, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+        _fsync(d)
+
+
+def _fsync(path: Path) -> None:
+    """fsync one file or directory; silently skipped where the OS refuses (best effort)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 @contextmanager
