@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv (once) and install gpart with its test and training extras.
+# Create .venv (once) and install gpart with its test, training, data and hub extras.
 # torch is installed first, pinned to a CPU build, so that no dependency pulls a multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +14,6 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/bootstrap.s
   if ! "$VPY" -c "import torch" 2>/dev/null; then
     "$VPY" -m pip install -q "torch==${GPART_TORCH_VERSION:-2.13.0}"
   fi
-  "$VPY" -m pip install -q -e ".[test,train,data]"
+  "$VPY" -m pip install -q -e ".[test,train,data,hub]"
   touch "$stamp"
 fi

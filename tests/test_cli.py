@@ -306,7 +306,7 @@ def test_data_errors_are_one_clear_line(text_setup, tmp_path, capsys):
     cases = [
         (bad_column, "no column 'text'"),
         (malformed, "bad.jsonl:2: malformed JSON"),
-        (tmp_path / "nope.csv", "neither a built-in dataset nor an existing file"),
+        (tmp_path / "nope.csv", "neither a built-in dataset, an existing file"),
     ]
     for i, (dataset, message) in enumerate(cases):
         rc, err = _run(base + ["--dataset", str(dataset), "--output-dir", str(tmp_path / f"o{i}")], capsys)

@@ -79,9 +79,13 @@ def _nonneg_float(text: str) -> float:
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--dataset", help="built-in dataset name, a .csv/.tsv/.jsonl file, a folder of "
-                                      "train/validation/test files, or an image folder (default: the task's built-in)")
+                                      "train/validation/test files, an image folder, or a Hugging Face hub dataset "
+                                      "org/name[:config] (from the local cache; HF_HUB_OFFLINE=0 downloads) "
+                                      "(default: the task's built-in)")
     g.add_argument("--text-column", default=None, help="text classification: text column (default: text)")
     g.add_argument("--label-column", default=None, help="classification: label column (default: label)")
+    g.add_argument("--image-column", default=None,
+                   help="image classification, hub datasets: image column (default: the one column of images)")
     g.add_argument("--labels", default=None, help="comma-separated class names in id order (default: inferred)")
     g.add_argument("--prompt-column", default=None, help="causal-lm: prompt column (default: question)")
     g.add_argument("--response-column", default=None, help="causal-lm: training target column (default: solution)")
@@ -180,7 +184,7 @@ GENERIC_DEFAULTS = {"text_column": "text", "label_column": "label", "prompt_colu
 # Settings saved with an adapter (gpart_task.json) that `eval`/`merge` reuse unless given again:
 # the same inputs, and the same seeded validation split as in training.
 SAVED_KEYS = ("dataset", "seed", "val_fraction", "max_length", "image_size", "text_column", "label_column",
-              "prompt_column", "response_column", "answer_column")
+              "image_column", "prompt_column", "response_column", "answer_column")
 
 
 def fill_defaults(args, recipe, saved: dict | None = None) -> None:

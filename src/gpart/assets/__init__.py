@@ -1,7 +1,9 @@
 """Offline models and datasets for gpart: fetched once from package registries, verified, cached.
 
-Nothing here downloads from a model or dataset hub. Heavy optional packages (gguf, onnx, rdata,
-reasoning_gym, Pillow) are imported only by the loader that needs them.
+Built-ins never come from a model or dataset hub. A Hugging Face hub dataset id (hub_data) is read
+from the local `datasets` cache, and downloaded only when the user sets HF_HUB_OFFLINE=0. Heavy
+optional packages (gguf, onnx, rdata, reasoning_gym, Pillow, datasets) are imported only by the
+loader that needs them.
 """
 from .cache import cache_dir
 from .data_types import (IMAGE_CLASSIFICATION, MATH, TASKS, TEXT_CLASSIFICATION, ImageDataset, MathDataset,

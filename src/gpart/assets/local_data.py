@@ -13,7 +13,7 @@ import csv
 import json
 import re
 from pathlib import Path
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -49,7 +49,14 @@ def load_local(path: Path, task: str | None = None, *, text_column: str = "text"
 # ------------------------------------------------------------------------------------- text classification
 def load_text_classification(tables: dict[str, Path], text_column: str = "text", label_column: str = "label",
                              label_names: Sequence[str] | None = None) -> TextDataset:
-    raw = {split: _read_pairs(f, text_column, label_column) for split, f in tables.items()}
+    return text_dataset({split: (f, _records(f, (text_column, label_column))) for split, f in tables.items()},
+                        text_column, label_column, label_names)
+
+
+def text_dataset(sources: dict[str, tuple[object, Iterable[tuple[str, dict]]]], text_column: str, label_column: str,
+                 label_names: Sequence[str] | None = None) -> TextDataset:
+    """split -> (where it comes from, its ("where", row) records) -> a TextDataset; labels as _label_encoder reads them."""
+    raw = {split: _read_pairs(source, records, text_column, label_column) for split, (source, records) in sources.items()}
     everything = [(where, label) for rows in raw.values() for where, _, label in rows]
     names, encode = _label_encoder(everything, label_names)
     splits = {split: [{"text": text, "label": encode(where, label)} for where, text, label in rows]
@@ -57,15 +64,16 @@ def load_text_classification(tables: dict[str, Path], text_column: str = "text",
     return TextDataset(splits, names)
 
 
-def _read_pairs(path: Path, text_column: str, label_column: str) -> list[tuple[str, str, object]]:
+def _read_pairs(source: object, records: Iterable[tuple[str, dict]], text_column: str,
+                label_column: str) -> list[tuple[str, str, object]]:
     rows = []
-    for where, row in _records(path, (text_column, label_column)):
+    for where, row in records:
         text, label = row[text_column], row[label_column]
         if not isinstance(text, str):
             raise DatasetError(f"{where}: column {text_column!r} must hold text, got {text!r}")
         rows.append((where, text, label))
     if not rows:
-        raise DatasetError(f"{path}: no examples (the file has no data rows)")
+        raise DatasetError(f"{source}: no examples (the file has no data rows)")
     return rows
 
 
@@ -109,8 +117,16 @@ def _is_int(value: object) -> bool:
 # ------------------------------------------------------------------------------------- math
 def read_math_table(path: Path, question_column: str = "question", answer_column: str = "answer",
                     solution_column: str = "solution") -> list[dict]:
+    return math_rows(path, _records(path, (question_column, answer_column)), question_column, answer_column,
+                     solution_column)
+
+
+def math_rows(source: object, records: Iterable[tuple[str, dict]], question_column: str = "question",
+              answer_column: str = "answer", solution_column: str = "solution") -> list[dict]:
+    """("where", row) records -> MathDataset rows; the solution defaults to the answer (e.g. GSM8K's
+    "steps ... #### 42", whose final number the scorer finds)."""
     rows = []
-    for where, row in _records(path, (question_column, answer_column)):
+    for where, row in records:
         question, answer = row[question_column], row[answer_column]
         if not isinstance(question, str) or answer is None or isinstance(answer, (list, dict)):
             raise DatasetError(f"{where}: needs a text {question_column!r} and an {answer_column!r}")
@@ -119,7 +135,7 @@ def read_math_table(path: Path, question_column: str = "question", answer_column
         rows.append({"question": question, "answer": answer,
                      "solution": str(solution) if solution not in (None, "") else answer})
     if not rows:
-        raise DatasetError(f"{path}: no examples (the file has no data rows)")
+        raise DatasetError(f"{source}: no examples (the file has no data rows)")
     return rows
 
 
@@ -201,7 +217,7 @@ def load_image_folder(root: Path, image_size: int | tuple[int, int] | None = Non
     names = sorted({cls for listing in files.values() for _, cls in listing})
     index = {n: i for i, n in enumerate(names)}
     size = (image_size, image_size) if isinstance(image_size, int) else image_size
-    mode, size = _common_format([p for listing in files.values() for p, _ in listing], size)
+    mode, size = common_format(_opened(p for listing in files.values() for p, _ in listing), size)
     splits = {}
     for split, listing in files.items():
         images = np.stack([_read_image(p, mode, size) for p, _ in listing])
@@ -226,17 +242,27 @@ def _class_files(folder: Path) -> list[tuple[Path, str]]:
     return listing
 
 
-def _common_format(paths: list[Path], size: tuple[int, int] | None) -> tuple[str, tuple[int, int]]:
-    """Pixel mode and (height, width) shared by all images; reads headers only."""
+def _opened(paths: Iterable[Path]) -> Iterator[tuple[str, object]]:
+    """("path", PIL image) for each file, each open only while the caller looks at it."""
     Image = _pil()
-    grey, sizes = True, {}
     for path in paths:
         try:
-            with Image.open(path) as im:
-                grey &= im.mode in ("1", "L", "LA", "I", "I;16", "F")
-                sizes.setdefault((im.height, im.width), path)
+            image = Image.open(path)
         except Exception as err:  # PIL raises many kinds for a broken file
             raise DatasetError(f"{path}: not a readable image ({err})") from err
+        with image:
+            yield str(path), image
+
+
+def common_format(images: Iterable[tuple[str, object]], size: tuple[int, int] | None) -> tuple[str, tuple[int, int]]:
+    """Pixel mode and (height, width) shared by ("where", PIL image) pairs: grey if every image is grey,
+    else RGB; a size of their own only if they all have the same one. Reads headers only."""
+    grey, sizes = True, {}
+    for where, im in images:
+        grey &= im.mode in ("1", "L", "LA", "I", "I;16", "F")
+        sizes.setdefault((im.height, im.width), where)
+    if not sizes:
+        raise DatasetError("no images")
     if size is None and len(sizes) > 1:
         (s1, p1), (s2, p2) = list(sizes.items())[:2]
         raise DatasetError(f"images differ in size: {p1} is {s1[1]}x{s1[0]}, {p2} is {s2[1]}x{s2[0]}; "
@@ -245,15 +271,19 @@ def _common_format(paths: list[Path], size: tuple[int, int] | None) -> tuple[str
 
 
 def _read_image(path: Path, mode: str, size: tuple[int, int]) -> np.ndarray:
-    Image = _pil()
+    for where, image in _opened([path]):
+        return image_array(where, image, mode, size)
+
+
+def image_array(where: str, image, mode: str, size: tuple[int, int]) -> np.ndarray:
+    """A PIL image as uint8 pixels in `mode` at (height, width) `size`."""
     try:
-        with Image.open(path) as opened:
-            image = opened.convert(mode)
+        image = image.convert(mode)
         if (image.height, image.width) != size:
-            image = image.resize((size[1], size[0]), Image.BILINEAR)
+            image = image.resize((size[1], size[0]), _pil().BILINEAR)
         return np.asarray(image, dtype=np.uint8)
     except Exception as err:
-        raise DatasetError(f"{path}: not a readable image ({err})") from err
+        raise DatasetError(f"{where}: not a readable image ({err})") from err
 
 
 def _pil():

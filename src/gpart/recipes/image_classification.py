@@ -36,7 +36,8 @@ class ImageClassification(TaskRecipe):
                     batch_size=32, weight_decay=0.01, warmup=0.1, dropout=0.0, scheduler="linear")
 
     def load_data(self, args, *, saved=None) -> TaskData:
-        dataset = D.load(args, "image-classification", image_size=args.image_size)
+        dataset = D.load(args, "image-classification", image_size=args.image_size, label_column=args.label_column,
+                         image_column=getattr(args, "image_column", None))
         names = (saved or {}).get("labels")
         if names is not None and list(dataset.label_names) != list(names):
             raise D.DataError(f"{args.dataset}: classes {dataset.label_names} differ from the adapter's {names}")
@@ -82,7 +83,8 @@ class ImageClassification(TaskRecipe):
         return {**classification_metrics(predictions, labels, len(data.labels)), "n": int(len(labels))}
 
     def task_info(self, args, data):
-        return {"labels": data.labels, "image_size": args.image_size}
+        return {"labels": data.labels, "image_size": args.image_size, "label_column": args.label_column,
+                "image_column": getattr(args, "image_column", None)}
 
 
 class ImageSplit(torch.utils.data.Dataset):
