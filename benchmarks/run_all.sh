@@ -15,6 +15,9 @@ run --shape minilm --targets all --d 131072
 # RoBERTa-base shape
 run --shape roberta-base --targets qv --d 131072
 run --shape roberta-base --targets all --d 131072
+# the current kernels, GPart / floor / LoRA r=8 only, 5 repeats (docs/performance.md quotes these; run them idle)
+run --shape roberta-base --targets qv --d 131072 --methods gpart,floor,lora-r8 --repeats 5 --name step_time-roberta-base-qv-d131072-b8x128-kernels-v2
+run --shape roberta-base --targets all --d 131072 --methods gpart,floor,lora-r8 --repeats 5 --name step_time-roberta-base-all-d131072-b8x128-kernels-v2-idle
 # SmolLM2-135M shape (Llama decoder, causal LM loss)
 run --shape smollm2-135m --targets qv --d 131072
 # d sweep on RoBERTa-base query,value (d changes only GPart's and Uni-LoRA's cost)
