@@ -99,7 +99,7 @@ def test_loading_onto_a_model_with_fewer_layers_fails(tmp_path):
 
 
 @pytest.mark.parametrize("field,value,match", [
-    ("partition_version", 2, "newer than this gpart"),
+    ("partition_version", 3, "newer than this gpart"),
     ("partition_algorithm", "randint", "silently change"),
 ])
 def test_unknown_partition_algorithm_or_version_is_refused(tmp_path, field, value, match):

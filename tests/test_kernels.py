@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 import gpart.kernels as K
 from gpart.functional import DropConnect, Slice, accumulate_grad, accumulate_grad_at, delta_at, delta_flat
 from gpart.kernels import cpu
-from gpart.partition import CHUNK, Partition
+from gpart.partition import CHUNK, VERSIONS, Partition
 
 slow = pytest.mark.slow
 
@@ -76,6 +76,12 @@ def tri():
     return K._triton_module(True)
 
 
+@pytest.fixture(params=VERSIONS, ids=lambda v: f"v{v}")
+def version(request):
+    """Both partition versions: saved adapters keep theirs, so every fast path computes each."""
+    return request.param
+
+
 @pytest.fixture
 def threads():
     before = torch.get_num_threads()
@@ -103,28 +109,29 @@ def _case_id(c):
 
 
 @pytest.mark.parametrize("case", ID_CASES, ids=_case_id)
-def test_cpp_ids_are_bit_equal(cpp, case):
+def test_cpp_ids_are_bit_equal(cpp, case, version):
     seed, D, d, start, n = case
-    part = Partition(seed, D, d)
+    part = Partition(seed, D, d, version)
     assert torch.equal(cpp.ids(part, start, n), part.ids(start, n))
 
 
 @settings(max_examples=60, deadline=None)
-@given(seed=st.integers(0, 2**63 - 1), log_d=st.floats(0, 32), data=st.data())
-def test_cpp_ids_random_sizes(seed, log_d, data):
+@given(seed=st.integers(0, 2**63 - 1), log_d=st.floats(0, 32), version=st.sampled_from(VERSIONS), data=st.data())
+def test_cpp_ids_random_sizes(seed, log_d, version, data):
     if not cpu.available():
         pytest.skip("C++ kernels unavailable")
     D = data.draw(st.integers(1, 2**41))
     d = max(1, min(D, int(2**log_d)))
     n = data.draw(st.integers(0, min(D, 3000)))
     start = data.draw(st.integers(0, D - n))
-    part = Partition(seed, D, d)
+    part = Partition(seed, D, d, version)
     assert torch.equal(cpu.ids(part, start, n), part.ids(start, n))
 
 
 @settings(max_examples=12, deadline=None)
-@given(seed=st.integers(0, 2**63 - 1), log_D=st.floats(12, 34), log_d=st.floats(0, 32), data=st.data())
-def test_cpp_ids_random_long_slices(seed, log_D, log_d, data):
+@given(seed=st.integers(0, 2**63 - 1), log_D=st.floats(12, 34), log_d=st.floats(0, 32),
+       version=st.sampled_from(VERSIONS), data=st.data())
+def test_cpp_ids_random_long_slices(seed, log_D, log_d, version, data):
     """Slices long enough for the first-round table, at random sizes and offsets."""
     if not cpu.available():
         pytest.skip("C++ kernels unavailable")
@@ -132,17 +139,17 @@ def test_cpp_ids_random_long_slices(seed, log_D, log_d, data):
     d = max(1, min(D, int(2**log_d)))
     n = data.draw(st.integers(min(D, 140_000), min(D, 200_000)))
     start = data.draw(st.integers(0, D - n))
-    part = Partition(seed, D, d)
+    part = Partition(seed, D, d, version)
     assert torch.equal(cpu.ids(part, start, n), part.ids(start, n))
 
 
-def test_cpp_ids_at_arbitrary_positions(cpp):
-    part = Partition(21, (1 << 33) + 3, 1000)
+def test_cpp_ids_at_arbitrary_positions(cpp, version):
+    part = Partition(21, (1 << 33) + 3, 1000, version)
     pos = torch.randint(0, part.D, (4, 777))
     pos[0, :5] = torch.tensor([0, part.D - 1, part.D - 1, 1 << 32, (1 << 32) - 1])
     from gpart.partition import permute
 
-    ref = permute(pos.reshape(-1).clone(), part.D, list(part.keys)) % part.d
+    ref = permute(pos.reshape(-1).clone(), part.D, list(part.keys), part.version) % part.d
     assert torch.equal(cpp.ids(part, 0, 0, positions=pos), ref)
 
 
@@ -154,8 +161,8 @@ def test_cpp_ids_same_for_any_thread_count(cpp, threads):
     assert torch.equal(cpp.ids(part, 1_000_000, 300_000), one)
 
 
-def test_kernels_ids_falls_back_when_d_exceeds_uint32(cpp):
-    part = Partition(4, (1 << 34) + 1, (1 << 33) + 1)
+def test_kernels_ids_falls_back_when_d_exceeds_uint32(cpp, version):
+    part = Partition(4, (1 << 34) + 1, (1 << 33) + 1, version)
     assert cpp.ids(part, (1 << 34) - 99, 100) is None
     assert torch.equal(K.ids(part, (1 << 34) - 99, 100), part.ids((1 << 34) - 99, 100))
 
@@ -165,9 +172,9 @@ def test_kernels_ids_falls_back_when_d_exceeds_uint32(cpp):
 
 @pytest.mark.parametrize("drop", DROPS, ids=["nodrop", "drop0.3", "drop0.1"])
 @pytest.mark.parametrize("case", VALUE_CASES, ids=_case_id)
-def test_cpp_delta_is_bit_equal(cpp, case, drop):
+def test_cpp_delta_is_bit_equal(cpp, case, drop, version):
     seed, D, d, start, n = case
-    part = Partition(seed, D, d)
+    part = Partition(seed, D, d, version)
     theta_s = torch.randn(d)
     ref = _ref_delta(theta_s, part, start, n, drop)
     with K.use_backend("cpp"):
@@ -249,9 +256,9 @@ def test_cpp_slice_crossing_reference_chunks(cpp, drop):
 
 @pytest.mark.parametrize("drop", DROPS[:2], ids=["nodrop", "drop"])
 @pytest.mark.parametrize("case", VALUE_CASES, ids=_case_id)
-def test_cpp_grad_equals_reference(cpp, case, drop):
+def test_cpp_grad_equals_reference(cpp, case, drop, version):
     seed, D, d, start, n = case
-    part = Partition(seed, D, d)
+    part = Partition(seed, D, d, version)
     grad = torch.randn(n)
     ref = _ref_grad(part, start, grad, drop)
     acc = torch.zeros(d)
@@ -340,11 +347,11 @@ FUSED_CASES = [
 @pytest.mark.parametrize("nthreads", [1, 2])
 @pytest.mark.parametrize("drop", DROPS[:2], ids=["nodrop", "drop"])
 @pytest.mark.parametrize("case", FUSED_CASES, ids=_case_id)
-def test_cpp_merge_scatter_equals_the_two_sweeps(cpp, threads, case, drop, nthreads):
+def test_cpp_merge_scatter_equals_the_two_sweeps(cpp, threads, case, drop, nthreads, version):
     """One sweep gives bit for bit what merged_weight and accumulate_grad give, and equals the reference."""
     torch.set_num_threads(nthreads)
     seed, D, d, start, n = case
-    part = Partition(seed, D, d)
+    part = Partition(seed, D, d, version)
     theta_s = torch.randn(d) * 1e-2
     base = torch.randn(n) * 0.05
     grad = torch.randn(n)
@@ -543,7 +550,7 @@ def test_build_is_cached_and_self_tested(tmp_path, monkeypatch):
 
 @slow
 @pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"])  # the AVX2 and the plain (SSE2) builds
-def test_portable_builds_are_bit_equal(tmp_path, monkeypatch, march):
+def test_portable_builds_are_bit_equal(tmp_path, monkeypatch, march, version):
     import platform
 
     if platform.machine().lower() not in ("x86_64", "amd64"):
@@ -555,7 +562,7 @@ def test_portable_builds_are_bit_equal(tmp_path, monkeypatch, march):
     lib = cpu.load()  # includes the self-test
     assert "gpart_cpu_" in lib._name and lib._name.startswith(str(tmp_path))
     for seed, D, d, start, n in [c for c in ID_CASES if c[4] >= 1000] + [(5, (1 << 26) + 1, 77, 1 << 20, 100_000)]:
-        part = Partition(seed, D, d)
+        part = Partition(seed, D, d, version)
         assert torch.equal(cpu.ids(part, start, n), part.ids(start, n))
     part = Partition(9, 85_000_000, 131072)
     theta_s, grad = torch.randn(part.d), torch.randn(200_000)
@@ -644,17 +651,17 @@ TRITON_CASES = [
 
 
 @pytest.mark.parametrize("case", TRITON_CASES, ids=_case_id)
-def test_triton_ids_are_bit_equal(tri, case):
+def test_triton_ids_are_bit_equal(tri, case, version):
     seed, D, d, start, n = case
-    part = Partition(seed, D, d)
+    part = Partition(seed, D, d, version)
     assert torch.equal(tri.ids(part, start, n, device="cpu"), part.ids(start, n))
 
 
 @pytest.mark.parametrize("drop", DROPS[:2], ids=["nodrop", "drop"])
 @pytest.mark.parametrize("case", TRITON_CASES[1::2], ids=_case_id)
-def test_triton_gather_and_scatter_equal_reference(tri, case, drop):
+def test_triton_gather_and_scatter_equal_reference(tri, case, drop, version):
     seed, D, d, start, n = case
-    part = Partition(seed, D, d)
+    part = Partition(seed, D, d, version)
     theta_s = torch.randn(d)
     ref = _ref_delta(theta_s, part, start, n, drop)
     assert torch.equal(tri.gather(theta_s, part, start, n, drop=drop), ref)
@@ -711,16 +718,17 @@ def test_triton_kernels_compile_for_hopper_without_a_gpu(tri):
     tk = K._triton_module(False)
     scalars = {n: "i64" for n in tk._SCALARS}
     variants = [
-        (tk._ids_kernel, {"pos_ptr": "*i64", "out_ptr": "*i64"}, dict(HAS_POS=1, NARROW=0, WALK=True, IDENTITY=False)),
-        (tk._ids_kernel, {"pos_ptr": "*i64", "out_ptr": "*i64"}, dict(HAS_POS=0, NARROW=1, WALK=True, IDENTITY=False)),
+        (tk._ids_kernel, {"pos_ptr": "*i64", "out_ptr": "*i64"}, dict(HAS_POS=1, NARROW=0, WALK=True, IDENTITY=False, GRID=1)),
+        (tk._ids_kernel, {"pos_ptr": "*i64", "out_ptr": "*i64"}, dict(HAS_POS=0, NARROW=1, WALK=True, IDENTITY=False, GRID=0)),
+        (tk._ids_kernel, {"pos_ptr": "*i64", "out_ptr": "*i64"}, dict(HAS_POS=0, NARROW=1, WALK=True, IDENTITY=False, GRID=1)),
         (tk._gather_kernel, {"pos_ptr": "*i64", "theta_ptr": "*fp32", "base_ptr": "*bf16", "out_ptr": "*i16"},
-         dict(HAS_POS=0, HAS_BASE=1, DROP=1, OUT_BF16=1, NARROW=1, WALK=True, IDENTITY=False)),
+         dict(HAS_POS=0, HAS_BASE=1, DROP=1, OUT_BF16=1, NARROW=1, WALK=True, IDENTITY=False, GRID=1)),
         (tk._gather_kernel, {"pos_ptr": "*i64", "theta_ptr": "*fp32", "base_ptr": "*fp32", "out_ptr": "*fp32"},
-         dict(HAS_POS=1, HAS_BASE=1, DROP=1, OUT_BF16=0, NARROW=0, WALK=True, IDENTITY=False)),
+         dict(HAS_POS=1, HAS_BASE=1, DROP=1, OUT_BF16=0, NARROW=0, WALK=True, IDENTITY=False, GRID=0)),
         (tk._scatter_kernel, {"pos_ptr": "*i64", "grad_ptr": "*bf16", "acc_ptr": "*fp32"},
-         dict(HAS_POS=0, DROP=1, NARROW=1, WALK=True, IDENTITY=False)),
+         dict(HAS_POS=0, DROP=1, NARROW=1, WALK=True, IDENTITY=False, GRID=0)),
         (tk._scatter_kernel, {"pos_ptr": "*i64", "grad_ptr": "*fp32", "acc_ptr": "*fp32"},
-         dict(HAS_POS=1, DROP=0, NARROW=0, WALK=False, IDENTITY=True)),
+         dict(HAS_POS=1, DROP=0, NARROW=0, WALK=False, IDENTITY=True, GRID=1)),
     ]
     for kern, ptrs, consts in variants:
         consts = dict(consts, BLOCK=1024)

@@ -97,6 +97,31 @@ def test_config_records_partition_and_layout():
     assert (cfg.partition_algorithm, cfg.partition_version) == (gpart.ALGORITHM, gpart.VERSION)
 
 
+@pytest.mark.parametrize("version", gpart.VERSIONS)
+def test_each_partition_version_gives_its_own_P_theta_and_keeps_it_through_save_and_load(tmp_path, version):
+    """Adapters record their partition version; one saved by an earlier gpart (version 1) keeps meaning
+    Delta_W = P_1 theta after loading, while new adapters use the current version."""
+    torch.manual_seed(0)
+    base = MLP()
+    config = GPartConfig(d=30, seed=9, init_scale=0.5, target_modules=["lin0", "lin1"], partition_version=version)
+    model = get_peft_model(copy.deepcopy(base), config)
+    theta = model.base_model.gpart_theta["default"].detach().clone()
+    P = gpart.Partition(9, 200 + 320, 30, version).dense().float()
+    delta = P @ theta
+    merged = copy.deepcopy(model).merge_and_unload()
+    torch.testing.assert_close(merged.lin0.weight - base.lin0.weight, delta[:200].view(20, 10), rtol=0, atol=1e-6)
+    torch.testing.assert_close(merged.lin1.weight - base.lin1.weight, delta[200:].view(16, 20), rtol=0, atol=1e-6)
+    x = torch.randn(4, 10)
+    expected = _out(model, x)
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["partition_version"] == version
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    assert loaded.peft_config["default"].partition_version == version
+    assert torch.equal(_out(loaded, x), expected)
+    other = gpart.Partition(9, 520, 30, 3 - version).dense().float()
+    assert not torch.allclose(other @ theta, delta, atol=1e-3)  # the versions are different partitions
+
+
 # -- save / load ------------------------------------------------------------------------------------
 
 

@@ -7,13 +7,14 @@ Importing this package registers the method "GPART" with PEFT, so that `get_peft
 from .config import PEFT_TYPE, GPartConfig
 from .layers import GPartLayer
 from .model import GPartModel, LayoutMismatchError, layout_fingerprint
-from .partition import ALGORITHM, VERSION, Partition, PartitionError
+from .partition import ALGORITHM, VERSION, VERSIONS, Partition, PartitionError
 from .registration import register
 
 __version__ = "0.1.0"
 __all__ = [
     "ALGORITHM",
     "VERSION",
+    "VERSIONS",
     "GPartConfig",
     "GPartLayer",
     "GPartModel",

@@ -10,7 +10,7 @@ from typing import Optional, Union
 
 from peft.config import PeftConfig
 
-from .partition import ALGORITHM, VERSION
+from .partition import ALGORITHM, VERSION, VERSIONS
 
 PEFT_TYPE = "GPART"
 
@@ -89,7 +89,7 @@ class GPartConfig(PeftConfig):
         if self.partition_algorithm != ALGORITHM or not isinstance(self.partition_version, int):
             raise ValueError(
                 f"This adapter uses partition algorithm {self.partition_algorithm!r} version "
-                f"{self.partition_version!r}; this gpart knows {ALGORITHM!r} version {VERSION}. Loading it would "
+                f"{self.partition_version!r}; this gpart knows {ALGORITHM!r} versions {VERSIONS}. Loading it would "
                 "silently change the update, so it is refused."
             )
         if self.partition_version > VERSION:
@@ -97,8 +97,8 @@ class GPartConfig(PeftConfig):
                 f"This adapter was saved with partition version {self.partition_version}, newer than this gpart's "
                 f"{VERSION}. Upgrade gpart to load it."
             )
-        if self.partition_version < 1:
-            raise ValueError(f"Unknown partition version {self.partition_version}.")
+        if self.partition_version not in VERSIONS:
+            raise ValueError(f"Unknown partition version {self.partition_version}; this gpart knows {VERSIONS}.")
         _check_names("target_modules", self.target_modules)
         _check_names("exclude_modules", self.exclude_modules)
         _check_names("target_parameters", self.target_parameters, allow_str=False)

@@ -187,7 +187,7 @@ class GPartModel(BaseTuner):
         check_sizes(D, config.d)
         config.D, config.layout = D, [[name, list(shape)] for name, shape in layout]
         config.layout_fingerprint = layout_fingerprint(layout)
-        partition = Partition(config.seed, D, config.d)
+        partition = Partition(config.seed, D, config.d, config.partition_version)
         offset = 0
         for _, layer in self._gpart_layers():
             if adapter_name not in layer.gpart_slices:
@@ -228,7 +228,7 @@ class GPartModel(BaseTuner):
         key = (adapter_name, str(device))
         if key not in self._gpart_scales:
             config = self.peft_config[adapter_name]
-            self._gpart_scales[key] = Partition(config.seed, config.D, config.d).scales(device=device)
+            self._gpart_scales[key] = Partition(config.seed, config.D, config.d, config.partition_version).scales(device=device)
         return self._gpart_scales[key]
 
     def _set_theta_trainability(self, inference_mode: bool = False) -> None:

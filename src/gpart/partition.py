@@ -8,14 +8,27 @@ where pi is a keyed pseudorandom permutation of [0, D). Because pi is a bijectio
 ceil(D/d) members when j < D mod d and floor(D/d) otherwise, so the isometric scales 1/sqrt(n_j) are
 known in closed form and no group is empty. P[i, g(i)] = 1/sqrt(n_g(i)) gives P^T P = I_d.
 
-pi is a 4-round unbalanced Feistel network over the smallest power of two >= D, with cycle-walking back
-into [0, D). Every step is integer arithmetic whose intermediate values stay below 2^63 (32-bit values
-times constants below 2^31), so int64 tensors give bit-identical ids on any device, and the same
-function can be written with uint32 wrap-around arithmetic in a fused kernel. Round keys come from
-splitmix64 of the seed, so neighbouring seeds give unrelated partitions.
+pi is a keyed 4-round Feistel network with cycle-walking back into [0, D). Two constructions exist,
+chosen by the partition version that an adapter records:
 
-The algorithm is named and versioned (ALGORITHM, VERSION). It must never change: a saved adapter is
-only meaningful with the exact partition it was trained with. A new construction gets a new version.
+- version 1: a binary Feistel network over the smallest power of two >= D (halves of a and b bits,
+  xor rounds), cycle-walked: on average 1 to 2 evaluations per position.
+- version 2 (new adapters): a Feistel network over a grid of 2^p columns x B rows, the position being
+  i = row * 2^p + column with p = ceil(bits(D - 1) / 2) and B = ceil(D / 2^p). Rounds alternate:
+  column <- (column + F(row)) mod 2^p, then row <- (row + spread(F(column), B)) mod B, with
+  spread(h, B) = ((h >> 16) * B) >> 16 in [0, B). Each round is a bijection of the grid, which holds
+  fewer than 2^p positions beyond D, so cycle-walking is rare (a fraction below 1/B of positions), and
+  the first round's F(row) is one value per run of 2^p consecutive positions. Same group sizes as
+  version 1, cheaper ids (docs/performance.md).
+
+Every step is integer arithmetic whose intermediate values stay below 2^63 (32-bit values times
+constants below 2^31, or 16-bit values times B <= 2^31), so int64 tensors give bit-identical ids on any
+device, and the same functions can be written with uint32 wrap-around arithmetic in a fused kernel.
+Round keys come from splitmix64 of the seed, so neighbouring seeds give unrelated partitions.
+
+The algorithm is named and versioned (ALGORITHM, VERSION for new adapters, VERSIONS known). A version
+must never change: a saved adapter is only meaningful with the exact partition it was trained with. A
+new construction gets a new version.
 """
 
 from __future__ import annotations
@@ -26,7 +39,8 @@ from dataclasses import dataclass
 import torch
 
 ALGORITHM = "feistel-cyclewalk"
-VERSION = 1
+VERSION = 2  # what new adapters use
+VERSIONS = (1, 2)  # what this gpart computes; an adapter records its version and keeps it
 
 ROUNDS = 4
 _M32 = 0xFFFFFFFF
@@ -93,15 +107,49 @@ def feistel(x: torch.Tensor, keys: list[int], a: int, b: int) -> torch.Tensor:
     return (left << wr) | right
 
 
-def permute(positions: torch.Tensor, D: int, keys: list[int]) -> torch.Tensor:
-    """pi(positions): the Feistel permutation, cycle-walked so that it maps [0, D) onto itself."""
-    a, b = domain_bits(D)
-    out = feistel(positions, keys, a, b)
+def grid_shape(D: int) -> tuple[int, int]:
+    """Version 2's grid: (p, B) for 2^p columns and B = ceil(D / 2^p) rows; 2^p * B - D < 2^p, and
+    B <= 2^16 whenever D <= 2^32."""
+    p = (max(1, (D - 1).bit_length()) + 1) // 2
+    return p, -(-D // (1 << p))
+
+
+def spread(h: torch.Tensor, B: int) -> torch.Tensor:
+    """A 32-bit hash -> [0, B) with one multiply: the top 16 bits scaled by B / 2^16."""
+    return ((h >> 16) * B) >> 16
+
+
+def feistel_grid(v: torch.Tensor, keys: list[int], p: int, B: int) -> torch.Tensor:
+    """Version 2's permutation of [0, 2^p * B): v = row * 2^p + column, rounds alternating between the
+    column (plus F(row), mod 2^p) and the row (plus spread(F(column)), mod B)."""
+    mask = (1 << p) - 1
+    column, row = v & mask, v >> p
+    for r, key in enumerate(keys):
+        if r % 2 == 0:
+            column = (column + _round_function(row, key)) & mask
+        else:
+            row = row + spread(_round_function(column, key), B)
+            row = torch.where(row >= B, row - B, row)
+    return (row << p) | column
+
+
+def permute(positions: torch.Tensor, D: int, keys: list[int], version: int = VERSION) -> torch.Tensor:
+    """pi(positions): the version's Feistel permutation, cycle-walked so that it maps [0, D) onto itself."""
+    if version == 1:
+        a, b = domain_bits(D)
+        step = lambda x: feistel(x, keys, a, b)  # noqa: E731
+    elif version == 2:
+        p, B = grid_shape(D)
+        step = lambda x: feistel_grid(x, keys, p, B)  # noqa: E731
+    else:
+        raise PartitionError(f"unknown partition version {version!r}; this gpart knows versions {VERSIONS}")
+    out = step(positions)
     outside = out >= D
-    # Cycle-walking: re-apply pi to the (at most half, usually far fewer) values that left [0, D).
+    # Cycle-walking: re-apply pi to the values that left [0, D) (at most half in version 1, fewer
+    # than 1 in B in version 2).
     while bool(outside.any()):
         idx = outside.nonzero().squeeze(1)
-        walked = feistel(out[idx], keys, a, b)
+        walked = step(out[idx])
         out[idx] = walked
         outside = torch.zeros_like(outside)
         outside[idx] = walked >= D
@@ -126,15 +174,18 @@ def check_sizes(D: int, d: int) -> None:
 class Partition:
     """The partition of D positions into d balanced groups, fixed by `seed`.
 
-    Holds only (seed, D, d) and four round keys: nothing proportional to D.
+    Holds only (seed, D, d, version) and four round keys: nothing proportional to D.
     """
 
     seed: int
     D: int
     d: int
+    version: int = VERSION
 
     def __post_init__(self) -> None:
         check_sizes(self.D, self.d)
+        if self.version not in VERSIONS:
+            raise PartitionError(f"unknown partition version {self.version!r}; this gpart knows versions {VERSIONS}")
         object.__setattr__(self, "keys", tuple(round_keys(self.seed)))
 
     def ids(self, start: int, length: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -142,7 +193,7 @@ class Partition:
         if start < 0 or length < 0 or start + length > self.D:
             raise PartitionError(f"slice [{start}, {start + length}) is outside [0, D={self.D})")
         positions = torch.arange(start, start + length, dtype=torch.int64, device=device)
-        return permute(positions, self.D, list(self.keys)) % self.d
+        return permute(positions, self.D, list(self.keys), self.version) % self.d
 
     def group_sizes(self, device: torch.device | str | None = None) -> torch.Tensor:
         """n_j for every group j: ceil(D/d) for j < D mod d, else floor(D/d)."""
@@ -170,7 +221,7 @@ class Partition:
 
     def describe(self) -> dict:
         """What the saved config records about the partition."""
-        return {"algorithm": ALGORITHM, "version": VERSION, "seed": self.seed, "D": self.D, "d": self.d}
+        return {"algorithm": ALGORITHM, "version": self.version, "seed": self.seed, "D": self.D, "d": self.d}
 
 
 def chunks(start: int, length: int, size: int = CHUNK):

@@ -36,7 +36,7 @@ typedef uint32_t u32;
 typedef uint64_t u64;
 typedef uint16_t u16;
 
-#define GPART_ABI 2
+#define GPART_ABI 3
 #define TILE 4096
 
 extern "C" {
@@ -48,12 +48,14 @@ struct GPartParams {
     u32 drop;       // 1: apply DropConnect
     u32 drop_klo;   // key & 0xFFFFFFFF
     u32 drop_khi;   // (key >> 32) & 0xFFFFFFFF
-    u32 pad;
+    u32 version;    // partition version: 1 (binary Feistel, halves a and b) or 2 (grid 2^grid_p x grid_B)
     u64 drop_thr;   // int(p * 2^32)
     float drop_scale;  // float32(1) / float32(1 - p), as torch computes it (kept positions)
     float drop_zero;   // float32(0) / float32(1 - p) (dropped positions: 0, NaN when p == 1)
     int32_t nthreads;
     int32_t pad2;
+    u32 grid_p;     // version 2: the column width p (the grid has 2^p columns)
+    u32 grid_B;     // version 2: the number of rows B = ceil(D / 2^p)
 };
 }
 
@@ -70,7 +72,9 @@ struct Ctx {
     u64 D, d;
     u32 k0, k1, k2, k3, a, b, ma, mb;
     u32 narrow;      // D <= 2^32
-    u32 walk;        // D < 2^(a+b): cycle-walking may be needed
+    u32 walk;        // D < the permutation's domain: cycle-walking may be needed
+    u32 grid;        // partition version 2
+    u32 gp, gmask, gB;  // version 2: column bits, column mask 2^p - 1, rows
     u32 modkind;     // 0: id = v (d == D), 1: id = 0 (d == 1), 2: general, 3: d a power of two,
                      // 4: single-precision quotient (d <= 2^30 and D / d < 2^21)
     u32 Dm1_32, d32;
@@ -94,7 +98,11 @@ static Ctx make_ctx(const GPartParams* p) {
     c.mb = p->b >= 32 ? 0xFFFFFFFFu : ((1u << p->b) - 1u);
     c.narrow = p->D <= (u64(1) << 32);
     u32 total = p->a + p->b;
-    c.walk = total >= 64 ? 1 : (p->D != (u64(1) << total));
+    c.grid = p->version == 2;
+    c.gp = p->grid_p; c.gB = p->grid_B;
+    c.gmask = p->grid_p >= 32 ? 0xFFFFFFFFu : ((1u << p->grid_p) - 1u);
+    if (c.grid) c.walk = p->D != ((u64(1) << p->grid_p) * (u64)p->grid_B);
+    else c.walk = total >= 64 ? 1 : (p->D != (u64(1) << total));
     c.modkind = (p->d == p->D) ? 0 : (p->d == 1 ? 1 : ((p->d & (p->d - 1)) == 0 ? 3 : 2));
     c.Dm1_32 = (u32)(p->D - 1);
     c.d32 = (u32)p->d;
@@ -136,6 +144,39 @@ static inline u64 feistel64(u64 x, const Ctx& c) {
     t = L ^ (rf(R, c.k2) & c.ma); L = R; R = t;
     t = L ^ (rf(R, c.k3) & c.mb); L = R; R = t;
     return ((u64)L << c.b) | R;
+}
+
+// Version 2: the grid of 2^p columns x B rows (gpart.partition.feistel_grid). A round adds a hash of the
+// row to the column (mod 2^p), or spread(hash of the column) to the row (mod B).
+static inline u32 addmod(u32 y, u32 r, u32 B) {  // (y + r) mod B for y, r < B <= 2^31
+    const u32 t = y + r;
+    return t >= B ? t - B : t;
+}
+// spread(h, B) = ((h >> 16) * B) >> 16; narrow (D <= 2^32) means B <= 2^16, so the product fits 32 bits
+static inline u32 spread32(u32 h, u32 B) { return ((h >> 16) * B) >> 16; }
+static inline u32 spread64(u32 h, u32 B) { return (u32)(((u64)(h >> 16) * B) >> 16); }
+
+// Rounds 2-4 of the narrow grid permutation, from the column after round 1 and the row.
+static inline u32 grid32_from1(u32 col, u32 row, u32 k1, u32 k2, u32 k3, u32 p, u32 mask, u32 B) {
+    row = addmod(row, spread32(rf(col, k1), B), B);
+    col = (col + rf(row, k2)) & mask;
+    row = addmod(row, spread32(rf(col, k3), B), B);
+    return (row << p) | col;
+}
+
+static inline u32 grid32(u32 v, const Ctx& c) {
+    const u32 row = v >> c.gp;
+    // (v + F) & mask is (column + F) mod 2^p: the row bits above p do not reach the low p bits
+    return grid32_from1((v + rf(row, c.k0)) & c.gmask, row, c.k1, c.k2, c.k3, c.gp, c.gmask, c.gB);
+}
+
+static inline u64 grid64(u64 v, const Ctx& c) {
+    u32 col = (u32)(v & (u64)c.gmask), row = (u32)(v >> c.gp);
+    col = (col + rf(row, c.k0)) & c.gmask;
+    row = addmod(row, spread64(rf(col, c.k1), c.gB), c.gB);
+    col = (col + rf(row, c.k2)) & c.gmask;
+    row = addmod(row, spread64(rf(col, c.k3), c.gB), c.gB);
+    return ((u64)row << c.gp) | col;
 }
 
 // Exact v mod d for v < 2^32, d < 2^32: q = trunc(v * (1/d)) in double is the true quotient or one
@@ -285,9 +326,86 @@ static void walk_narrow(const Ctx& c, u32* ids, int n) {
 }
 #endif
 
+// ids[i] = v_i mod d in place, for permuted values v_i < 2^32.
+static void reduce_narrow(const Ctx& c, u32* ids, int n) {
+    if (c.modkind == 1) {
+        for (int i = 0; i < n; i++) ids[i] = 0;
+    } else if (c.modkind == 2) {
+        const u32 d = c.d32;
+        const double inv = c.inv_d;
+        for (int i = 0; i < n; i++) ids[i] = mod32(ids[i], d, inv);
+    } else if (c.modkind == 3) {
+        const u32 m = c.d32 - 1u;
+        for (int i = 0; i < n; i++) ids[i] &= m;
+    } else if (c.modkind == 4) {
+        const u32 d = c.d32;
+        const float inv = c.inv_f;
+        for (int i = 0; i < n; i++) ids[i] = mod32f(ids[i], d, inv);
+    }
+}
+
+// ids[i] = v[i] mod d, for permuted 64-bit values (D > 2^32, so d < D; d <= 2^32 is the caller's check).
+static void reduce_wide(const Ctx& c, const u64* v, int n, u32* ids) {
+    if (c.modkind == 1) {
+        for (int i = 0; i < n; i++) ids[i] = 0;
+    } else if (c.modkind == 3) {
+        const u64 m = c.d - 1;
+        for (int i = 0; i < n; i++) ids[i] = (u32)(v[i] & m);
+    } else {
+        const u64 d = c.d;
+        const unsigned __int128 M = c.M128;
+        for (int i = 0; i < n; i++) ids[i] = (u32)mod64(v[i], d, M);
+    }
+}
+
+// Version 2's group ids. Its grid exceeds D by less than one row, so walked values are rare (fewer than
+// 1 in B): one vectorised test per tile, then a scalar loop over the few values that need it.
+template <bool CONTIG>
+static void grid_ids_tile(const Ctx& c, u64 start, const int64_t* pos, int n, u32* ids) {
+    if (c.narrow) {
+        const u32 k0 = c.k0, k1 = c.k1, k2 = c.k2, k3 = c.k3, p = c.gp, mask = c.gmask, B = c.gB;
+        if (CONTIG) {
+            // the first round adds F(row), one value per run of positions in the same row
+            const u32 s32 = (u32)start;
+            for (int i = 0; i < n;) {
+                const u32 x0 = s32 + (u32)i, row = x0 >> p, f0 = rf(row, k0);
+                int run = (int)(mask - (x0 & mask)) + 1;
+                if (run > n - i) run = n - i;
+                for (int j = 0; j < run; j++)
+                    ids[i + j] = grid32_from1((x0 + (u32)j + f0) & mask, row, k1, k2, k3, p, mask, B);
+                i += run;
+            }
+        } else {
+            for (int i = 0; i < n; i++) ids[i] = grid32((u32)pos[i], c);
+        }
+        if (c.walk) {
+            const u32 Dm1 = c.Dm1_32;
+            u32 out = 0;
+            for (int i = 0; i < n; i++) out |= ids[i] > Dm1;
+            if (out)
+                for (int i = 0; i < n; i++)
+                    while (ids[i] > Dm1) ids[i] = grid32(ids[i], c);
+        }
+        reduce_narrow(c, ids, n);
+    } else {
+        u64 v[TILE];
+        const u64 D = c.D;
+        for (int i = 0; i < n; i++) {
+            u64 w = grid64(CONTIG ? start + (u64)i : (u64)pos[i], c);
+            while (w >= D) w = grid64(w, c);
+            v[i] = w;
+        }
+        reduce_wide(c, v, n, ids);
+    }
+}
+
 // Group ids of n positions (contiguous from `start`, or pos[0..n)) into ids[0..n) (uint32).
 template <bool CONTIG>
 static void ids_tile(const Ctx& c, u64 start, const int64_t* pos, int n, u32* ids) {
+    if (c.grid) {
+        grid_ids_tile<CONTIG>(c, start, pos, n, ids);
+        return;
+    }
     if (c.narrow) {
         const u32 k0 = c.k0, k1 = c.k1, k2 = c.k2, k3 = c.k3, b = c.b, ma = c.ma, mb = c.mb;
         const u32 s32 = (u32)start;
@@ -306,20 +424,7 @@ static void ids_tile(const Ctx& c, u64 start, const int64_t* pos, int n, u32* id
             }
         }
         if (c.walk) walk_narrow(c, ids, n);
-        if (c.modkind == 1) {
-            for (int i = 0; i < n; i++) ids[i] = 0;
-        } else if (c.modkind == 2) {
-            const u32 d = c.d32;
-            const double inv = c.inv_d;
-            for (int i = 0; i < n; i++) ids[i] = mod32(ids[i], d, inv);
-        } else if (c.modkind == 3) {
-            const u32 m = c.d32 - 1u;
-            for (int i = 0; i < n; i++) ids[i] &= m;
-        } else if (c.modkind == 4) {
-            const u32 d = c.d32;
-            const float inv = c.inv_f;
-            for (int i = 0; i < n; i++) ids[i] = mod32f(ids[i], d, inv);
-        }
+        reduce_narrow(c, ids, n);
     } else {
         // wide: D > 2^32, hence d < D; d <= 2^32 is checked by the caller. Same three passes as the
         // narrow path (permute, cycle-walk the compacted list, reduce), in uint64.
@@ -347,16 +452,7 @@ static void ids_tile(const Ctx& c, u64 start, const int64_t* pos, int n, u32* id
             }
             nb = nb2;
         }
-        if (c.modkind == 1) {
-            for (int i = 0; i < n; i++) ids[i] = 0;
-        } else if (c.modkind == 3) {
-            const u64 m = c.d - 1;
-            for (int i = 0; i < n; i++) ids[i] = (u32)(v[i] & m);
-        } else {
-            const u64 d = c.d;
-            const unsigned __int128 M = c.M128;
-            for (int i = 0; i < n; i++) ids[i] = (u32)mod64(v[i], d, M);
-        }
+        reduce_wide(c, v, n, ids);
     }
 }
 
@@ -651,7 +747,7 @@ static int scatter_impl(const Ctx& c, u64 start, const int64_t* pos, int64_t n, 
 struct Round1Table {
     std::vector<u32> tab;
     Round1Table(Ctx& c, const int64_t* pos, int64_t n) {
-        if (pos || !c.narrow || c.b > 16) return;
+        if (pos || c.grid || !c.narrow || c.b > 16) return;
         const int64_t len = ((int64_t)1 << c.b) + TILE;
         if (n < 2 * len) return;
         tab.resize((size_t)len);

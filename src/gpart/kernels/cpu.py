@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import itertools
 import os
 import platform
 import shutil
@@ -31,10 +32,10 @@ import threading
 
 import torch
 
-from ..partition import Partition, domain_bits
+from ..partition import VERSIONS, Partition, domain_bits, grid_shape
 from ._cpu_src import SOURCE
 
-ABI = 2
+ABI = 3
 _M32 = 0xFFFFFFFF
 # ids are computed as uint32, so the fast path needs d <= 2^32 (theta would hold 17 GB beyond that)
 MAX_GROUPS = 1 << 32
@@ -57,12 +58,14 @@ class _Params(ctypes.Structure):
         ("drop", ctypes.c_uint32),
         ("drop_klo", ctypes.c_uint32),
         ("drop_khi", ctypes.c_uint32),
-        ("pad", ctypes.c_uint32),
+        ("version", ctypes.c_uint32),
         ("drop_thr", ctypes.c_uint64),
         ("drop_scale", ctypes.c_float),
         ("drop_zero", ctypes.c_float),
         ("nthreads", ctypes.c_int32),
         ("pad2", ctypes.c_int32),
+        ("grid_p", ctypes.c_uint32),
+        ("grid_B", ctypes.c_uint32),
     ]
 
 
@@ -207,12 +210,13 @@ def _self_test(lib) -> None:
         (11, 85_000_000, 131072, 12_345_678, 30_000),  # long enough for the first-round table
         (5, (1 << 33) + 5, 524288, (1 << 33) - 995, 1000),
     ]
-    for seed, D, d, start, n in cases:
-        part = Partition(seed, D, d)
+    for (seed, D, d, start, n), version in itertools.product(cases, VERSIONS):
+        part = Partition(seed, D, d, version)
         out = torch.empty(n, dtype=torch.int64)
         rc = lib.gpart_ids(ctypes.byref(_params(part, None)), start, None, n, out.data_ptr())
         if rc != 0 or not torch.equal(out, part.ids(start, n)):
-            raise KernelBuildError(f"self-test failed for Partition({seed}, {D}, {d}): the build is miscompiled")
+            raise KernelBuildError(f"self-test failed for Partition({seed}, {D}, {d}, version {version}): "
+                                   "the build is miscompiled")
 
 
 def load():
@@ -269,6 +273,9 @@ def _params(part: Partition, drop, nthreads: int = 1) -> _Params:
     prm.D, prm.d = part.D, part.d
     prm.keys = (ctypes.c_uint32 * 4)(*part.keys)
     prm.a, prm.b = a, b
+    prm.version = part.version
+    if part.version == 2:
+        prm.grid_p, prm.grid_B = grid_shape(part.D)
     prm.nthreads = nthreads
     if drop is not None:
         prm.drop = 1

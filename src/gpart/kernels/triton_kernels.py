@@ -1,7 +1,8 @@
 """The GPU fast path: Triton kernels for ids + gather (+ DropConnect) (+ base weight) and ids + scatter-add.
 
-The arithmetic matches gpart.partition bit for bit: the round function in uint32 wrap-around arithmetic,
-the Feistel halves as uint32 values, the whole value as uint32 when D <= 2^32 and uint64 otherwise,
+The arithmetic matches gpart.partition bit for bit (both partition versions): the round function in uint32
+wrap-around arithmetic, the Feistel halves (version 1) or the grid's column and row (version 2) as uint32
+values, the whole value as uint32 when D <= 2^32 and uint64 otherwise,
 cycle-walking as a loop over the lanes still outside [0, D), and an exact integer `%`. Float work is one
 multiply (DropConnect) and one add (base weight) with FMA contraction disabled, so the values equal the
 reference's too.
@@ -23,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..partition import Partition, domain_bits
+from ..partition import Partition, domain_bits, grid_shape
 from .cpu import drop_values
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -100,9 +101,55 @@ def _feistel_wide(x, k0, k1, k2, k3, b, ma, mb):
 
 
 @triton.jit
+def _grid_round_pair(col, row, kc, kr, mask, B, WIDE: tl.constexpr):
+    # version 2: column += F(row) mod 2^p, then row += spread(F(column)) mod B; uint32 col and row.
+    # spread's product fits 32 bits when D <= 2^32 (B <= 2^16), else it is taken in 64.
+    col = (col + _rf(row, kc)) & mask
+    if WIDE:
+        row = row + ((_rf(col, kr) >> 16).to(tl.uint64) * B.to(tl.uint64) >> 16).to(tl.uint32)
+    else:
+        row = row + ((_rf(col, kr) >> 16) * B >> 16)
+    return col, tl.where(row >= B, row - B, row)
+
+
+@triton.jit
+def _grid_narrow(v, k0, k1, k2, k3, p, mask, B):
+    # uint32 v = row * 2^p + column (D <= 2^32)
+    col, row = _grid_round_pair(v & mask, v >> p, k0, k1, mask, B, False)
+    col, row = _grid_round_pair(col, row, k2, k3, mask, B, False)
+    return (row << p) | col
+
+
+@triton.jit
+def _grid_wide(v, k0, k1, k2, k3, p, mask, B):
+    # uint64 v; the column has p <= 32 bits and the row is below B <= 2^31
+    col = (v & mask.to(tl.uint64)).to(tl.uint32)
+    row = (v >> p.to(tl.uint64)).to(tl.uint32)
+    col, row = _grid_round_pair(col, row, k0, k1, mask, B, True)
+    col, row = _grid_round_pair(col, row, k2, k3, mask, B, True)
+    return (row.to(tl.uint64) << p.to(tl.uint64)) | col.to(tl.uint64)
+
+
+@triton.jit
+def _permute_narrow(x, k0, k1, k2, k3, b, ma, mb, GRID: tl.constexpr):
+    if GRID:
+        return _grid_narrow(x, k0, k1, k2, k3, b, ma, mb)
+    return _feistel_narrow(x, k0, k1, k2, k3, b, ma, mb)
+
+
+@triton.jit
+def _permute_wide(x, k0, k1, k2, k3, b, ma, mb, GRID: tl.constexpr):
+    if GRID:
+        return _grid_wide(x, k0, k1, k2, k3, b, ma, mb)
+    return _feistel_wide(x, k0, k1, k2, k3, b, ma, mb)
+
+
+@triton.jit
 def _group_ids(pos, live, D, Dm1, d, k0, k1, k2, k3, b, ma, mb, NARROW: tl.constexpr, WALK: tl.constexpr,
-               IDENTITY: tl.constexpr):
-    """Group ids (int64) of int64 positions `pos` (lanes where `live` is false give unspecified ids in [0, d))."""
+               IDENTITY: tl.constexpr, GRID: tl.constexpr):
+    """Group ids (int64) of int64 positions `pos` (lanes where `live` is false give unspecified ids in [0, d)).
+    Version 1 (GRID false): b, ma, mb are the low half's width and the two half masks; version 2: the
+    grid's p, the column mask 2^p - 1 and the row count B."""
     k0 = k0.to(tl.uint32)
     k1 = k1.to(tl.uint32)
     k2 = k2.to(tl.uint32)
@@ -112,12 +159,12 @@ def _group_ids(pos, live, D, Dm1, d, k0, k1, k2, k3, b, ma, mb, NARROW: tl.const
     mb = mb.to(tl.uint32)
     if NARROW:
         x = tl.where(live, pos, 0).to(tl.uint32)
-        v = _feistel_narrow(x, k0, k1, k2, k3, b, ma, mb)
+        v = _permute_narrow(x, k0, k1, k2, k3, b, ma, mb, GRID)
         if WALK:
             lim = Dm1.to(tl.uint32)
             out = (v > lim) & live
             while _any(out):
-                v = tl.where(out, _feistel_narrow(v, k0, k1, k2, k3, b, ma, mb), v)
+                v = tl.where(out, _permute_narrow(v, k0, k1, k2, k3, b, ma, mb, GRID), v)
                 out = (v > lim) & live
         if IDENTITY:
             g = v.to(tl.int64)
@@ -125,12 +172,12 @@ def _group_ids(pos, live, D, Dm1, d, k0, k1, k2, k3, b, ma, mb, NARROW: tl.const
             g = (v % d.to(tl.uint32)).to(tl.int64)
     else:
         x = tl.where(live, pos, 0).to(tl.uint64)
-        v = _feistel_wide(x, k0, k1, k2, k3, b, ma, mb)
+        v = _permute_wide(x, k0, k1, k2, k3, b, ma, mb, GRID)
         if WALK:
             lim = D.to(tl.uint64)
             out = (v >= lim) & live
             while _any(out):
-                v = tl.where(out, _feistel_wide(v, k0, k1, k2, k3, b, ma, mb), v)
+                v = tl.where(out, _permute_wide(v, k0, k1, k2, k3, b, ma, mb, GRID), v)
                 out = (v >= lim) & live
         if IDENTITY:
             g = v.to(tl.int64)
@@ -161,7 +208,7 @@ def _bf16_bits(x):
 @triton.jit(do_not_specialize=_SCALARS)
 def _ids_kernel(pos_ptr, out_ptr, start, n, D, Dm1, d, k0, k1, k2, k3, b, ma, mb, klo, khi, thr,
                 HAS_POS: tl.constexpr, NARROW: tl.constexpr, WALK: tl.constexpr, IDENTITY: tl.constexpr,
-                BLOCK: tl.constexpr):
+                GRID: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     live = offs < n
     if HAS_POS:
@@ -169,7 +216,7 @@ def _ids_kernel(pos_ptr, out_ptr, start, n, D, Dm1, d, k0, k1, k2, k3, b, ma, mb
     else:
         pos = start + offs
     valid = live & (pos >= 0) & (pos < D)  # positions outside [0, D) would cycle-walk forever
-    g = _group_ids(pos, valid, D, Dm1, d, k0, k1, k2, k3, b, ma, mb, NARROW, WALK, IDENTITY)
+    g = _group_ids(pos, valid, D, Dm1, d, k0, k1, k2, k3, b, ma, mb, NARROW, WALK, IDENTITY, GRID)
     tl.store(out_ptr + offs, g, mask=live)
 
 
@@ -177,7 +224,8 @@ def _ids_kernel(pos_ptr, out_ptr, start, n, D, Dm1, d, k0, k1, k2, k3, b, ma, mb
 def _gather_kernel(pos_ptr, theta_ptr, base_ptr, out_ptr, start, n, D, Dm1, d, k0, k1, k2, k3, b, ma, mb,
                    klo, khi, thr, scale, zero,
                    HAS_POS: tl.constexpr, HAS_BASE: tl.constexpr, DROP: tl.constexpr, OUT_BF16: tl.constexpr,
-                   NARROW: tl.constexpr, WALK: tl.constexpr, IDENTITY: tl.constexpr, BLOCK: tl.constexpr):
+                   NARROW: tl.constexpr, WALK: tl.constexpr, IDENTITY: tl.constexpr, GRID: tl.constexpr,
+                   BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     live = offs < n
     if HAS_POS:
@@ -185,7 +233,7 @@ def _gather_kernel(pos_ptr, theta_ptr, base_ptr, out_ptr, start, n, D, Dm1, d, k
     else:
         pos = start + offs
     valid = live & (pos >= 0) & (pos < D)  # positions outside [0, D) get 0 instead of a hang
-    g = _group_ids(pos, valid, D, Dm1, d, k0, k1, k2, k3, b, ma, mb, NARROW, WALK, IDENTITY)
+    g = _group_ids(pos, valid, D, Dm1, d, k0, k1, k2, k3, b, ma, mb, NARROW, WALK, IDENTITY, GRID)
     val = tl.load(theta_ptr + g, mask=valid, other=0.0)
     if DROP:
         val = val * _keep_factor(pos, klo, khi, thr, scale, zero)
@@ -201,7 +249,7 @@ def _gather_kernel(pos_ptr, theta_ptr, base_ptr, out_ptr, start, n, D, Dm1, d, k
 def _scatter_kernel(pos_ptr, grad_ptr, acc_ptr, start, n, D, Dm1, d, k0, k1, k2, k3, b, ma, mb,
                     klo, khi, thr, scale, zero,
                     HAS_POS: tl.constexpr, DROP: tl.constexpr, NARROW: tl.constexpr, WALK: tl.constexpr,
-                    IDENTITY: tl.constexpr, BLOCK: tl.constexpr):
+                    IDENTITY: tl.constexpr, GRID: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     live = offs < n
     if HAS_POS:
@@ -209,7 +257,7 @@ def _scatter_kernel(pos_ptr, grad_ptr, acc_ptr, start, n, D, Dm1, d, k0, k1, k2,
     else:
         pos = start + offs
     valid = live & (pos >= 0) & (pos < D)  # positions outside [0, D) are skipped
-    g = _group_ids(pos, valid, D, Dm1, d, k0, k1, k2, k3, b, ma, mb, NARROW, WALK, IDENTITY)
+    g = _group_ids(pos, valid, D, Dm1, d, k0, k1, k2, k3, b, ma, mb, NARROW, WALK, IDENTITY, GRID)
     val = tl.load(grad_ptr + offs, mask=valid, other=0.0).to(tl.float32)
     if DROP:
         val = val * _keep_factor(pos, klo, khi, thr, scale, zero)
@@ -224,13 +272,15 @@ def supports(part: Partition) -> bool:
 
 
 def _common(part: Partition, drop):
-    a, b = domain_bits(part.D)
-    total = a + b
-    scalars = dict(
-        D=part.D, Dm1=part.D - 1, d=part.d, k0=part.keys[0], k1=part.keys[1], k2=part.keys[2], k3=part.keys[3],
-        b=b, ma=(1 << a) - 1, mb=(1 << b) - 1, klo=0, khi=0, thr=0,
-    )
-    flags = dict(NARROW=part.D <= 1 << 32, WALK=part.D != 1 << total, IDENTITY=part.d == part.D)
+    if part.version == 2:
+        p, B = grid_shape(part.D)
+        shape, domain = dict(b=p, ma=(1 << p) - 1, mb=B), (1 << p) * B
+    else:
+        a, b = domain_bits(part.D)
+        shape, domain = dict(b=b, ma=(1 << a) - 1, mb=(1 << b) - 1), 1 << (a + b)
+    scalars = dict(D=part.D, Dm1=part.D - 1, d=part.d, k0=part.keys[0], k1=part.keys[1], k2=part.keys[2],
+                   k3=part.keys[3], **shape, klo=0, khi=0, thr=0)
+    flags = dict(NARROW=part.D <= 1 << 32, WALK=part.D != domain, IDENTITY=part.d == part.D, GRID=part.version == 2)
     scale = zero = 0.0
     if drop is not None:
         scalars.update(klo=drop.key & _M32, khi=(drop.key >> 32) & _M32, thr=max(0, int(drop.p * (1 << 32))))
