@@ -11,7 +11,9 @@ spreads over all paths alike; the table reports the median and the minimum over 
 and of the process CPU time (all threads: the cores' time a pass costs). The reference runs on a shorter
 slice (it is ~100x slower); its cost per weight does not depend on the length. --baseline-rev REV compiles
 the C++ kernels as they were at git revision REV and runs them in the same rounds (backend "cpp@REV"), for
-before/after comparisons on a noisy machine.
+before/after comparisons on a noisy machine. Backend "cpp" uses the partition version of new adapters
+(gpart.partition.VERSION); "cpp (partition v1)" the same build on version 1's partition (older adapters).
+A revision from before version 2 computes version 1 whatever it is asked.
 
 Paths (see gpart.kernels):
   ids            group ids only (int64 out)
@@ -56,7 +58,7 @@ sys.path.insert(0, str(ROOT / "src"))
 import gpart.kernels as K  # noqa: E402
 from gpart.functional import DropConnect, Slice, accumulate_grad, delta_flat  # noqa: E402
 from gpart.kernels import cpu  # noqa: E402
-from gpart.partition import Partition  # noqa: E402
+from gpart.partition import VERSION, Partition  # noqa: E402
 
 ROBERTA_BASE_ALL_LINEAR_D = 12 * (4 * 768 * 768 + 2 * 768 * 3072)  # 84,934,656 weights
 STEP_FLOOR_S = 2.6  # DESIGN.md: frozen fwd+bwd with weight grads, RoBERTa-base, batch 8x128, 2 cores
@@ -149,7 +151,7 @@ def build_paths(args):
             "add": (n, lambda: torch.add(w0, delta, out=out)),
         },
     }
-    def cpp_paths(lib=None):
+    def cpp_paths(lib=None, part=part):
         wrap = (lambda fn: fn) if lib is None else (lambda fn: _with_lib(lib, fn))
         ps = {
             "ids": (n, wrap(lambda: cpu.ids(part, start, n))),
@@ -168,13 +170,15 @@ def build_paths(args):
             ps["merge+grad"] = (n, wrap(lambda: cpu.merge_scatter(theta_s, part, start, w0, grad, acc)))
         # the worst case for cycle-walking (D just above a power of two) and the wide path (D > 2^32)
         for label, D in (("D=2^26+1", (1 << 26) + 1), ("D=2^33+5", (1 << 33) + 5)):
-            p2 = Partition(args.seed, D, args.d)
+            p2 = Partition(args.seed, D, args.d, part.version)
             s2 = D - n - 1
             ps[f"delta {label}"] = (n, wrap(lambda p2=p2, s2=s2: cpu.gather(theta_s, p2, s2, n)))
         return ps
 
     if cpu.available():
         paths["cpp"] = cpp_paths()
+        for version in range(1, VERSION):  # the partitions of older adapters, same build and rounds
+            paths[f"cpp (partition v{version})"] = cpp_paths(part=Partition(args.seed, args.D, args.d, version))
         if args.baseline_rev:
             paths[f"cpp@{args.baseline_rev}"] = cpp_paths(baseline_library(args.baseline_rev))
     else:

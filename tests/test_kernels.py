@@ -316,17 +316,16 @@ def test_cpp_ids_reused_between_gather_and_scatter(cpp):
     part = Partition(12, 85_000_000, 131072)
     base = torch.randn(768, 300)
     theta_s = torch.randn(part.d)
-    merged, ids = K.merged_weight(theta_s, part, 4242, base, DROPS[1], keep_ids=True)
-    assert ids.dtype == torch.int32 and torch.equal(ids.long(), part.ids(4242, base.numel()))
-    assert torch.equal(merged, base + _ref_delta(theta_s, part, 4242, base.numel(), DROPS[1]).view(base.shape))
+    ids = torch.empty(base.numel(), dtype=torch.int32)
+    merged = cpp.gather(theta_s, part, 4242, base.numel(), drop=DROPS[1], base=base, ids_out=ids)
+    assert torch.equal(ids.long(), part.ids(4242, base.numel()))
+    assert torch.equal(merged.view(base.shape),
+                       base + _ref_delta(theta_s, part, 4242, base.numel(), DROPS[1]).view(base.shape))
     grad = torch.randn_like(base)
     a, b = torch.zeros(part.d), torch.zeros(part.d)
-    assert K.accumulate_grad(a, grad, part, 4242, DROPS[1], ids=ids)
+    assert cpp.scatter(a, grad, part, 4242, drop=DROPS[1], ids=ids)
     assert cpp.scatter(b, grad, part, 4242, drop=DROPS[1])
     assert torch.equal(a, b)
-    with K.use_backend("reference"):
-        merged_ref, no_ids = K.merged_weight(theta_s, part, 4242, base, DROPS[1], keep_ids=True)
-    assert no_ids is None and torch.equal(merged_ref, merged)
 
 
 # ---- C++: the backward's fused merge + scatter ------------------------------------------------------

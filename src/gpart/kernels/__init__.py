@@ -278,14 +278,13 @@ def _grad_ok(grad_theta_s: torch.Tensor, grad: torch.Tensor) -> bool:
 
 
 @_opaque
-def accumulate_grad(grad_theta_s: torch.Tensor, grad_w: torch.Tensor, partition, start: int, drop=None,
-                    ids: torch.Tensor | None = None) -> bool:
+def accumulate_grad(grad_theta_s: torch.Tensor, grad_w: torch.Tensor, partition, start: int, drop=None) -> bool:
     """grad_theta_s[g(i)] += vec(grad_w)[i] (times the DropConnect factor) in place; False: nothing done."""
     if not _grad_ok(grad_theta_s, grad_w):
         return False
     if grad_theta_s.is_cuda and torch.are_deterministic_algorithms_enabled():
         return False  # fp32 atomics; the reference's index_add_ is deterministic in this mode
-    return bool(_call(grad_theta_s.device, "scatter", grad_theta_s, grad_w, partition, start, drop=drop, ids=ids))
+    return bool(_call(grad_theta_s.device, "scatter", grad_theta_s, grad_w, partition, start, drop=drop))
 
 
 @_opaque
@@ -307,36 +306,28 @@ def accumulate_grad_at(grad_theta_s: torch.Tensor, grad_vals: torch.Tensor, part
 
 @_opaque
 def merged_weight(theta_s: torch.Tensor, partition, start: int, base: torch.Tensor, drop=None,
-                  out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None, keep_ids: bool = False):
+                  out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """(base.float() + Delta_W).to(out_dtype) in one pass, shaped like `base` (out_dtype: base's dtype).
 
     This is the forward's `W0 + Delta_W` (fp32) and the backward's `(W0.float() + Delta_W).to(bf16)`
     without the fp32 Delta_W in between. out: a contiguous tensor to write into (may be `base` itself:
     W0 += Delta_W in place). Always returns a tensor: it falls back to the reference composite when no
     fast path applies.
-
-    keep_ids=True returns (merged, ids): ids is an int32 tensor of the group ids when the C++ path ran
-    (4 bytes per weight), to hand to accumulate_grad(..., ids=ids) for the same positions so that the
-    scatter skips recomputing them; None otherwise (accumulate_grad then computes them itself).
     """
     out_dtype = base.dtype if out_dtype is None else out_dtype
-    res, ids = None, None
+    res = None
     if _theta_ok(theta_s) and base.device == theta_s.device:
-        if keep_ids and backend_for(theta_s.device) == "cpp" and partition.d <= 1 << 31:
-            ids = torch.empty(base.numel(), dtype=torch.int32)
         res = _call(theta_s.device, "gather", theta_s, partition, start, base.numel(), drop=drop, base=base,
-                    out_dtype=out_dtype, ids_out=ids, out=out)
+                    out_dtype=out_dtype, out=out)
     if res is None:
         from ..functional import Slice, delta_flat as _delta_flat
 
-        ids = None
         delta = _delta_flat(theta_s, Slice(partition, start, tuple(base.shape)), drop)
         res = (base.float() + delta.view(base.shape)).to(out_dtype)
         if out is not None:
             out.copy_(res.view(out.shape))
             res = out
-    res = res.view(base.shape)
-    return (res, ids) if keep_ids else res
+    return res.view(base.shape)
 
 
 @_opaque

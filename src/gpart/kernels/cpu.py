@@ -316,7 +316,9 @@ def gather(theta_s: torch.Tensor, part: Partition, start: int, length: int, *, p
     """base + theta_s[g(i)] * keep(i) for each position, as a flat tensor of `out_dtype`.
 
     theta_s: contiguous fp32 (d,); base: None or a tensor of `length` elements (fp32, bf16 or fp16);
-    ids_out: None or an int32 tensor of `length` elements that receives the group ids (d <= 2^31);
+    ids_out: None or an int32 tensor of `length` elements that receives the group ids (d <= 2^31), for
+    scatter(ids=...); training does not use it (merge_scatter computes each id once without storing
+    it), benchmarks/kernels.py does, to time that schedule against the one-sweep backward;
     out: None (a new tensor) or a contiguous tensor of `length` elements and dtype `out_dtype` to write
     into; `base` may be `out` itself (adds Delta in place).
     Returns None when this case is not supported (the caller uses the reference).
