@@ -170,13 +170,17 @@ static inline u32 grid32(u32 v, const Ctx& c) {
     return grid32_from1((v + rf(row, c.k0)) & c.gmask, row, c.k1, c.k2, c.k3, c.gp, c.gmask, c.gB);
 }
 
+// The wide grid (D > 2^32): the column has p <= 32 bits, the row is below B <= 2^31; rounds 2-4.
+static inline u64 grid64_from1(u32 col, u32 row, u32 k1, u32 k2, u32 k3, u32 p, u32 mask, u32 B) {
+    row = addmod(row, spread64(rf(col, k1), B), B);
+    col = (col + rf(row, k2)) & mask;
+    row = addmod(row, spread64(rf(col, k3), B), B);
+    return ((u64)row << p) | col;
+}
+
 static inline u64 grid64(u64 v, const Ctx& c) {
-    u32 col = (u32)(v & (u64)c.gmask), row = (u32)(v >> c.gp);
-    col = (col + rf(row, c.k0)) & c.gmask;
-    row = addmod(row, spread64(rf(col, c.k1), c.gB), c.gB);
-    col = (col + rf(row, c.k2)) & c.gmask;
-    row = addmod(row, spread64(rf(col, c.k3), c.gB), c.gB);
-    return ((u64)row << c.gp) | col;
+    const u32 row = (u32)(v >> c.gp);
+    return grid64_from1(((u32)v + rf(row, c.k0)) & c.gmask, row, c.k1, c.k2, c.k3, c.gp, c.gmask, c.gB);
 }
 
 // Exact v mod d for v < 2^32, d < 2^32: q = trunc(v * (1/d)) in double is the true quotient or one
@@ -390,10 +394,25 @@ static void grid_ids_tile(const Ctx& c, u64 start, const int64_t* pos, int n, u3
     } else {
         u64 v[TILE];
         const u64 D = c.D;
-        for (int i = 0; i < n; i++) {
-            u64 w = grid64(CONTIG ? start + (u64)i : (u64)pos[i], c);
-            while (w >= D) w = grid64(w, c);
-            v[i] = w;
+        const u32 k0 = c.k0, k1 = c.k1, k2 = c.k2, k3 = c.k3, p = c.gp, mask = c.gmask, B = c.gB;
+        if (CONTIG) {
+            for (int i = 0; i < n;) {
+                const u64 x0 = start + (u64)i;
+                const u32 row = (u32)(x0 >> p), f0 = rf(row, k0), col0 = (u32)x0 & mask;
+                const u64 left = (u64)mask - col0 + 1;
+                const int run = left < (u64)(n - i) ? (int)left : n - i;
+                for (int j = 0; j < run; j++) v[i + j] = grid64_from1((col0 + (u32)j + f0) & mask, row, k1, k2, k3, p, mask, B);
+                i += run;
+            }
+        } else {
+            for (int i = 0; i < n; i++) v[i] = grid64((u64)pos[i], c);
+        }
+        if (c.walk) {
+            u64 out = 0;
+            for (int i = 0; i < n; i++) out |= v[i] >= D;
+            if (out)
+                for (int i = 0; i < n; i++)
+                    while (v[i] >= D) v[i] = grid64(v[i], c);
         }
         reduce_wide(c, v, n, ids);
     }
