@@ -8,6 +8,7 @@ leak into another's numbers.
 
 Methods (all target exactly the same weights):
   gpart        ours: one vector theta (d floats)
+  gpart-v1     the same with partition version 1 (the partition of adapters saved before version 2)
   lora-r8      PEFT LoRA, r=8 (alpha=8)
   lora-r64     PEFT LoRA, r=64 (alpha=64)
   vera         PEFT VeRA, r=256 (PEFT's default)
@@ -32,8 +33,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-METHODS = ("gpart", "lora-r8", "lora-r64", "vera", "unilora", "full", "head-only", "floor")
-PEFT_METHODS = ("gpart", "lora-r8", "lora-r64", "vera", "unilora")
+METHODS = ("gpart", "gpart-v1", "lora-r8", "lora-r64", "vera", "unilora", "full", "head-only", "floor")
+PEFT_METHODS = ("gpart", "gpart-v1", "lora-r8", "lora-r64", "vera", "unilora")
 
 # Target sets by family. "all" means every linear layer of the transformer blocks (attention and
 # MLP); the task head (classifier / lm_head) and BERT's pooler are left out, as PEFT's all-linear
@@ -238,6 +239,8 @@ def peft_config(method: str, family: str, names: list[str], d: int, seed: int):
     common = dict(target_modules=list(names), task_type=task)
     if method == "gpart":
         return gpart.GPartConfig(d=d, seed=seed, **common)
+    if method == "gpart-v1":  # partition version 1, as adapters saved before version 2 use it
+        return gpart.GPartConfig(d=d, seed=seed, partition_version=1, **common)
     if method == "lora-r8":
         return LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0, **common)
     if method == "lora-r64":

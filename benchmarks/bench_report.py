@@ -9,6 +9,7 @@ import statistics
 
 LABELS = {
     "gpart": "GPart (ours)",
+    "gpart-v1": "GPart, partition version 1",
     "lora-r8": "LoRA r=8",
     "lora-r64": "LoRA r=64",
     "vera": "VeRA r=256",

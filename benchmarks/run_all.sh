@@ -18,6 +18,9 @@ run --shape roberta-base --targets all --d 131072
 # the current kernels, GPart / floor / LoRA r=8 only, 5 repeats (docs/performance.md quotes these; run them idle)
 run --shape roberta-base --targets qv --d 131072 --methods gpart,floor,lora-r8 --repeats 5 --name step_time-roberta-base-qv-d131072-b8x128-kernels-v2
 run --shape roberta-base --targets all --d 131072 --methods gpart,floor,lora-r8 --repeats 5 --name step_time-roberta-base-all-d131072-b8x128-kernels-v2-idle
+# partition version 2 against version 1, the same build side by side (docs/performance.md quotes these)
+run --shape roberta-base --targets all --d 131072 --methods gpart,gpart-v1,floor,lora-r8 --repeats 5 --name step_time-roberta-base-all-d131072-b8x128-partition-v2
+OMP_WAIT_POLICY=PASSIVE "$PY" benchmarks/kernels.py --repeats 31 --out-dir docs/benchmarks/partition-v2
 # SmolLM2-135M shape (Llama decoder, causal LM loss)
 run --shape smollm2-135m --targets qv --d 131072
 # d sweep on RoBERTa-base query,value (d changes only GPart's and Uni-LoRA's cost)
