@@ -92,6 +92,7 @@ class WorkerSpec:
     steps: int = 5
     device: str = "cpu"
     dtype: str = "float32"
+    autocast: str | None = None  # "bfloat16" | "float16": forward and loss under torch.autocast
     seed: int = 0
     measure_bytes: bool = True
     threads: int = 0  # 0: torch's default
@@ -413,9 +414,12 @@ def _run(spec: WorkerSpec, res: WorkerResult) -> None:
         raise RuntimeError("nothing to train: no parameter requires grad")
     opt = None if spec.method == "floor" else torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
 
+    cast = getattr(torch, spec.autocast) if spec.autocast else None
+
     def step():
-        out = model(**batch)
-        loss = out.loss
+        with torch.autocast(device.type, dtype=cast, enabled=cast is not None):
+            out = model(**batch)
+            loss = out.loss
         loss.backward()
         if opt is not None:
             opt.step()

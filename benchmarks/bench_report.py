@@ -172,7 +172,8 @@ def render_markdown(result: dict) -> str:
     lines += [f"- Targets: {cfg['targets']} = `{', '.join(cfg['target_modules'])}` "
               f"(D = {fmt_int(cfg.get('D'))} targeted weights); d = {fmt_int(cfg['d'])} (GPart, Uni-LoRA)"]
     if not setup_only:
-        lines += [f"- Batch {cfg['batch']} x {cfg['seq']} tokens, {cfg['dtype']} on {cfg['device']}; per method and "
+        cast = f" under {cfg['autocast']} autocast" if cfg.get("autocast") else ""
+        lines += [f"- Batch {cfg['batch']} x {cfg['seq']} tokens, {cfg['dtype']}{cast} on {cfg['device']}; per method and "
                   f"repeat: {cfg['warmup']} warm-up + {cfg['steps']} timed steps in a fresh subprocess; "
                   f"{cfg['repeats']} repeats, methods interleaved round-robin (order rotated each repeat)."]
         lines += ["- Step = forward + loss + backward + AdamW step (the floor: forward + backward only)."]

@@ -67,6 +67,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="subprocesses per method, interleaved round-robin")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--autocast", default=None, choices=("bfloat16", "float16"),
+                   help="run forward and loss under torch.autocast with this dtype (weights stay --dtype)")
     p.add_argument("--threads", type=int, default=0, help="torch threads in each worker (0: torch's default)")
     p.add_argument("--omp-wait-policy", default="PASSIVE", choices=("PASSIVE", "ACTIVE", "inherit"),
                    help="OMP_WAIT_POLICY of the workers (default PASSIVE: on a shared CPU, spinning OpenMP threads "
@@ -99,6 +101,7 @@ def default_name(args) -> str:
     kernels = os.environ.get("GPART_KERNELS", "auto").strip().lower() or "auto"
     return (f"step_time-{args.shape}-{args.targets}-d{args.d}-b{args.batch}x{args.seq}"
             + ("" if args.dtype == "float32" else f"-{args.dtype}")
+            + ("" if not args.autocast else f"-autocast-{args.autocast}")
             + ("" if kernels == "auto" else f"-kernels-{kernels}"))
 
 
@@ -165,7 +168,8 @@ def measure(args, argv) -> dict:
         methods = [m for m in methods if m in harness.PEFT_METHODS]
     names = harness.target_names(args.shape, args.targets)
     title = (f"{'Setup' if shape.meta else 'Step time'}: {args.shape}, targets {args.targets}, d={args.d:,}"
-             + ("" if shape.meta else f", batch {args.batch}x{args.seq}, {args.dtype}, {device}"))
+             + ("" if shape.meta else f", batch {args.batch}x{args.seq}, {args.dtype}"
+                                      f"{f' under {args.autocast} autocast' if args.autocast else ''}, {device}"))
     result = {
         "benchmark": "setup" if shape.meta else "step_time",
         "title": title,
@@ -175,7 +179,8 @@ def measure(args, argv) -> dict:
             "shape": args.shape, "shape_description": shape.description, "family": shape.family,
             "setup_only": shape.meta, "targets": args.targets, "target_modules": names, "d": args.d,
             "batch": args.batch, "seq": args.seq, "warmup": args.warmup, "steps": args.steps,
-            "repeats": args.repeats, "device": device, "dtype": args.dtype, "methods": methods,
+            "repeats": args.repeats, "device": device, "dtype": args.dtype, "autocast": args.autocast,
+            "methods": methods,
             "in_process": args.in_process, "D": None,
             "omp_wait_policy": "inherit" if args.in_process else args.omp_wait_policy,
             "threads": args.threads or None,
@@ -194,7 +199,7 @@ def measure(args, argv) -> dict:
         for pos, method in enumerate(interleaved_order(methods, rep)):
             spec = harness.WorkerSpec(shape=args.shape, method=method, targets=args.targets, d=args.d,
                                       batch=args.batch, seq=args.seq, warmup=args.warmup, steps=args.steps,
-                                      device=device, dtype=args.dtype, seed=args.seed,
+                                      device=device, dtype=args.dtype, autocast=args.autocast, seed=args.seed,
                                       measure_bytes=(rep == 0), threads=args.threads)
             t = time.perf_counter()
             load = os.getloadavg()[0]
