@@ -156,6 +156,23 @@ def test_in_process_run_writes_json_markdown_and_png(tmp_path):
     assert f"| {r['ratio']:.2f} |" in row and "| tiny-bert | qv | 256 | 2x16 |" in row
 
 
+def test_partition_version_1_method_and_autocast_option(tmp_path):
+    """`gpart-v1` times GPart on partition version 1 beside the current version; --autocast runs the forward
+    under torch.autocast and says so in the report."""
+    assert harness.peft_config("gpart", "encoder", ["query"], 64, 0).partition_version == 2
+    assert harness.peft_config("gpart-v1", "encoder", ["query"], 64, 0).partition_version == 1
+    argv = ["--shape", "tiny-bert", "--targets", "qv", "--d", "64", "--methods", "gpart,gpart-v1", "--batch", "2",
+            "--seq", "8", "--warmup", "0", "--steps", "1", "--repeats", "1", "--device", "cpu", "--autocast",
+            "bfloat16", "--in-process", "--out-dir", str(tmp_path)]
+    assert step_time.main(argv) == 0
+    (path,) = tmp_path.glob("*.json")
+    assert path.name == "step_time-tiny-bert-qv-d64-b2x8-autocast-bfloat16.json"
+    result = json.loads(path.read_text())
+    assert result["config"]["autocast"] == "bfloat16" and "under bfloat16 autocast" in result["title"]
+    assert not result["summary"]["gpart"]["errors"] and not result["summary"]["gpart-v1"]["errors"]
+    assert "| GPart, partition version 1 |" in path.with_suffix(".md").read_text()
+
+
 def test_subprocess_worker_reports_its_own_peak_rss():
     spec = harness.WorkerSpec(shape="tiny-llama", method="floor", targets="qv", d=64, batch=1, seq=8, warmup=0,
                               steps=1, measure_bytes=False)
