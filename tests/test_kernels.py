@@ -147,10 +147,24 @@ def test_cpp_ids_at_arbitrary_positions(cpp, version):
     part = Partition(21, (1 << 33) + 3, 1000, version)
     pos = torch.randint(0, part.D, (4, 777))
     pos[0, :5] = torch.tensor([0, part.D - 1, part.D - 1, 1 << 32, (1 << 32) - 1])
-    from gpart.partition import permute
-
-    ref = permute(pos.reshape(-1).clone(), part.D, list(part.keys), part.version) % part.d
+    ref = part.ids_at(pos)
     assert torch.equal(cpp.ids(part, 0, 0, positions=pos), ref)
+
+
+def test_reference_paths_at_positions_use_the_partitions_version(version):
+    """delta_at / accumulate_grad_at (embedding rows) give what the slice paths give, for either version."""
+    part = Partition(5, 10_000, 77, version)
+    theta_s = torch.randn(part.d)
+    positions = torch.arange(300, 500).view(10, 20)
+    grad = torch.randn(10, 20)
+    sl = Slice(part, 300, (200,))
+    a, b = torch.zeros(part.d), torch.zeros(part.d)
+    with K.use_backend("reference"):
+        assert torch.equal(delta_at(theta_s, part, positions).reshape(-1), delta_flat(theta_s, sl))
+        accumulate_grad_at(a, grad, part, positions)
+        accumulate_grad(b, grad.reshape(-1), sl)
+    assert torch.equal(a, b)
+    assert torch.equal(part.ids_at(positions), part.ids(300, 200))
 
 
 def test_cpp_ids_same_for_any_thread_count(cpp, threads):

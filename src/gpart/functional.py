@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels
-from .partition import Partition, _round_function, chunks, permute
+from .partition import Partition, _round_function, chunks
 
 _M32 = 0xFFFFFFFF
 
@@ -95,7 +95,7 @@ def delta_at(theta_s: torch.Tensor, partition: Partition, positions: torch.Tenso
     if fast is not None:
         return fast
 
-    ids = permute(positions.reshape(-1).clone(), partition.D, list(partition.keys)) % partition.d
+    ids = partition.ids_at(positions)
     vals = theta_s[ids]
     if drop is not None:
         vals = vals * drop.keep_scale(positions.reshape(-1))
@@ -122,7 +122,7 @@ def accumulate_grad_at(grad_theta_s, grad_vals, partition: Partition, positions,
     if kernels.accumulate_grad_at(grad_theta_s, grad_vals, partition, positions, drop):
         return
 
-    ids = permute(positions.reshape(-1).clone(), partition.D, list(partition.keys)) % partition.d
+    ids = partition.ids_at(positions)
     vals = grad_vals.reshape(-1).float()
     if drop is not None:
         vals = vals * drop.keep_scale(positions.reshape(-1))

@@ -133,7 +133,7 @@ def feistel_grid(v: torch.Tensor, keys: list[int], p: int, B: int) -> torch.Tens
     return (row << p) | column
 
 
-def permute(positions: torch.Tensor, D: int, keys: list[int], version: int = VERSION) -> torch.Tensor:
+def permute(positions: torch.Tensor, D: int, keys: list[int], version: int) -> torch.Tensor:
     """pi(positions): the version's Feistel permutation, cycle-walked so that it maps [0, D) onto itself."""
     if version == 1:
         a, b = domain_bits(D)
@@ -192,8 +192,11 @@ class Partition:
         """Group ids (int64) of positions start, ..., start + length - 1."""
         if start < 0 or length < 0 or start + length > self.D:
             raise PartitionError(f"slice [{start}, {start + length}) is outside [0, D={self.D})")
-        positions = torch.arange(start, start + length, dtype=torch.int64, device=device)
-        return permute(positions, self.D, list(self.keys), self.version) % self.d
+        return self.ids_at(torch.arange(start, start + length, dtype=torch.int64, device=device))
+
+    def ids_at(self, positions: torch.Tensor) -> torch.Tensor:
+        """Group ids (int64, flat) of arbitrary positions in [0, D) (int64, any shape)."""
+        return permute(positions.reshape(-1), self.D, list(self.keys), self.version) % self.d  # no input mutated
 
     def group_sizes(self, device: torch.device | str | None = None) -> torch.Tensor:
         """n_j for every group j: ceil(D/d) for j < D mod d, else floor(D/d)."""
