@@ -48,13 +48,14 @@ def load_hub(spec: str, task: str | None = None, *, text_column: str = "text", l
                             for split, rows in splits.items()})
     label_column = _label_column(spec, features, label_column)
     splits = _labelled(spec, splits, label_column)
+    classes = _class_names(features, label_column)
     if task == IMAGE_CLASSIFICATION:
         return _image_dataset(spec, splits, _image_column(spec, features, image_column), label_column, image_size,
-                              label_names)
+                              label_names or classes, classes)
     sources = {split: (f"{spec} [{split}]", _named_labels(_records(spec, split, rows, (text_column, label_column)),
-                                                         label_column, _class_names(features, label_column)))
+                                                         label_column, classes))
                for split, rows in splits.items()}
-    return text_dataset(sources, text_column, label_column, label_names or _class_names(features, label_column))
+    return text_dataset(sources, text_column, label_column, label_names or classes)
 
 
 # ------------------------------------------------------------------------------------- reading the hub
@@ -182,14 +183,12 @@ def _image_column(spec: str, features, asked: str | None) -> str:
     return found[0]
 
 
-def _image_dataset(spec: str, splits: dict, image_column: str, label_column: str, image_size, label_names):
+def _image_dataset(spec: str, splits: dict, image_column: str, label_column: str, image_size, label_names, classes):
     size = (image_size, image_size) if isinstance(image_size, int) else image_size
-    named = {split: list(_named_labels(_records(spec, split, rows, (image_column, label_column)), label_column,
-                                       _class_names(rows.features, label_column)))
+    named = {split: list(_named_labels(_records(spec, split, rows, (image_column, label_column)), label_column, classes))
              for split, rows in splits.items()}
     everything = [(where, row[label_column]) for rows in named.values() for where, row in rows]
-    names, encode = _label_encoder(everything, label_names or _class_names(next(iter(splits.values())).features,
-                                                                            label_column))
+    names, encode = _label_encoder(everything, label_names)
     mode, size = common_format(((where, row[image_column]) for rows in named.values() for where, row in rows), size)
     out = {}
     for split, rows in named.items():

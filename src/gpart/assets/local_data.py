@@ -242,15 +242,17 @@ def _class_files(folder: Path) -> list[tuple[Path, str]]:
     return listing
 
 
+def _open_image(path: Path):
+    try:
+        return _pil().open(path)
+    except Exception as err:  # PIL raises many kinds for a broken file
+        raise DatasetError(f"{path}: not a readable image ({err})") from err
+
+
 def _opened(paths: Iterable[Path]) -> Iterator[tuple[str, object]]:
     """("path", PIL image) for each file, each open only while the caller looks at it."""
-    Image = _pil()
     for path in paths:
-        try:
-            image = Image.open(path)
-        except Exception as err:  # PIL raises many kinds for a broken file
-            raise DatasetError(f"{path}: not a readable image ({err})") from err
-        with image:
+        with _open_image(path) as image:
             yield str(path), image
 
 
@@ -271,8 +273,8 @@ def common_format(images: Iterable[tuple[str, object]], size: tuple[int, int] | 
 
 
 def _read_image(path: Path, mode: str, size: tuple[int, int]) -> np.ndarray:
-    for where, image in _opened([path]):
-        return image_array(where, image, mode, size)
+    with _open_image(path) as image:
+        return image_array(str(path), image, mode, size)
 
 
 def image_array(where: str, image, mode: str, size: tuple[int, int]) -> np.ndarray:
