@@ -315,8 +315,8 @@ def ids(part: Partition, start: int, length: int, positions=None, device=None) -
 
 
 def gather(theta_s: torch.Tensor, part: Partition, start: int, length: int, *, positions=None, drop=None,
-           base: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32, ids_out=None, out=None):
-    if not supports(part) or theta_s.dtype != torch.float32 or ids_out is not None:
+           base: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32, out=None):
+    if not supports(part) or theta_s.dtype != torch.float32:
         return None
     device = theta_s.device
     pos = None if positions is None else _positions(positions, device)
@@ -344,9 +344,9 @@ def gather(theta_s: torch.Tensor, part: Partition, start: int, length: int, *, p
     return out
 
 
-def scatter(acc: torch.Tensor, grad: torch.Tensor, part: Partition, start: int, *, positions=None, drop=None,
-            ids=None) -> bool:
-    if not supports(part) or acc.dtype != torch.float32 or not acc.is_contiguous() or ids is not None:
+def scatter(acc: torch.Tensor, grad: torch.Tensor, part: Partition, start: int, *, positions=None,
+            drop=None) -> bool:
+    if not supports(part) or acc.dtype != torch.float32 or not acc.is_contiguous():
         return False
     if not grad.dtype.is_floating_point:
         return False
