@@ -3,6 +3,7 @@
 
     python benchmarks/quality.py run [--jobs 2] [--phase sweep|grid|dsweep|all] [--runs-dir runs/quality]
     python benchmarks/quality.py report          # docs/results.md + docs/quality/{results.json,*.png}
+    python benchmarks/quality.py partition-check # GPart's grid runs again under the current partition version
 
 Every run is one `gpart train` process with the same data, step budget and batch for every method of a
 domain. Runs whose metrics.json exists are skipped, so `run` resumes where it stopped. Phases, in order:
@@ -204,6 +205,33 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_partition_check(args) -> int:
+    """GPart's grid runs of the study (same learning rate, d and seeds) again, into another runs folder,
+    under the partition version new adapters use now; test metrics beside the study's, in a JSON file."""
+    import gpart
+
+    study, runs = Path(args.runs_dir), Path(args.out_runs_dir)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    todo = [Run(dom, "gpart", s, chosen_lr(study, dom, "gpart"), DOMAINS[dom]["d"])
+            for dom in args.domains.split(",") for s in seeds]
+    execute(runs, todo, args.jobs, args.threads)
+    result = {"partition_version": gpart.VERSION, "command": "python benchmarks/quality.py " + " ".join(args.argv),
+              "domains": {}}
+    for run in todo:
+        dom = result["domains"].setdefault(run.domain, {"lr": run.lr, "d": run.d, "seeds": [], "study": [], "now": []})
+        dom["seeds"].append(run.seed)
+        dom["study"].append(test_metric(run.domain, load_metrics(study, run)))
+        dom["now"].append(test_metric(run.domain, load_metrics(runs, run)))
+    for dom in result["domains"].values():
+        dom["study_mean_sd"], dom["now_mean_sd"] = _mean_sd(dom["study"]), _mean_sd(dom["now"])
+    out = Path(args.out)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.replace(out)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------- report
 
 def _mean_sd(xs):
@@ -388,8 +416,18 @@ def main(argv=None) -> int:
     r.add_argument("--runs-dir", default=str(ROOT / "runs" / "quality"))
     rep = sub.add_parser("report")
     rep.add_argument("--runs-dir", default=str(ROOT / "runs" / "quality"))
+    chk = sub.add_parser("partition-check")
+    chk.add_argument("--domains", default="text,vision")
+    chk.add_argument("--seeds", default="0,1,2")
+    chk.add_argument("--jobs", type=int, default=2)
+    chk.add_argument("--threads", type=int, default=1)
+    chk.add_argument("--runs-dir", default=str(ROOT / "runs" / "quality"), help="the study's runs (version 1)")
+    chk.add_argument("--out-runs-dir", default=str(ROOT / "runs" / "quality-partition-check"))
+    chk.add_argument("--out", default=str(ROOT / "docs" / "quality" / "partition-check.json"))
+    argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
-    return cmd_run(args) if args.cmd == "run" else cmd_report(args)
+    args.argv = argv
+    return {"run": cmd_run, "report": cmd_report, "partition-check": cmd_partition_check}[args.cmd](args)
 
 
 if __name__ == "__main__":

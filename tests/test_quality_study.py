@@ -70,3 +70,26 @@ def test_report_shows_every_seed_and_the_mean(tmp_path):
     assert result["domains"]["text"]["methods"]["lora"]["test"] == [0.8]
     md = q.render(result)
     assert "| GPart | 0.005 | 100 | 0.4 kB | 0.920 ± 0.020 (3) | 0.900, 0.920, 0.940 | 0.100 | 10 |" in md
+
+
+def test_partition_check_puts_the_new_runs_beside_the_studys(tmp_path):
+    """partition-check reruns only GPart's grid runs (the study's chosen lr, d and seeds) into its own folder
+    and writes both sets of test metrics; runs already there are not redone."""
+    study, again = tmp_path / "study", tmp_path / "again"
+    spec = q.DOMAINS["text"]
+    for lr in spec["lr_sweep"]["gpart"]:
+        _write(study, q.Run("text", "gpart", 0, lr, spec["d"]), 0.9 if lr == 4e-2 else 0.5, 0.9)
+    for s, acc in ((1, 0.92), (2, 0.94)):
+        _write(study, q.Run("text", "gpart", s, 4e-2, spec["d"]), 0.9, acc)
+    for s, acc in ((0, 0.91), (1, 0.95), (2, 0.93)):
+        _write(again, q.Run("text", "gpart", s, 4e-2, spec["d"]), 0.9, acc)
+    out = tmp_path / "check.json"
+    argv = ["partition-check", "--domains", "text", "--runs-dir", str(study), "--out-runs-dir", str(again),
+            "--out", str(out)]
+    assert q.main(argv) == 0
+    result = json.loads(out.read_text())
+    text = result["domains"]["text"]
+    assert (text["lr"], text["d"], text["seeds"]) == (4e-2, spec["d"], [0, 1, 2])
+    assert text["study"] == [0.9, 0.92, 0.94] and text["now"] == [0.91, 0.95, 0.93]
+    assert text["now_mean_sd"][0] == pytest.approx(0.93)
+    assert result["partition_version"] == 2 and result["command"].endswith(" ".join(argv))
