@@ -76,6 +76,17 @@ def _saved_adapter(tmp_path, **kwargs):
     return tmp_path
 
 
+@pytest.mark.parametrize("key", ["gpart_theta", "base_model.model.gpart_theta"])
+def test_theta_under_another_key_is_refused_not_left_unset(tmp_path, key):
+    """PEFT loads theta from 'base_model.gpart_theta' only: under any other name the adapter would keep its
+    initial theta and merely warn, so the file is refused."""
+    path = _saved_adapter(tmp_path)
+    theta = load_file(path / "adapter_model.safetensors")["base_model.gpart_theta"]
+    save_file({key: theta}, path / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match="holds no theta .*expected the tensor 'base_model.gpart_theta'"):
+        PeftModel.from_pretrained(tiny_bert(), path)
+
+
 def test_loading_onto_a_different_model_names_the_first_mismatching_tensor(tmp_path):
     path = _saved_adapter(tmp_path)
     torch.manual_seed(0)
