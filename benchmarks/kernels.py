@@ -71,16 +71,28 @@ def _timeit(fn) -> tuple[float, float]:
     return time.perf_counter() - t0, time.process_time() - c0
 
 
+def _kernel_source_at(rev: str) -> str:
+    """The C++ kernel source at git revision `rev`: a .cpp file since it moved out of _cpu_src.py."""
+    def show(path):
+        return subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ROOT, capture_output=True, text=True)
+
+    shipped = show("src/gpart/kernels/cpu_kernels.cpp")
+    if shipped.returncode == 0:
+        return shipped.stdout
+    legacy = show("src/gpart/kernels/_cpu_src.py")
+    legacy.check_returncode()
+    scope: dict = {}
+    exec(compile(legacy.stdout, f"{rev}:_cpu_src.py", "exec"), scope)
+    return scope["SOURCE"]
+
+
 def baseline_library(rev: str):
     """The C++ kernels of git revision `rev`, compiled with today's flags into a temporary folder and loaded."""
-    src = subprocess.run(["git", "show", f"{rev}:src/gpart/kernels/_cpu_src.py"], cwd=ROOT, capture_output=True,
-                         text=True, check=True).stdout
-    scope: dict = {}
-    exec(compile(src, f"{rev}:_cpu_src.py", "exec"), scope)
+    source = _kernel_source_at(rev)
     cxx = cpu._compiler()
     folder = tempfile.mkdtemp(prefix="gpart-baseline-")
     cpp, so = os.path.join(folder, "k.cpp"), os.path.join(folder, "k.so")
-    Path(cpp).write_text(scope["SOURCE"])
+    Path(cpp).write_text(source)
     err = cpu._try_compile(cxx, cpu._flag_sets()[0], cpp, so)
     if err is not None:
         raise RuntimeError(f"could not compile the kernels of {rev}: {err}")

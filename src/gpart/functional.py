@@ -15,45 +15,13 @@ Cost per linear layer (DESIGN.md, cost model):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
 from . import kernels
-from .partition import Partition, _round_function, chunks
-
-_M32 = 0xFFFFFFFF
-
-
-@dataclass(frozen=True)
-class Slice:
-    """Where one adapted tensor sits in the global flattening, and how its update is drawn."""
-
-    partition: Partition
-    start: int
-    shape: tuple[int, ...]
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
-
-
-@dataclass(frozen=True)
-class DropConnect:
-    """DropConnect on Delta_W: each position is kept with probability 1 - p, decided by a keyed hash of
-    (key, position), so backward rebuilds the very mask forward used without storing it."""
-
-    p: float
-    key: int
-
-    def keep_scale(self, positions: torch.Tensor) -> torch.Tensor:
-        bits = _round_function(_round_function(positions & _M32, self.key & _M32) ^ (positions >> 32), self.key >> 32)
-        threshold = int(self.p * (1 << 32))
-        return (bits >= threshold).to(torch.float32) / (1.0 - self.p)
+from .partition import Partition
+# Slice and DropConnect live one floor below (gpart.slices); re-exported here for existing imports
+from .slices import DropConnect, Slice, reference_accumulate_grad, reference_delta_flat  # noqa: F401
 
 
 def draw_dropconnect(p: float, training: bool) -> DropConnect | None:
@@ -73,19 +41,9 @@ def scaled_theta(theta: torch.Tensor, partition: Partition, scales: torch.Tensor
 
 
 def delta_flat(theta_s: torch.Tensor, sl: Slice, drop: DropConnect | None = None) -> torch.Tensor:
-    """vec(Delta_W) for one slice, in fp32 (reference path: chunked ids, then a gather)."""
-
+    """vec(Delta_W) for one slice, in fp32: a fast kernel where one applies, else the reference sweep."""
     fast = kernels.delta_flat(theta_s, sl.partition, sl.start, sl.numel, drop)
-    if fast is not None:
-        return fast
-    out = torch.empty(sl.numel, dtype=torch.float32, device=theta_s.device)
-    for s, n in chunks(sl.start, sl.numel):
-        ids = sl.partition.ids(s, n, device=theta_s.device)
-        vals = theta_s[ids]
-        if drop is not None:
-            vals = vals * drop.keep_scale(torch.arange(s, s + n, device=theta_s.device))
-        out[s - sl.start : s - sl.start + n] = vals
-    return out
+    return fast if fast is not None else reference_delta_flat(theta_s, sl, drop)
 
 
 def delta_at(theta_s: torch.Tensor, partition: Partition, positions: torch.Tensor, drop: DropConnect | None = None):
@@ -104,16 +62,8 @@ def delta_at(theta_s: torch.Tensor, partition: Partition, positions: torch.Tenso
 
 def accumulate_grad(grad_theta_s: torch.Tensor, grad_w: torch.Tensor, sl: Slice, drop: DropConnect | None = None):
     """grad_theta_s[g(i)] += vec(grad_w)[i] for the slice, accumulated in fp32."""
-
-    if kernels.accumulate_grad(grad_theta_s, grad_w, sl.partition, sl.start, drop):
-        return
-    flat = grad_w.reshape(-1)
-    for s, n in chunks(sl.start, sl.numel):
-        ids = sl.partition.ids(s, n, device=grad_theta_s.device)
-        vals = flat[s - sl.start : s - sl.start + n].float()
-        if drop is not None:
-            vals = vals * drop.keep_scale(torch.arange(s, s + n, device=grad_theta_s.device))
-        grad_theta_s.index_add_(0, ids, vals)
+    if not kernels.accumulate_grad(grad_theta_s, grad_w, sl.partition, sl.start, drop):
+        reference_accumulate_grad(grad_theta_s, grad_w, sl, drop)
 
 
 def accumulate_grad_at(grad_theta_s, grad_vals, partition: Partition, positions, drop: DropConnect | None = None):

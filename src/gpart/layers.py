@@ -16,7 +16,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from . import functional as Fn
-from .functional import Slice
+from .slices import Slice
 
 # Relative norm of Delta_W that may be lost when a merge casts to the base dtype before we warn.
 MERGE_LOSS_WARN = 0.01

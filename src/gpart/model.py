@@ -21,9 +21,9 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
 from .config import GPartConfig
-from .functional import Slice
 from .layers import Embedding, GPartLayer, LinearLike, ParamWrapper
 from .partition import Partition, check_sizes
+from .slices import Slice
 
 THETA_KEY = "base_model.gpart_theta"
 

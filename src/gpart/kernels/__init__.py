@@ -35,6 +35,7 @@ import torch
 
 from . import cpu
 from .cpu import KernelBuildError
+from ..slices import Slice, reference_delta_flat
 
 ENV = "GPART_KERNELS"
 BACKENDS = ("auto", "reference", "cpp", "triton")
@@ -320,9 +321,7 @@ def merged_weight(theta_s: torch.Tensor, partition, start: int, base: torch.Tens
         res = _call(theta_s.device, "gather", theta_s, partition, start, base.numel(), drop=drop, base=base,
                     out_dtype=out_dtype, out=out)
     if res is None:
-        from ..functional import Slice, delta_flat as _delta_flat
-
-        delta = _delta_flat(theta_s, Slice(partition, start, tuple(base.shape)), drop)
+        delta = reference_delta_flat(theta_s, Slice(partition, start, tuple(base.shape)), drop)
         res = (base.float() + delta.view(base.shape)).to(out_dtype)
         if out is not None:
             out.copy_(res.view(out.shape))

@@ -29,13 +29,16 @@ import subprocess
 import sys
 import tempfile
 import threading
+from pathlib import Path
 
 import torch
 
 from ..partition import VERSIONS, Partition, domain_bits, grid_shape
-from ._cpu_src import SOURCE
 
 ABI = 3
+# The kernels' C++ source, shipped inside the package; its text is part of the build cache key.
+SOURCE_PATH = Path(__file__).with_name("cpu_kernels.cpp")
+SOURCE = SOURCE_PATH.read_text()
 _M32 = 0xFFFFFFFF
 # ids are computed as uint32, so the fast path needs d <= 2^32 (theta would hold 17 GB beyond that)
 MAX_GROUPS = 1 << 32
@@ -48,7 +51,7 @@ class KernelBuildError(RuntimeError):
 
 
 class _Params(ctypes.Structure):
-    # must match struct GPartParams in _cpu_src.py
+    # must match struct GPartParams in cpu_kernels.cpp
     _fields_ = [
         ("D", ctypes.c_uint64),
         ("d", ctypes.c_uint64),
@@ -157,21 +160,18 @@ def build(verbose: bool = False) -> str:
             return path
         fd, tmp = tempfile.mkstemp(dir=cache, suffix=".so.tmp")
         os.close(fd)
-        src = tmp[: -len(".so.tmp")] + ".cpp"
         try:
-            with open(src, "w") as f:
-                f.write(SOURCE)
             if verbose:
                 print(f"gpart: compiling CPU kernels: {cxx} {' '.join(flags)}", file=sys.stderr)
-            err = _try_compile(cxx, flags, src, tmp)
+            # the shipped file itself, so compiler messages point at its real lines
+            err = _try_compile(cxx, flags, str(SOURCE_PATH), tmp)
             if err is None:
                 os.replace(tmp, path)  # atomic: concurrent builders all end with one complete file
                 return path
             errors.append(f"{' '.join(flags)}:\n{err}")
         finally:
-            for p in (tmp, src):
-                if os.path.exists(p):
-                    os.unlink(p)
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     raise KernelBuildError(f"{cxx} could not compile the kernels:\n" + "\n".join(errors[-1:]))
 
 

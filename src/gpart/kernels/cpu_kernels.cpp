@@ -1,9 +1,4 @@
-"""C++ source of the CPU kernels (kept in a .py file so that it ships inside the wheel).
-
-Compiled on first use by gpart.kernels.cpu with the C++ compiler found on the machine; see that module.
-"""
-
-SOURCE = r'''// gpart CPU kernels: the GPart partition ids fused with gather / scatter-add.
+// gpart CPU kernels: the GPart partition ids fused with gather / scatter-add.
 // Plain C++17 + OpenMP, no torch headers; loaded with ctypes. See gpart/kernels/cpu.py.
 //
 // Bit-exactness with gpart.partition (the reference):
@@ -852,4 +847,3 @@ int gpart_merge_scatter(const GPartParams* p, u64 start, const int64_t* pos, int
 }
 
 }  // extern "C"
-'''

@@ -1,0 +1,97 @@
+"""The library's layering (README, "The house"): each module imports only modules on lower floors.
+
+partition -> slices (value types both kernels and functional use) -> kernels -> functional -> layers
+-> model -> the package's entry points; recipes and the CLI sit on top, and nothing below them
+imports them. A module missing from FLOORS fails here, so a new one gets its floor deliberately.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "gpart"
+
+# module (dotted, relative to gpart; a package stands for all its modules) -> floor
+FLOORS = {
+    "partition": 0,
+    "config": 1,
+    "slices": 1,
+    "kernels": 2,
+    "functional": 3,
+    "layers": 4,
+    "model": 5,
+    "registration": 6,
+    "__init__": 7,
+    "assets": 7,
+    "recipes": 8,
+    "cli": 9,
+    "demo": 10,
+}
+
+
+def _unit(module: str) -> str:
+    """The FLOORS key a dotted module name (relative to gpart) belongs to."""
+    first = module.split(".")[0]
+    return first if first in FLOORS else module
+
+
+def _gpart_imports(path: Path) -> set[str]:
+    """Modules of gpart that `path` imports (relative imports resolved), as dotted names under gpart."""
+    rel = path.relative_to(SRC).with_suffix("")
+    package = list(rel.parts[:-1]) if rel.name != "__init__" else list(rel.parts[:-1])
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - (node.level - 1)]
+                target = base + (node.module.split(".") if node.module else [])
+                names = [target + [alias.name] for alias in node.names] if not node.module else [target]
+            elif node.module and node.module.split(".")[0] == "gpart":
+                names = [node.module.split(".")[1:]]
+            else:
+                continue
+        elif isinstance(node, ast.Import):
+            names = [a.name.split(".")[1:] for a in node.names if a.name.split(".")[0] == "gpart"]
+        else:
+            continue
+        for parts in names:
+            if parts:
+                found.add(".".join(parts))
+    return found
+
+
+def _library_files():
+    return sorted(p for p in SRC.rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", _library_files(), ids=lambda p: str(p.relative_to(SRC)))
+def test_imports_only_lower_floors(path):
+    own = _unit(".".join(path.relative_to(SRC).with_suffix("").parts))
+    if own.endswith(".__init__"):
+        own = own[: -len(".__init__")]
+    assert own in FLOORS, f"gpart/{path.relative_to(SRC)} has no floor: add it to FLOORS in {__file__}"
+    for imported in _gpart_imports(path):
+        unit = _unit(imported)
+        if unit == own or imported.split(".")[0] == own:
+            continue  # within one unit (a package's own modules)
+        assert unit in FLOORS, f"{path.name} imports gpart.{imported}, which has no floor in FLOORS"
+        assert FLOORS[unit] < FLOORS[own], (
+            f"gpart/{path.relative_to(SRC)} (floor {FLOORS[own]}, {own}) imports gpart.{imported} "
+            f"(floor {FLOORS[unit]}, {unit}): a module may only use the floors below its own"
+        )
+
+
+def test_kernels_and_functional_do_not_import_each_other():
+    kernel_imports = set().union(*(_gpart_imports(p) for p in (SRC / "kernels").glob("*.py")))
+    assert not {i for i in kernel_imports if _unit(i) == "functional"}
+    assert "slices" in kernel_imports  # the shared value types come from the floor below both
+
+
+def test_cpu_kernels_ship_as_a_cpp_source():
+    from gpart.kernels import cpu
+
+    assert cpu.SOURCE_PATH.name == "cpu_kernels.cpp" and cpu.SOURCE_PATH.is_file()
+    assert 'extern "C"' in cpu.SOURCE and cpu.SOURCE == cpu.SOURCE_PATH.read_text()
