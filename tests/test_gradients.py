@@ -11,12 +11,14 @@ from peft import get_peft_model
 
 import gpart
 from gpart.partition import Partition
+from gpart.projection import make_projection
 
 
 def _dense_reference(base, peft_model, adapter="default"):
     """(theta leaf, function computing the base model's output with W0 + reshape(P theta) substituted)."""
     cfg = peft_model.peft_config[adapter]
-    P = Partition(cfg.seed, cfg.D, cfg.d).dense().float()
+    P = make_projection(cfg.projection, cfg.seed, cfg.D, cfg.d, cfg.partition_version,
+                        cfg.column_gain_ratio).dense().float()
     theta = peft_model.base_model.gpart_theta[adapter].detach().clone().requires_grad_(True)
     params = dict(base.named_parameters())
 
@@ -84,7 +86,8 @@ def test_update_is_an_isometry_of_theta(name, make, kwargs, inputs):
     flat = torch.cat(pieces)
     assert flat.numel() == cfg.D
     torch.testing.assert_close(flat.norm(), theta.norm(), rtol=1e-5, atol=0)
-    P = Partition(cfg.seed, cfg.D, cfg.d).dense().float()
+    P = make_projection(cfg.projection, cfg.seed, cfg.D, cfg.d, cfg.partition_version,
+                        cfg.column_gain_ratio).dense().float()
     torch.testing.assert_close(flat, P @ theta, rtol=1e-5, atol=1e-6)
 
 
@@ -103,7 +106,8 @@ def test_dropconnect_uses_the_same_mask_forward_and_backward():
     # rebuild the masked update densely and check both the output and the gradient against it
     cfg = model.peft_config["default"]
     theta = model.base_model.gpart_theta["default"]
-    P = Partition(cfg.seed, cfg.D, cfg.d).dense().float()
+    P = make_projection(cfg.projection, cfg.seed, cfg.D, cfg.d, cfg.partition_version,
+                        cfg.column_gain_ratio).dense().float()
     keep = drop.keep_scale(torch.arange(cfg.D))
     assert 0.3 < (keep > 0).float().mean() < 0.7
     t = theta.detach().clone().requires_grad_(True)

@@ -1,7 +1,7 @@
 """The library's layering (README, "The house"): each module imports only modules on lower floors.
 
-partition -> slices (value types both kernels and functional use) -> kernels -> functional -> layers
--> model -> the package's entry points; recipes and the CLI sit on top, and nothing below them
+partition -> the other projections (fastfood; projection chooses among them) and slices (value types
+both kernels and functional use) -> kernels -> functional -> layers -> model -> the package's entry points; recipes and the CLI sit on top, and nothing below them
 imports them. A module missing from FLOORS fails here, so a new one gets its floor deliberately.
 """
 
@@ -17,18 +17,20 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "gpart"
 # module (dotted, relative to gpart; a package stands for all its modules) -> floor
 FLOORS = {
     "partition": 0,
-    "config": 1,
+    "fastfood": 1,
     "slices": 1,
-    "kernels": 2,
-    "functional": 3,
-    "layers": 4,
-    "model": 5,
-    "registration": 6,
-    "__init__": 7,
-    "assets": 7,
-    "recipes": 8,
-    "cli": 9,
-    "demo": 10,
+    "projection": 2,
+    "config": 3,
+    "kernels": 3,
+    "functional": 4,
+    "layers": 5,
+    "model": 6,
+    "registration": 7,
+    "__init__": 8,
+    "assets": 8,
+    "recipes": 9,
+    "cli": 10,
+    "demo": 11,
 }
 
 

@@ -11,6 +11,7 @@ from typing import Optional, Union
 from peft.config import PeftConfig
 
 from .partition import ALGORITHM, VERSION, VERSIONS
+from .projection import PROJECTIONS
 
 PEFT_TYPE = "GPART"
 
@@ -40,6 +41,12 @@ class GPartConfig(PeftConfig):
         init_scale: theta starts at zero (the adapted model equals the base model) unless this is > 0, in
             which case theta ~ N(0, init_scale^2) drawn from the seed (for tests and ablations).
         modules_to_save: extra modules (e.g. a fresh classifier head) trained and saved in full.
+        projection: the map from theta to the weights. "partition" (GPart, the default): the balanced
+            isometric partition. "fastfood": the intrinsic-dimension baseline's Fastfood transform,
+            isometric in expectation only (an ablation; slower). See docs/method.md.
+        column_gain_ratio: 1 (default) keeps the partition isometric. A value r > 1 gives its columns
+            unequal gains, log-spaced with max/min ratio r and mean square 1, so P^T P = diag(gain^2):
+            the non-isometric ablation. Partition only.
         partition_algorithm, partition_version, D, layout, layout_fingerprint: written when the adapter is
             created, checked when it is loaded. Do not set them by hand.
     """
@@ -55,6 +62,8 @@ class GPartConfig(PeftConfig):
     dropout: float = field(default=0.0, metadata={"help": "DropConnect probability on Delta_W."})
     init_scale: float = field(default=0.0, metadata={"help": "Std of theta's initial values (0: zero init)."})
     modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Modules trained in full."})
+    projection: str = field(default="partition", metadata={"help": "partition (GPart) or fastfood (ablation)."})
+    column_gain_ratio: float = field(default=1.0, metadata={"help": "Column gain max/min ratio (1: isometric)."})
     bias: str = field(default="none", metadata={"help": "Base biases stay frozen; see partition_bias."})
     partition_algorithm: str = field(default=ALGORITHM, metadata={"help": "Filled in automatically."})
     partition_version: int = field(default=VERSION, metadata={"help": "Filled in automatically."})
@@ -81,6 +90,18 @@ class GPartConfig(PeftConfig):
             raise ValueError(f"GPartConfig.dropout must be in [0, 1), got {self.dropout}.")
         if float(self.init_scale) < 0.0:
             raise ValueError(f"GPartConfig.init_scale must be >= 0, got {self.init_scale}.")
+        if self.projection not in PROJECTIONS:
+            raise ValueError(
+                f"GPartConfig.projection={self.projection!r} is not supported; choose one of {', '.join(PROJECTIONS)}."
+            )
+        ratio = self.column_gain_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 1.0 <= ratio < float("inf"):
+            raise ValueError(f"GPartConfig.column_gain_ratio must be a number >= 1 (1: isometric), got {ratio!r}.")
+        if self.projection != "partition" and ratio != 1.0:
+            raise ValueError(
+                f"GPartConfig.column_gain_ratio={ratio} applies to projection='partition' only; "
+                f"projection={self.projection!r} takes none."
+            )
         if self.bias != "none":
             raise ValueError(
                 f"GPartConfig.bias={self.bias!r} is not supported: GPart keeps base biases frozen. Use "
@@ -201,6 +222,8 @@ def _check_saved_types(kwargs: dict) -> None:
     fp = kwargs["layout_fingerprint"]
     if not isinstance(fp, str) or not re.fullmatch(r"[0-9a-f]{64}", fp):
         raise ValueError("adapter_config.json: layout_fingerprint must be a sha256 hex digest.")
-    for name in ("dropout", "init_scale"):
+    if "projection" in kwargs and not isinstance(kwargs["projection"], str):
+        raise ValueError("adapter_config.json: projection must be a string.")
+    for name in ("dropout", "init_scale", "column_gain_ratio"):
         if name in kwargs and (isinstance(kwargs[name], bool) or not isinstance(kwargs[name], (int, float))):
             raise ValueError(f"adapter_config.json: {name} must be a number, got {kwargs[name]!r}.")

@@ -33,6 +33,12 @@ def draw_dropconnect(p: float, training: bool) -> DropConnect | None:
     return DropConnect(p, key)
 
 
+def _own_transform(projection) -> bool:
+    """True for projections that bring their own transform (gpart.fastfood); the partition (and its
+    gained variant) goes through the id kernels below."""
+    return not isinstance(projection, Partition)
+
+
 def scaled_theta(theta: torch.Tensor, partition: Partition, scales: torch.Tensor | None = None) -> torch.Tensor:
     """theta_j / sqrt(n_j) in fp32: the value every member of group j receives."""
     if scales is None:
@@ -42,13 +48,16 @@ def scaled_theta(theta: torch.Tensor, partition: Partition, scales: torch.Tensor
 
 def delta_flat(theta_s: torch.Tensor, sl: Slice, drop: DropConnect | None = None) -> torch.Tensor:
     """vec(Delta_W) for one slice, in fp32: a fast kernel where one applies, else the reference sweep."""
+    if _own_transform(sl.partition):
+        return sl.partition.delta(theta_s, sl.start, sl.numel, drop)
     fast = kernels.delta_flat(theta_s, sl.partition, sl.start, sl.numel, drop)
     return fast if fast is not None else reference_delta_flat(theta_s, sl, drop)
 
 
 def delta_at(theta_s: torch.Tensor, partition: Partition, positions: torch.Tensor, drop: DropConnect | None = None):
     """Delta values at arbitrary global positions (used for embedding rows)."""
-
+    if _own_transform(partition):
+        return partition.delta_at(theta_s, positions, drop)
     fast = kernels.delta_at(theta_s, partition, positions, drop)
     if fast is not None:
         return fast
@@ -62,13 +71,16 @@ def delta_at(theta_s: torch.Tensor, partition: Partition, positions: torch.Tenso
 
 def accumulate_grad(grad_theta_s: torch.Tensor, grad_w: torch.Tensor, sl: Slice, drop: DropConnect | None = None):
     """grad_theta_s[g(i)] += vec(grad_w)[i] for the slice, accumulated in fp32."""
+    if _own_transform(sl.partition):
+        return sl.partition.accumulate(grad_theta_s, grad_w, sl.start, drop)
     if not kernels.accumulate_grad(grad_theta_s, grad_w, sl.partition, sl.start, drop):
         reference_accumulate_grad(grad_theta_s, grad_w, sl, drop)
 
 
 def accumulate_grad_at(grad_theta_s, grad_vals, partition: Partition, positions, drop: DropConnect | None = None):
     """grad_theta_s[g(p)] += grad_vals[p] for arbitrary global positions."""
-
+    if _own_transform(partition):
+        return partition.accumulate_at(grad_theta_s, grad_vals, positions, drop)
     if kernels.accumulate_grad_at(grad_theta_s, grad_vals, partition, positions, drop):
         return
 
@@ -175,7 +187,7 @@ class _GPartOp(torch.autograd.Function):
             # dL/dW first, so that the merged weight for the input gradient and the scatter of dL/dW into
             # dL/dtheta share one sweep over the ids (the fused kernel); else two sweeps.
             wm = None
-            if need_gx:
+            if need_gx and not _own_transform(sl.partition):
                 wm = kernels.merged_weight_and_grad(theta_s, sl.partition, sl.start, weight, gw, grad_theta_s,
                                                     spec.drop, out_dtype=cdt)
             if wm is None:
@@ -199,6 +211,8 @@ def _merged(theta_s, spec: _Spec, weight: torch.Tensor, cdt: torch.dtype) -> tor
     if weight.dtype == torch.float64 or cdt == torch.float64:
         return (weight.double() + _weight_update(theta_s, spec, torch.float64)).to(cdt)
     sl = spec.weight
+    if _own_transform(sl.partition):
+        return (weight.float() + _weight_update(theta_s, spec, torch.float32)).to(cdt)
     return kernels.merged_weight(theta_s, sl.partition, sl.start, weight, spec.drop, out_dtype=cdt)
 
 

@@ -22,7 +22,8 @@ from torch import nn
 
 from .config import GPartConfig
 from .layers import Embedding, GPartLayer, LinearLike, ParamWrapper
-from .partition import Partition, check_sizes
+from .partition import check_sizes
+from .projection import make_projection
 from .slices import Slice
 
 THETA_KEY = "base_model.gpart_theta"
@@ -187,7 +188,7 @@ class GPartModel(BaseTuner):
         check_sizes(D, config.d)
         config.D, config.layout = D, [[name, list(shape)] for name, shape in layout]
         config.layout_fingerprint = layout_fingerprint(layout)
-        partition = Partition(config.seed, D, config.d, config.partition_version)
+        partition = _projection(config, D)
         offset = 0
         for _, layer in self._gpart_layers():
             if adapter_name not in layer.gpart_slices:
@@ -228,7 +229,7 @@ class GPartModel(BaseTuner):
         key = (adapter_name, str(device))
         if key not in self._gpart_scales:
             config = self.peft_config[adapter_name]
-            self._gpart_scales[key] = Partition(config.seed, config.D, config.d, config.partition_version).scales(device=device)
+            self._gpart_scales[key] = _projection(config, config.D).scales(device=device)
         return self._gpart_scales[key]
 
     def _set_theta_trainability(self, inference_mode: bool = False) -> None:
@@ -282,7 +283,7 @@ class GPartModel(BaseTuner):
         ref = self.peft_config[adapters[0]]
         for name in adapters[1:]:
             other = self.peft_config[name]
-            for attr in ("seed", "d", "layout_fingerprint"):
+            for attr in ("seed", "d", "layout_fingerprint", "partition_version", "projection", "column_gain_ratio"):
                 if getattr(other, attr) != getattr(ref, attr):
                     raise ValueError(
                         f"Cannot combine '{adapters[0]}' and '{name}' in theta space: their {attr} differs "
@@ -331,6 +332,11 @@ def _numel(shape) -> int:
     for s in shape:
         n *= int(s)
     return n
+
+
+def _projection(config: GPartConfig, D: int):
+    return make_projection(config.projection, config.seed, D, config.d, config.partition_version,
+                           config.column_gain_ratio)
 
 
 def _initial_theta(config: GPartConfig, device) -> torch.Tensor:

@@ -1,0 +1,176 @@
+"""Fastfood: the structured random projection of the intrinsic-dimension baseline (Li et al. 2018;
+the DID of Aghajanyan et al. 2021), offered as an ablation of GPart's partition (projection="fastfood").
+
+    P theta = c * [ H G_b Pi_b H B_b pad_L(theta) ]  for blocks b = 0 .. K-1, stacked, cut to D rows
+
+- L is the smallest power of two >= d; theta is zero-padded to length L; K = ceil(D / L) blocks.
+- H is the unnormalised Walsh-Hadamard transform (H H^T = L I); B_b a diagonal of random signs; Pi_b a
+  random permutation of [0, L); G_b a diagonal of Gaussians rescaled so that ||G_b||^2 = L.
+- c = 1 / sqrt(L * D). Each full block then gives every column of P a squared norm of exactly L^2 * c^2,
+  so the diagonal of P^T P is 1 when L divides D (close to 1 otherwise), while its off-diagonal entries
+  are random: P is an isometry in expectation only, unlike the partition's exact P^T P = I.
+
+Stateless like the partition: B_b, Pi_b and G_b come from integer hashes of (seed, block, position),
+bit-identical on every device, and are rebuilt at each call; nothing per weight is kept between calls.
+The work is 2 log2(L) additions per weight and per transform, against one gather for the partition.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .partition import VERSION, PartitionError, _round_function, permute, round_keys, splitmix64
+
+_M32 = 0xFFFFFFFF
+# The largest Walsh-Hadamard transform built: one block is L floats per adapted tensor and call.
+MAX_LOG2_L = 24
+_SIGN, _GAUSS_A, _GAUSS_B = 0x5167, 0x6A55, 0x7E21  # salts separating the three random streams
+
+
+def fwht(x: torch.Tensor) -> torch.Tensor:
+    """Unnormalised Walsh-Hadamard transform along the last dimension (a power of two)."""
+    n = x.shape[-1]
+    lead = x.shape[:-1]
+    h = 1
+    while h < n:
+        pairs = x.reshape(*lead, n // (2 * h), 2, h)
+        a, b = pairs[..., 0, :], pairs[..., 1, :]
+        x = torch.stack((a + b, a - b), dim=-2)
+        h *= 2
+    return x.reshape(*lead, n)
+
+
+def _hash(positions: torch.Tensor, key: int) -> torch.Tensor:
+    """32-bit hash of int64 positions (any value below 2^63) under a 64-bit key."""
+    low = _round_function(positions & _M32, key & _M32)
+    return _round_function(low ^ (positions >> 32), key >> 32)
+
+
+@dataclass(frozen=True)
+class Fastfood:
+    """The Fastfood projection of D positions from d coordinates, fixed by `seed`."""
+
+    seed: int
+    D: int
+    d: int
+    version: int = VERSION  # of the integer hashes (shared with the partition's)
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.d, int) and isinstance(self.D, int) and 1 <= self.d <= self.D):
+            raise PartitionError(f"Fastfood needs integers 1 <= d <= D, got d={self.d!r}, D={self.D!r}")
+        log2_l = max(0, (self.d - 1).bit_length())
+        if log2_l > MAX_LOG2_L:
+            raise PartitionError(
+                f"projection='fastfood' with d={self.d:,} needs a Walsh-Hadamard transform of size 2^{log2_l}; "
+                f"gpart builds Fastfood up to 2^{MAX_LOG2_L} (d <= {1 << MAX_LOG2_L:,}). Use a smaller d or "
+                "projection='partition'."
+            )
+        object.__setattr__(self, "L", 1 << log2_l)
+        object.__setattr__(self, "c", 1.0 / math.sqrt(self.L * self.D))
+        keys = round_keys(self.seed)
+        object.__setattr__(self, "stream_key", (keys[0] << 32) | keys[1])
+
+    # -- the random diagonals and permutations of a set of blocks ----------------------------------------
+
+    def _signs(self, blocks: torch.Tensor) -> torch.Tensor:
+        pos = blocks[:, None] * self.L + torch.arange(self.L, device=blocks.device)
+        bit = _hash(pos, splitmix64(self.stream_key ^ _SIGN)) & 1
+        return 1.0 - 2.0 * bit.to(torch.float32)
+
+    def _gauss(self, blocks: torch.Tensor) -> torch.Tensor:
+        """Box-Muller Gaussians from two hash streams, each block rescaled to squared norm L."""
+        pos = blocks[:, None] * self.L + torch.arange(self.L, device=blocks.device)
+        u1 = (_hash(pos, splitmix64(self.stream_key ^ _GAUSS_A)).double() + 0.5) / 2.0**32
+        u2 = (_hash(pos, splitmix64(self.stream_key ^ _GAUSS_B)).double() + 0.5) / 2.0**32
+        g = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
+        g = g * torch.sqrt(self.L / (g * g).sum(1, keepdim=True))
+        return g.to(torch.float32)
+
+    def _perms(self, blocks: torch.Tensor) -> torch.Tensor:
+        """Pi_b for each block: a keyed Feistel permutation of [0, L) (the partition's version-1 network)."""
+        arange = torch.arange(self.L, dtype=torch.int64, device=blocks.device)
+        rows = [permute(arange, self.L, round_keys(splitmix64(self.stream_key ^ int(b)) >> 1), 1) for b in blocks.tolist()]
+        return torch.stack(rows)
+
+    # -- forward and transpose over whole blocks --------------------------------------------------------
+
+    def _blocks(self, theta_s: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        """(len(blocks), L): P theta on those blocks, before the cut to D."""
+        v = torch.zeros(len(blocks), self.L, dtype=torch.float32, device=theta_s.device)
+        v[:, : self.d] = theta_s.float()
+        v = fwht(v * self._signs(blocks))
+        v = torch.gather(v, 1, self._perms(blocks)) * self._gauss(blocks)
+        return fwht(v) * self.c
+
+    def _blocks_t(self, u: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        """(d,): the transpose of _blocks applied to per-block values u (len(blocks), L), summed over blocks."""
+        u = fwht(u * self.c) * self._gauss(blocks)
+        w = torch.zeros_like(u).scatter_(1, self._perms(blocks), u)
+        return (fwht(w) * self._signs(blocks))[:, : self.d].sum(0)
+
+    def _covering(self, start: int, length: int, device) -> torch.Tensor:
+        return torch.arange(start // self.L, (start + length - 1) // self.L + 1, device=device)
+
+    # -- what gpart.functional calls ---------------------------------------------------------------------
+
+    def scales(self, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Column scales applied to theta before the transform: none (c is inside the transform)."""
+        return torch.ones(self.d, dtype=dtype, device=device)
+
+    def delta(self, theta_s: torch.Tensor, start: int, length: int, drop=None) -> torch.Tensor:
+        """vec(Delta) at positions [start, start + length), fp32."""
+        self._check_range(start, length)
+        blocks = self._covering(start, length, theta_s.device)
+        flat = self._blocks(theta_s, blocks).reshape(-1)
+        off = start - int(blocks[0]) * self.L
+        out = flat[off : off + length]
+        if drop is not None:
+            out = out * drop.keep_scale(torch.arange(start, start + length, device=theta_s.device))
+        return out
+
+    def accumulate(self, grad_theta_s: torch.Tensor, grad: torch.Tensor, start: int, drop=None) -> None:
+        """grad_theta_s += P[start:start+n]^T vec(grad), in fp32."""
+        g = grad.reshape(-1).float()
+        length = g.numel()
+        self._check_range(start, length)
+        if drop is not None:
+            g = g * drop.keep_scale(torch.arange(start, start + length, device=g.device))
+        blocks = self._covering(start, length, g.device)
+        u = torch.zeros(len(blocks) * self.L, dtype=torch.float32, device=g.device)
+        off = start - int(blocks[0]) * self.L
+        u[off : off + length] = g
+        grad_theta_s += self._blocks_t(u.view(len(blocks), self.L), blocks)
+
+    def delta_at(self, theta_s: torch.Tensor, positions: torch.Tensor, drop=None) -> torch.Tensor:
+        """Delta at arbitrary positions (any shape), fp32."""
+        flat = positions.reshape(-1)
+        blocks, where = torch.unique(flat // self.L, return_inverse=True)
+        vals = self._blocks(theta_s, blocks)[where, flat % self.L]
+        if drop is not None:
+            vals = vals * drop.keep_scale(flat)
+        return vals.view(positions.shape)
+
+    def accumulate_at(self, grad_theta_s: torch.Tensor, grad_vals: torch.Tensor, positions: torch.Tensor,
+                      drop=None) -> None:
+        flat = positions.reshape(-1)
+        vals = grad_vals.reshape(-1).float()
+        if drop is not None:
+            vals = vals * drop.keep_scale(flat)
+        blocks, where = torch.unique(flat // self.L, return_inverse=True)
+        u = torch.zeros(len(blocks), self.L, dtype=torch.float32, device=vals.device)
+        u.index_put_((where, flat % self.L), vals, accumulate=True)
+        grad_theta_s += self._blocks_t(u, blocks)
+
+    def dense(self) -> torch.Tensor:
+        """The D x d matrix P, materialised (for tests and small models only)."""
+        if self.D * self.d > 1 << 24:
+            raise PartitionError(f"refusing to materialise a {self.D} x {self.d} matrix; this is for small tests")
+        eye = torch.eye(self.d)
+        return torch.stack([self.delta(eye[j], 0, self.D) for j in range(self.d)], 1).double()
+
+    def _check_range(self, start: int, length: int) -> None:
+        if start < 0 or length < 1 or start + length > self.D:
+            raise PartitionError(f"slice [{start}, {start + length}) is outside [0, D={self.D})")
