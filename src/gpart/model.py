@@ -25,6 +25,7 @@ from .config import GPartConfig
 from .functional import Slice
 from .layers import Embedding, GPartLayer, LinearLike, ParamWrapper, QuantizedLinear
 from .partition import Partition, check_sizes
+from .theta import ThetaDict
 
 THETA_KEY = "base_model.gpart_theta"
 
@@ -93,7 +94,7 @@ class GPartModel(BaseTuner):
 
     def inject_adapter(self, model, adapter_name, autocast_adapter_dtype=True, low_cpu_mem_usage=False, state_dict=None):
         if "gpart_theta" not in self._modules:
-            self.gpart_theta = nn.ParameterDict()
+            self.gpart_theta = ThetaDict()  # theta stays float32 when a trainer casts trainables to bf16
             self._gpart_scales: dict = {}
         if adapter_name in self.gpart_theta:
             raise ValueError(f"An adapter named '{adapter_name}' already exists; choose another name.")
@@ -251,12 +252,15 @@ class GPartModel(BaseTuner):
             self.gpart_theta[name].requires_grad_(requires_grad)
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
-        # theta is created in fp32; without autocast it follows the base weights' dtype, like LoRA's factors
+        # theta is created in fp32; without autocast it follows (and keeps) the base weights' dtype, like
+        # LoRA's factors. A quantized base has no float weight to follow: theta stays fp32 there.
         theta = self.gpart_theta.get(adapter_name) if "gpart_theta" in self._modules else None
         if theta is None or theta.is_meta or autocast_adapter_dtype:
             return
         first = self._first_adapted_tensor(adapter_name)
         if first is not None and first.dtype.is_floating_point and first.dtype != theta.dtype:
+            if hasattr(theta, "keep_dtype"):
+                theta.keep_dtype = first.dtype
             theta.data = theta.data.to(first.dtype)
 
     def delete_adapter(self, adapter_name: str) -> None:

@@ -35,6 +35,13 @@ _OTHER_QUANTIZERS = (
 )
 
 
+def _plain_types() -> tuple[type, ...]:
+    from transformers.pytorch_utils import Conv1D
+
+    return (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear, Conv1D, nn.Conv1d, nn.Conv2d, nn.Conv3d,
+            nn.Embedding)
+
+
 def _bnb():
     # bitsandbytes layers can only exist once bitsandbytes is imported: never import it ourselves
     return sys.modules.get("bitsandbytes")
@@ -61,6 +68,21 @@ def unsupported_reason(module: nn.Module) -> str | None:
     """
     if bnb_kind(module) is not None:
         return None
+    weight = getattr(module, "weight", None)
+    if type(module) not in _plain_types():
+        reason = _known_quantizer(module)
+        if reason is not None:
+            return reason
+    if isinstance(weight, torch.Tensor) and not weight.is_meta:
+        if _is_tensor_subclass(weight):
+            return f"its weight is a {type(weight).__name__} tensor subclass (e.g. torchao), not a plain tensor"
+        if weight.dtype not in FLOAT_DTYPES:
+            return f"its weight is {weight.dtype}, not a float16/bfloat16/float32/float64 tensor"
+    return None
+
+
+def _known_quantizer(module: nn.Module) -> str | None:
+    """PEFT's quantization backends (which import the quantization libraries installed), then class names."""
     name = type(module).__name__
     try:
         from peft.utils.quantization_utils import resolve_quantization_backend
@@ -74,12 +96,6 @@ def unsupported_reason(module: nn.Module) -> str | None:
     for fragment, label in _OTHER_QUANTIZERS:
         if fragment in lowered:
             return f"it looks like {label} ({type(module).__module__}.{name})"
-    weight = getattr(module, "weight", None)
-    if isinstance(weight, torch.Tensor) and not weight.is_meta:
-        if _is_tensor_subclass(weight):
-            return f"its weight is a {type(weight).__name__} tensor subclass (e.g. torchao), not a plain tensor"
-        if weight.dtype not in FLOAT_DTYPES:
-            return f"its weight is {weight.dtype}, not a float16/bfloat16/float32/float64 tensor"
     return None
 
 
