@@ -52,7 +52,10 @@ def prompt_completion():
 
 
 def _base(quantized, bnb_llama_dir):
-    return load_quantized(bnb_llama_dir, "nf4") if quantized else bnb_llama()
+    if quantized:
+        pytest.importorskip("bitsandbytes")
+        return load_quantized(bnb_llama_dir, "nf4")
+    return bnb_llama()
 
 
 def _train(tmp_path, model, data, **config):
@@ -102,6 +105,7 @@ def test_sft_on_prompt_completion_data(quantized, bnb_llama_dir, tmp_path):
 
 
 def test_theta_and_adam_state_stay_float32_through_trls_bf16_cast_of_a_quantized_model(bnb_llama_dir, tmp_path):
+    pytest.importorskip("bitsandbytes")
     model = load_quantized(bnb_llama_dir, "nf4-dq")
     assert model.is_loaded_in_4bit  # what makes TRL cast every trainable parameter to bf16
     trainer, theta = _train(tmp_path, model, conversational(), use_cpu=True)
