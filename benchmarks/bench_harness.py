@@ -21,6 +21,11 @@ Methods (all target exactly the same weights):
 
 Every adapter method on an encoder also trains the fresh classifier head (PEFT's SEQ_CLS
 modules_to_save), as a real fine-tune does; the floor and the frozen weights do not.
+
+Quantized bases (`quant`, decoders only): the shape is saved once as a float checkpoint by the driver and
+each worker loads it with transformers' BitsAndBytesConfig (every linear layer of the blocks quantized,
+the embeddings and lm_head not, as transformers does), so no worker ever holds the float model. Only
+the adapter methods apply there (the floor and full fine-tuning need float weights).
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+QUANT_MODES = ("nf4", "nf4-dq", "fp4", "fp4-dq", "8bit")  # bitsandbytes; "-dq": double quantization
 METHODS = ("gpart", "gpart-v1", "lora-r8", "lora-r64", "vera", "unilora", "full", "head-only", "floor")
 PEFT_METHODS = ("gpart", "gpart-v1", "lora-r8", "lora-r64", "vera", "unilora")
 
@@ -46,6 +52,7 @@ TARGETS = {
     },
     "decoder": {
         "qv": ["q_proj", "v_proj"],
+        "attn": ["q_proj", "k_proj", "v_proj", "o_proj"],
         "all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     },
 }
@@ -96,6 +103,8 @@ class WorkerSpec:
     seed: int = 0
     measure_bytes: bool = True
     threads: int = 0  # 0: torch's default
+    quant: str | None = None  # one of QUANT_MODES: load `checkpoint` quantized with bitsandbytes
+    checkpoint: str | None = None  # float checkpoint of the shape (save_float_checkpoint), for `quant`
 
 
 @dataclass
@@ -189,6 +198,36 @@ def build_model(shape: str, seed: int = 0, device=None):
     raise ValueError(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
 
 
+def bnb_config(quant: str, compute_dtype):
+    """transformers' BitsAndBytesConfig for one of QUANT_MODES."""
+    from transformers import BitsAndBytesConfig
+
+    if quant not in QUANT_MODES:
+        raise ValueError(f"unknown quantization {quant!r}; choose from {', '.join(QUANT_MODES)}")
+    if quant == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant[:3],
+                              bnb_4bit_use_double_quant=quant.endswith("-dq"), bnb_4bit_compute_dtype=compute_dtype)
+
+
+def save_float_checkpoint(shape: str, seed: int, path) -> None:
+    """The shape's random-init model saved in bfloat16 (what quantized workers load)."""
+    import torch
+
+    if SHAPES[shape].family != "decoder" or SHAPES[shape].meta:
+        raise ValueError(f"quantized bases are benchmarked on decoder shapes, not {shape!r}")
+    build_model(shape, seed).to(torch.bfloat16).save_pretrained(path)
+
+
+def load_quantized(checkpoint: str, quant: str, device, dtype):
+    """The checkpoint loaded with bitsandbytes quantization (device_map to `device`), non-quantized
+    parameters in `dtype`."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=bnb_config(quant, dtype),
+                                                device_map=str(device), dtype=dtype)
+
+
 def make_batch(model, family: str, batch: int, seq: int, seed: int, device):
     """Random token ids (fixed seed); labels for 2-class classification or the causal LM loss."""
     import torch
@@ -216,6 +255,14 @@ def matches_target(module_name: str, names: list[str]) -> bool:
 
 def _is_head_module(module_name: str) -> bool:
     return module_name.split(".")[0] in ("classifier", "score", "lm_head")
+
+
+def targeted_numel(model, names: list[str]) -> int:
+    """Number of targeted weight entries: in_features x out_features (a 4-bit weight's storage is packed)."""
+    from torch import nn
+
+    return sum(m.in_features * m.out_features for key, m in model.named_modules()
+               if isinstance(m, nn.Linear) and matches_target(key, names) and not _is_head_module(key))
 
 
 def targeted_weights(model, names: list[str]) -> dict:
@@ -387,11 +434,16 @@ def _run(spec: WorkerSpec, res: WorkerResult) -> None:
     dtype = getattr(torch, spec.dtype)
 
     t0 = time.perf_counter()
-    model = build_model(spec.shape, spec.seed, device)
-    if not shape.meta:
-        model = model.to(device=device, dtype=dtype)
+    if spec.quant:
+        if spec.method not in PEFT_METHODS:
+            raise SkipMethod(f"{spec.method} needs float weights; the base is quantized ({spec.quant})")
+        model = load_quantized(spec.checkpoint, spec.quant, device, dtype)
+    else:
+        model = build_model(spec.shape, spec.seed, device)
+        if not shape.meta:
+            model = model.to(device=device, dtype=dtype)
     res.model_build_s = time.perf_counter() - t0
-    res.D = sum(w.numel() for w in targeted_weights(model, names).values())
+    res.D = targeted_numel(model, names)
 
     if shape.meta:
         _run_meta(spec, res, model, shape, names)

@@ -177,6 +177,10 @@ def render_markdown(result: dict) -> str:
                   f"repeat: {cfg['warmup']} warm-up + {cfg['steps']} timed steps in a fresh subprocess; "
                   f"{cfg['repeats']} repeats, methods interleaved round-robin (order rotated each repeat)."]
         lines += ["- Step = forward + loss + backward + AdamW step (the floor: forward + backward only)."]
+        if cfg.get("quant"):
+            lines += [f"- Base quantized with bitsandbytes ({cfg['quant']}): every linear layer of the blocks, loaded "
+                      "with transformers' BitsAndBytesConfig from a bf16 checkpoint of the shape (embeddings and "
+                      "lm_head unquantized); the adapter methods only."]
         pol = cfg.get("omp_wait_policy")
         if pol and pol != "inherit":
             lines += [f"- Workers ran with OMP_WAIT_POLICY={pol}"
@@ -308,7 +312,12 @@ def _headline(summary, ratios, setup_only, cfg) -> list[str]:
     for den in ("floor", "lora-r8"):
         if summary.get(den, {}).get("median_s"):
             med += f", {LABELS[den].split(' (')[0]} {fmt_s(summary[den]['median_s'])} s"
-    return [f"**{'; '.join(parts)}** ({med} per step)."]
+    lines = [f"**{'; '.join(parts)}** ({med} per step)."]
+    lora = summary.get("lora-r8", {})
+    if cfg.get("quant") and g.get("peak_rss_mib") and lora.get("peak_rss_mib"):
+        lines += ["", f"**Peak RSS: GPart {fmt_mib(g['peak_rss_mib'])} MiB, LoRA r=8 {fmt_mib(lora['peak_rss_mib'])} MiB "
+                      f"(GPart / LoRA r=8 = {g['peak_rss_mib'] / lora['peak_rss_mib']:.3f}x).**"]
+    return lines
 
 
 # --------------------------------------------------------------------------------------------- plot

@@ -9,6 +9,7 @@ that machine noise hits every method alike. Writes JSON + markdown + PNG under d
     python benchmarks/step_time.py --shape minilm --targets all --d 131072 --repeats 3 --steps 5
     python benchmarks/step_time.py --shape llama-7b-meta --targets all --d 524288   # setup only
     python benchmarks/step_time.py --shape tiny-bert --steps 1 --warmup 1 --repeats 1 --out-dir /tmp/b  # smoke
+    python benchmarks/step_time.py --shape smollm2-135m --targets attn --quant nf4 --methods gpart,lora-r8 --batch 4
 
 Re-render a report from its JSON without measuring: --from-json docs/benchmarks/FILE.json.
 The kernel path is whatever GPART_KERNELS says in the environment (recorded in the report).
@@ -55,8 +56,9 @@ DEFAULT_OUT = ROOT / "docs" / "benchmarks"
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", choices=list(harness.SHAPES), default="roberta-base")
-    p.add_argument("--targets", choices=("qv", "all"), default="qv",
-                   help="qv: query,value (q_proj,v_proj on Llama); all: every linear layer of the blocks")
+    p.add_argument("--targets", choices=tuple(harness.TARGETS["decoder"]), default="qv",
+                   help="qv: query,value (q_proj,v_proj on Llama); attn: q,k,v,o projections (decoders); all: every "
+                        "linear layer of the blocks")
     p.add_argument("--d", type=int, default=131072, help="length of GPart's theta (and Uni-LoRA's)")
     p.add_argument("--methods", default=",".join(harness.METHODS),
                    help=f"comma-separated subset of {','.join(harness.METHODS)}")
@@ -69,6 +71,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--autocast", default=None, choices=("bfloat16", "float16"),
                    help="run forward and loss under torch.autocast with this dtype (weights stay --dtype)")
+    p.add_argument("--quant", default=None, choices=harness.QUANT_MODES,
+                   help="load the base quantized with bitsandbytes (decoder shapes; adapter methods only)")
     p.add_argument("--threads", type=int, default=0, help="torch threads in each worker (0: torch's default)")
     p.add_argument("--omp-wait-policy", default="PASSIVE", choices=("PASSIVE", "ACTIVE", "inherit"),
                    help="OMP_WAIT_POLICY of the workers (default PASSIVE: on a shared CPU, spinning OpenMP threads "
@@ -92,6 +96,11 @@ def parse_args(argv=None):
     if not args.worker and not args.from_json:
         if min(args.batch, args.seq, args.repeats, args.d) < 1 or args.steps < 1 or args.warmup < 0:
             p.error("batch, seq, d, steps and repeats must be >= 1, warmup >= 0")
+        shape = harness.SHAPES[args.shape]
+        if args.quant and (shape.family != "decoder" or shape.meta):
+            p.error(f"--quant needs a decoder shape that trains (not {args.shape})")
+        if args.targets not in harness.TARGETS[shape.family]:
+            p.error(f"--targets {args.targets} is not defined for {shape.family} shapes")
     return args
 
 
@@ -102,6 +111,7 @@ def default_name(args) -> str:
     return (f"step_time-{args.shape}-{args.targets}-d{args.d}-b{args.batch}x{args.seq}"
             + ("" if args.dtype == "float32" else f"-{args.dtype}")
             + ("" if not args.autocast else f"-autocast-{args.autocast}")
+            + ("" if not args.quant else f"-{args.quant}")
             + ("" if kernels == "auto" else f"-kernels-{kernels}"))
 
 
@@ -169,7 +179,8 @@ def measure(args, argv) -> dict:
     names = harness.target_names(args.shape, args.targets)
     title = (f"{'Setup' if shape.meta else 'Step time'}: {args.shape}, targets {args.targets}, d={args.d:,}"
              + ("" if shape.meta else f", batch {args.batch}x{args.seq}, {args.dtype}"
-                                      f"{f' under {args.autocast} autocast' if args.autocast else ''}, {device}"))
+                                      f"{f' under {args.autocast} autocast' if args.autocast else ''}, {device}")
+             + (f", bitsandbytes {args.quant} base" if args.quant else ""))
     result = {
         "benchmark": "setup" if shape.meta else "step_time",
         "title": title,
@@ -180,7 +191,7 @@ def measure(args, argv) -> dict:
             "setup_only": shape.meta, "targets": args.targets, "target_modules": names, "d": args.d,
             "batch": args.batch, "seq": args.seq, "warmup": args.warmup, "steps": args.steps,
             "repeats": args.repeats, "device": device, "dtype": args.dtype, "autocast": args.autocast,
-            "methods": methods,
+            "methods": methods, "quant": args.quant,
             "in_process": args.in_process, "D": None,
             "omp_wait_policy": "inherit" if args.in_process else args.omp_wait_policy,
             "threads": args.threads or None,
@@ -194,13 +205,19 @@ def measure(args, argv) -> dict:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = args.name or default_name(args)
+    checkpoint = None
+    if args.quant:  # saved once here, so that no worker ever holds the float model
+        tmp = tempfile.TemporaryDirectory(prefix="gpart-quant-base-")
+        checkpoint = tmp.name
+        harness.save_float_checkpoint(args.shape, args.seed, checkpoint)
     t_start = time.perf_counter()
     for rep in range(args.repeats):
         for pos, method in enumerate(interleaved_order(methods, rep)):
             spec = harness.WorkerSpec(shape=args.shape, method=method, targets=args.targets, d=args.d,
                                       batch=args.batch, seq=args.seq, warmup=args.warmup, steps=args.steps,
                                       device=device, dtype=args.dtype, autocast=args.autocast, seed=args.seed,
-                                      measure_bytes=(rep == 0), threads=args.threads)
+                                      measure_bytes=(rep == 0), threads=args.threads, quant=args.quant,
+                                      checkpoint=checkpoint)
             t = time.perf_counter()
             load = os.getloadavg()[0]
             if args.in_process:

@@ -97,3 +97,43 @@ def tiny_vit(seed=0):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)
+
+
+# -- quantized (bitsandbytes) bases ---------------------------------------------------------------------
+
+# bitsandbytes' 4-bit CPU kernels want in_features >= 64 and out_features a multiple of 32
+BNB_LLAMA = dict(vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=128, max_position_embeddings=64, tie_word_embeddings=False)
+QUANT_MODES = ["nf4", "fp4", "nf4-dq", "fp4-dq", "8bit"]
+
+
+def bnb_llama(seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**BNB_LLAMA)).eval()
+
+
+def bnb_config(mode: str):
+    """BitsAndBytesConfig for a mode of QUANT_MODES ("-dq": double quantization)."""
+    from transformers import BitsAndBytesConfig
+
+    if mode == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=mode[:3], bnb_4bit_use_double_quant=mode.endswith("-dq"),
+                              bnb_4bit_compute_dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def bnb_llama_dir(tmp_path_factory):
+    """A saved float tiny Llama (seed 0) that tests load quantized with from_pretrained."""
+    path = tmp_path_factory.mktemp("bnb-llama")
+    bnb_llama().save_pretrained(path)
+    return path
+
+
+def load_quantized(path, mode: str, device="cpu"):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_config(mode), device_map=device,
+                                                dtype=torch.float32).eval()

@@ -268,3 +268,23 @@ def test_bf16_update_and_theta_grad_match_fp32_reference(mode):
     xb = x.to(torch.bfloat16)
     naive = F.linear(xb, merged).float() - F.linear(xb, w0.to(torch.bfloat16)).float()
     assert _rel(naive, (x.double() @ dws[0].double().T).float()) > 0.5
+
+
+def test_quantized_base_option_runs_adapter_methods_on_a_bitsandbytes_model(tmp_path):
+    """--quant loads the shape with bitsandbytes in every worker (from a float checkpoint the driver saves);
+    methods that need float weights are reported as skipped, and the report compares peak memory."""
+    pytest.importorskip("bitsandbytes")
+    argv = ["--shape", "tiny-llama", "--targets", "attn", "--d", "256", "--methods", "gpart,lora-r8,floor",
+            "--batch", "2", "--seq", "8", "--warmup", "0", "--steps", "1", "--repeats", "1", "--device", "cpu",
+            "--quant", "nf4", "--in-process", "--out-dir", str(tmp_path)]
+    assert step_time.main(argv) == 0
+    (path,) = tmp_path.glob("*.json")
+    assert path.name == "step_time-tiny-llama-attn-d256-b2x8-nf4.json"
+    result = json.loads(path.read_text())
+    s = result["summary"]
+    assert result["config"]["quant"] == "nf4" and "bitsandbytes nf4 base" in result["title"]
+    assert not s["gpart"]["errors"] and not s["lora-r8"]["errors"] and "float weights" in s["floor"]["skipped"]
+    assert s["gpart"]["D"] == 2 * (32 * 32 * 2 + 32 * 16 * 2)  # logical sizes, not the packed 4-bit storage
+    assert s["gpart"]["trainable_params"] == 256
+    md = path.with_suffix(".md").read_text()
+    assert "Base quantized with bitsandbytes (nf4)" in md and "GPart / LoRA r=8 = " in md.split("Peak RSS")[-1]

@@ -157,3 +157,52 @@ def test_no_per_weight_tensor_is_saved_for_backward():
     extra = [t for t in saved if t.numel() >= weight.numel() and t.data_ptr() != weight.data_ptr()]
     assert extra == [], [tuple(t.shape) for t in extra]
     y.sum().backward()
+
+
+@pytest.mark.parametrize("make,kwargs,inputs", [
+    (lambda: MLP(), dict(target_modules=["lin0", "lin1"], partition_bias=True), lambda: (torch.randn(4, 10),)),
+    (lambda: tiny_gpt2(), dict(target_modules=["c_attn", "c_proj"], partition_bias=True),
+     lambda: (torch.randint(0, 100, (2, 5)),)),
+], ids=["linear", "gpt2-conv1d"])
+def test_two_active_adapters_add_exact_updates_and_keep_nothing_per_weight(make, kwargs, inputs):
+    """The second active adapter's update goes through the separate update product (gpart_update_product):
+    exact against W0 + P_a theta_a + P_b theta_b, and nothing per weight saved for backward."""
+    base = make()
+    ref_base = copy.deepcopy(base)
+    for p in ref_base.parameters():
+        p.requires_grad_(False)
+    model = get_peft_model(base, gpart.GPartConfig(d=60, seed=5, init_scale=0.3, **kwargs))
+    model.add_adapter("b", gpart.GPartConfig(d=40, seed=9, init_scale=0.3, **kwargs))
+    model.base_model.set_adapter(["default", "b"])
+    thetas = model.base_model.gpart_theta
+    cfgs = {n: model.peft_config[n] for n in ("default", "b")}
+    Ps = {n: Partition(c.seed, c.D, c.d).dense().float() for n, c in cfgs.items()}
+    ts = {n: thetas[n].detach().clone().requires_grad_(True) for n in cfgs}
+    params = dict(ref_base.named_parameters())
+
+    def run_ref(*args):
+        flat = sum(Ps[n] @ ts[n] for n in cfgs)
+        new, offset = {}, 0
+        for name, shape in cfgs["default"].layout:
+            n = torch.Size(shape).numel()
+            new[name] = params[name] + flat[offset : offset + n].view(shape)
+            offset += n
+        return torch.func.functional_call(ref_base, new, args)
+
+    # one adapted layer alone: autograd keeps its input, theta and the frozen weight, no Delta_W
+    layer = next(m for m in model.modules() if isinstance(m, gpart.GPartLayer))
+    weight = layer.base_layer.weight
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(torch.randn(3, weight.shape[0] if kwargs["target_modules"][0] == "c_attn" else weight.shape[1]))
+    assert [tuple(t.shape) for t in saved if t.numel() >= weight.numel() and t.data_ptr() != weight.data_ptr()] == []
+
+    x = inputs()
+    out = _logits(model(*x))
+    ref = _logits(run_ref(*x))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    w = torch.randn_like(out)
+    (out * w).sum().backward()
+    (ref * w).sum().backward()
+    for n in cfgs:
+        torch.testing.assert_close(thetas[n].grad, ts[n].grad, rtol=1e-4, atol=1e-5)

@@ -323,9 +323,55 @@ def test_autocast_adapter_dtype():
     m = get_peft_model(tiny_llama(dtype=torch.bfloat16), GPartConfig(d=64))
     assert m.base_model.gpart_theta["default"].dtype == torch.float32
     m = get_peft_model(tiny_llama(dtype=torch.bfloat16), GPartConfig(d=64), autocast_adapter_dtype=False)
-    assert m.base_model.gpart_theta["default"].dtype == torch.bfloat16
+    theta = m.base_model.gpart_theta["default"]
+    assert theta.dtype == torch.bfloat16 and theta.keep_dtype == torch.bfloat16  # chosen explicitly: kept
     x = torch.randint(0, 120, (1, 5))
     assert m(x).logits.dtype == torch.bfloat16
+
+
+def test_theta_keeps_float32_when_trainables_are_cast_to_bf16(tmp_path):
+    """TRL casts every trainable parameter of a quantized model to bf16 (`param.data = param.data.to(bf16)`);
+    theta keeps its float32 values through that, through model.to(bf16), copies, pickling and loading."""
+    import io
+
+    model = get_peft_model(MLP(), GPartConfig(d=30, target_modules=["lin0"], init_scale=1.0))
+    theta = model.base_model.gpart_theta["default"]
+    exact = theta.detach().clone()
+    assert not torch.equal(exact, exact.to(torch.bfloat16).float())
+    for _, param in model.named_parameters():
+        if param.requires_grad:
+            param.data = param.data.to(torch.bfloat16)  # what TRL does
+    assert theta.dtype == torch.float32 and torch.equal(theta, exact)
+    model.to(torch.bfloat16)
+    assert theta.dtype == torch.float32 and torch.equal(theta, exact)
+    assert model.base_model.model.lin0.base_layer.weight.dtype == torch.bfloat16
+    assert model(torch.randn(2, 10, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    model.to(torch.float32)
+    theta.data = torch.full((30,), 0.1, dtype=torch.bfloat16)  # a new narrower value: stored as float32
+    assert theta.dtype == torch.float32 and torch.equal(theta, torch.full((30,), 0.1, dtype=torch.bfloat16).float())
+    with torch.no_grad():
+        theta.copy_(exact)
+
+    opt = torch.optim.AdamW([theta], lr=1e-3)
+    model(torch.randn(2, 10)).sum().backward()
+    opt.step()
+    assert {k: v.dtype for k, v in opt.state[theta].items()} == {"step": torch.float32, "exp_avg": torch.float32,
+                                                                 "exp_avg_sq": torch.float32}
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    for other in (copy.deepcopy(model), torch.load(buf, weights_only=False)):
+        t = other.base_model.gpart_theta["default"]
+        assert type(t) is type(theta) and torch.equal(t, theta) and t.data_ptr() != theta.data_ptr()
+        t.data = t.data.to(torch.bfloat16)
+        assert t.dtype == torch.float32
+    model.save_pretrained(tmp_path)
+    for low_cpu in (False, True):
+        loaded = PeftModel.from_pretrained(MLP(), tmp_path, low_cpu_mem_usage=low_cpu, is_trainable=True)
+        t = loaded.base_model.gpart_theta["default"]
+        assert type(t) is type(theta) and torch.equal(t, theta) and t.requires_grad
+        t.data = t.data.to(torch.bfloat16)
+        assert t.dtype == torch.float32 and torch.equal(t, theta)
 
 
 def test_device_and_dtype_moves_carry_theta():

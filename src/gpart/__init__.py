@@ -5,6 +5,7 @@ Importing this package registers the method "GPART" with PEFT, so that `get_peft
 """
 
 from .config import PEFT_TYPE, GPartConfig
+from .export import merge_and_dequantize
 from .layers import GPartLayer
 from .model import GPartModel, LayoutMismatchError, layout_fingerprint
 from .partition import ALGORITHM, VERSION, VERSIONS, Partition, PartitionError
@@ -22,6 +23,7 @@ __all__ = [
     "Partition",
     "PartitionError",
     "layout_fingerprint",
+    "merge_and_dequantize",
     "register",
 ]
 

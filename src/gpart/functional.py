@@ -226,6 +226,65 @@ def gpart_linear(x, theta, weight, bias, spec: _Spec):
     return _GPartOp.apply(x, theta, weight, bias, spec)
 
 
+def _product_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of an update product beside a base output computed elsewhere: autocast's, else x's."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+class _GPartUpdateProduct(torch.autograd.Function):
+    """y = x Delta_W^T + Delta_b (linear layout; x Delta_W for Conv1D's (in, out) layout).
+
+    The adapter's share of a layer's output when the base output comes from elsewhere: a quantized
+    kernel (bitsandbytes), a stacked wrapper, an exotic convolution. Only x and theta are kept for
+    backward; Delta_W is built in forward, freed, and rebuilt in backward for the input gradient only.
+    dL/dW = gy^T x is scattered into dL/dtheta in fp32 by the same kernels as the merged path.
+    """
+
+    @staticmethod
+    def forward(ctx, x, theta, spec: _Spec):
+        cdt = _product_dtype(x)
+        spec.compute_dtype = cdt
+        theta_s = scaled_theta(theta, spec.weight.partition, spec.scales)
+        with torch.autocast(x.device.type, enabled=False):
+            dw = _weight_update(theta_s, spec, torch.float32).to(cdt)
+            y = _linear(x.to(cdt), dw, _bias_update(theta_s, spec, cdt), spec.kind)
+        del dw
+        ctx.save_for_backward(x, theta)
+        ctx.spec = spec
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, theta = ctx.saved_tensors
+        spec: _Spec = ctx.spec
+        cdt = spec.compute_dtype
+        theta_s = scaled_theta(theta, spec.weight.partition, spec.scales)
+        gy = gy.to(cdt)
+        g2 = gy.reshape(-1, gy.shape[-1])
+        x2 = x.to(cdt).reshape(-1, x.shape[-1])
+        grad_theta_s = torch.zeros_like(theta_s)
+        gw = (x2.t() @ g2) if spec.kind == "conv1d" else (g2.t() @ x2)
+        accumulate_grad(grad_theta_s, gw, spec.weight, spec.drop)
+        del gw, x2
+        if spec.bias is not None:
+            accumulate_grad(grad_theta_s, g2.sum(0), spec.bias, spec.drop)
+        gx = None
+        if ctx.needs_input_grad[0]:
+            dw = _weight_update(theta_s, spec, torch.float32).to(cdt)
+            gx = ((gy @ dw.t()) if spec.kind == "conv1d" else (gy @ dw)).to(x.dtype)
+            del dw
+        grad_theta = (grad_theta_s * spec.scales).to(theta.dtype)
+        return gx, grad_theta, None
+
+
+def gpart_update_product(x, theta, spec: _Spec):
+    """x Delta_W^T + Delta_b (linear or Conv1D layout), differentiable in x and theta."""
+    return _GPartUpdateProduct.apply(x, theta, spec)
+
+
 class _GPartEmbedding(torch.autograd.Function):
     """y = W0[tokens] + Delta_W[tokens]: only the rows that are looked up are drawn from theta."""
 

@@ -16,6 +16,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from . import functional as Fn
+from . import quantization as Q
 from .slices import Slice
 
 # Relative norm of Delta_W that may be lost when a merge casts to the base dtype before we warn.
@@ -42,6 +43,10 @@ class GPartLayer(BaseTunerLayer):
     def adapted_tensors(self) -> list[tuple[str, torch.Tensor]]:
         """(suffix, tensor) of the tensors this wrapper adds to the partition, in canonical order."""
         raise NotImplementedError
+
+    def adapted_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
+        """(suffix, logical shape) of the adapted tensors: what the layout records and the slices cover."""
+        return [(suffix, tensor_shape(t)) for suffix, t in self.adapted_tensors()]
 
     def update_layer(self, adapter_name: str, config) -> None:
         self.gpart_slices[adapter_name] = (None, None)
@@ -139,16 +144,25 @@ class GPartLayer(BaseTunerLayer):
                     tensor.data.copy_((tensor.detach().float() - upd.to(tensor.device)).to(tensor.dtype))
 
 
+def tensor_shape(tensor: torch.Tensor) -> tuple[int, ...]:
+    # under DeepSpeed ZeRO-3 the local tensor is a shard; ds_shape is the real shape
+    return tuple(int(s) for s in getattr(tensor, "ds_shape", tensor.shape))
+
+
+def _lost_fraction(realised: torch.Tensor, update: torch.Tensor) -> float | None:
+    """||realised change - Delta_W|| / ||Delta_W||, or None when Delta_W is zero or not finite."""
+    norm = update.norm().item()
+    if norm == 0.0 or not math.isfinite(norm):
+        return None
+    return (realised.float() - update.to(realised.device)).norm().item() / norm
+
+
 def _warn_if_merge_loses(name: str, before: torch.Tensor, after: torch.Tensor, update: torch.Tensor) -> None:
     """Warn when casting W0 + Delta_W to the base dtype loses more than 1% of Delta_W's norm."""
     if before.dtype == torch.float32 or before.dtype == torch.float64:
         return
-    norm = update.norm().item()
-    if norm == 0.0 or not math.isfinite(norm):
-        return
-    realised = after.float() - before.float()
-    lost = (realised - update.to(realised.device)).norm().item() / norm
-    if lost > MERGE_LOSS_WARN:
+    lost = _lost_fraction(after.float() - before.float(), update)
+    if lost is not None and lost > MERGE_LOSS_WARN:
         warnings.warn(
             f"Merging adapter '{name}' into {before.dtype} weights loses {lost:.1%} of the update's norm "
             f"(Delta_W is small next to W0 and {before.dtype} keeps few significant bits). Merge into a float32 "
@@ -207,7 +221,10 @@ class LinearLike(nn.Module, GPartLayer):
         return y
 
     def _update_product(self, x, name, spec, theta) -> torch.Tensor:
-        """op(x, Delta_W) + Delta_b through the generic differentiable delta (one extra product)."""
+        """op(x, Delta_W) + Delta_b (one extra product). Linear layouts keep nothing per weight for
+        backward (gpart_update_product); convolutions go through the generic differentiable delta."""
+        if self.kind != "conv":
+            return Fn.gpart_update_product(x, theta, spec)
         base = self.get_base_layer()
         dw = Fn.gpart_delta(theta, spec, torch.float32)
         cdt = Fn._compute_dtype(x, base.weight)
@@ -215,10 +232,135 @@ class LinearLike(nn.Module, GPartLayer):
         if spec.bias is not None:
             bspec = Fn._Spec(spec.bias, None, spec.drop, spec.kind, spec.scales)
             db = Fn.gpart_delta(theta, bspec, torch.float32).to(cdt)
-        dw = dw.to(cdt)
-        if self.kind == "conv":
-            return base._conv_forward(x.to(cdt), dw, db)
-        return Fn._linear(x.to(cdt), dw, db, self.kind)
+        return base._conv_forward(x.to(cdt), dw.to(cdt), db)
+
+    def __repr__(self) -> str:
+        return "gpart." + super().__repr__()
+
+
+class QuantizedLinear(nn.Module, GPartLayer):
+    """A bitsandbytes 4-bit (Linear4bit) or 8-bit (Linear8bitLt) linear layer.
+
+    y = base_layer(x) + x Delta_W^T (+ Delta_b): the base output is bitsandbytes' own quantized matmul (and
+    its own input gradient); the update product is one autograd function that keeps only x and theta for
+    backward. The layout records the logical (out_features, in_features) shape, not the packed storage.
+    """
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, owner, config) -> None:
+        super().__init__()
+        self._init_gpart(base_layer, owner)
+        self.quant_kind = Q.bnb_kind(base_layer)
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.partition_bias = bool(config.partition_bias) and getattr(base_layer, "bias", None) is not None
+        # the quantized weight (and bias) from before the first merge: unmerge puts them back exactly
+        self._premerge = None
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    def adapted_tensors(self):
+        base = self.get_base_layer()
+        tensors = [("weight", base.weight)]
+        if self.partition_bias:
+            tensors.append(("bias", base.bias))
+        return tensors
+
+    def adapted_shapes(self):
+        shapes = [("weight", (self.out_features, self.in_features))]
+        if self.partition_bias:
+            shapes.append(("bias", (self.out_features,)))
+        return shapes
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        adapters = self._adapters_to_apply()
+        if torch.is_grad_enabled() and self.quant_kind == Q.BNB_4BIT:
+            Q.unpack_cpu_4bit(self.get_base_layer())  # a repacked weight passes no gradient to x
+        y = self.base_layer(x, *args, **kwargs)
+        if not adapters:
+            return y
+        if self.quant_kind == Q.BNB_4BIT:
+            y = y.clone()  # as PEFT does for 4-bit outputs (backprop through bitsandbytes' result view)
+        for name in adapters:
+            theta = self._theta(name)
+            spec = self._spec(name, "linear", theta, self._drop(name))
+            y = y + Fn.gpart_update_product(x, theta, spec).to(y.dtype)
+        return y
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """Delta_W of `adapter_name`, (out_features, in_features), float32 (the base weight is not float)."""
+        return self._delta(adapter_name, 0)
+
+    def _updates(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Sum of Delta_W and of Delta_b over `names`, fp32."""
+        dw, db = None, None
+        for name in names:
+            w, b = self._delta(name, 0), self._delta(name, 1)
+            dw = w if dw is None else dw + w
+            if b is not None:
+                db = b if db is None else db + b
+        return dw, db
+
+    def to_float_linear(self, dtype: torch.dtype, adapter_names: list[str] | None = None) -> nn.Linear:
+        """A plain nn.Linear holding W + Delta_W (and b + Delta_b) of the given (default: active) adapters,
+        computed in float32 from the weight as it was before any merge, cast once to `dtype`."""
+        if self.merged:
+            self.unmerge()
+        names = [n for n in (adapter_names or self.active_adapters) if n in self.gpart_slices]
+        base = self.get_base_layer()
+        w = Q.dequantize(base)
+        bias = None if base.bias is None else base.bias.detach().float()
+        dw, db = self._updates(names)
+        if dw is not None:
+            w = w + dw.to(w.device)
+        if db is not None:
+            bias = bias + db.to(bias.device)
+        return Q.to_linear(w, bias, dtype)
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Dequantize (fp32), add Delta_W, re-quantize. Re-quantization rounds most of a small Delta_W away
+        (measured, with a warning); unmerge restores the weight from before the merge exactly."""
+        names = [n for n in check_adapters_to_merge(self, adapter_names) if n in self.gpart_slices]
+        if not names:
+            return
+        base = self.get_base_layer()
+        w0 = Q.dequantize(base)
+        dw, db = self._updates(names)
+        new = w0 + dw.to(w0.device)
+        if safe_merge and not (torch.isfinite(new).all() and (db is None or torch.isfinite(db).all())):
+            raise ValueError(
+                f"NaNs or infs detected in the merged weights of adapter(s) {names}; the base weights were left "
+                "untouched. Check theta for non-finite values."
+            )
+        if self._premerge is None:
+            bias = base.bias
+            self._premerge = (Q.snapshot(base), None if bias is None else bias.detach().clone())
+        Q.requantize(base, new)
+        if db is not None:
+            base.bias.data.copy_((base.bias.detach().float() + db.to(base.bias.device)).to(base.bias.dtype))
+        lost = _lost_fraction(Q.dequantize(base) - w0, dw)
+        if lost is not None and lost > MERGE_LOSS_WARN:
+            warnings.warn(
+                f"Merging adapter(s) {names} into {self.quant_kind} weights loses {lost:.1%} of the update's norm "
+                "(re-quantization rounds Delta_W to the quantization grid). Keep the adapter unmerged, or export a "
+                "float model with gpart.merge_and_dequantize, to keep the update exact."
+            )
+        self.merged_adapters.extend(names)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        base = self.get_base_layer()
+        (snap, bias), self._premerge = self._premerge, None
+        if snap[0].device == base.weight.device:
+            Q.restore(base, snap)
+            if bias is not None:
+                base.bias.data.copy_(bias.to(base.bias.device))
+        else:  # moved since the merge: subtract and re-quantize (a second rounding)
+            dw, db = self._updates(self.merged_adapters)
+            Q.requantize(base, Q.dequantize(base) - dw.to(base.weight.device))
+            if db is not None:
+                base.bias.data.copy_((base.bias.detach().float() - db.to(base.bias.device)).to(base.bias.dtype))
+        self.merged_adapters.clear()
 
     def __repr__(self) -> str:
         return "gpart." + super().__repr__()

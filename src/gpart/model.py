@@ -20,11 +20,13 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
+from . import quantization as Q
 from .config import GPartConfig
-from .layers import Embedding, GPartLayer, LinearLike, ParamWrapper
+from .layers import Embedding, GPartLayer, LinearLike, ParamWrapper, QuantizedLinear
 from .partition import check_sizes
 from .projection import make_projection
 from .slices import Slice
+from .theta import ThetaDict
 
 THETA_KEY = "base_model.gpart_theta"
 
@@ -53,15 +55,12 @@ def _clean_name(key: str) -> str:
     return ".".join(part for part in key.split(".") if part != "base_layer")
 
 
-def _shape(tensor: torch.Tensor) -> tuple[int, ...]:
-    # under DeepSpeed ZeRO-3 the local tensor is a shard; ds_shape is the real shape
-    return tuple(int(s) for s in getattr(tensor, "ds_shape", tensor.shape))
-
-
 def _layer_kind(module: nn.Module) -> str | None:
     """Which GPart wrapper fits `module`, or None when none does."""
     from transformers.pytorch_utils import Conv1D
 
+    if Q.bnb_kind(module) is not None:  # before nn.Linear: bitsandbytes' layers subclass it
+        return "quantized"
     if type(module) in (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear):
         return "linear"
     if isinstance(module, Conv1D):
@@ -73,13 +72,14 @@ def _layer_kind(module: nn.Module) -> str | None:
     return None
 
 
-def _check_float_weight(module: nn.Module, key: str) -> None:
-    weight = getattr(module, "weight", None)
-    if weight is None or not (weight.dtype.is_floating_point or weight.device.type == "meta"):
+def _check_adaptable(module: nn.Module, key: str) -> None:
+    """Refuse quantized layers other than bitsandbytes', and weights GPart cannot add Delta_W to."""
+    reason = Q.unsupported_reason(module)
+    if reason is not None:
         raise TypeError(
-            f"GPart cannot adapt '{key}' ({type(module).__name__}): its weight is "
-            f"{'missing' if weight is None else weight.dtype}, and GPart needs a floating-point weight. Quantized "
-            "layers are not supported yet; load the model in float32/bfloat16 or exclude this module."
+            f"GPart cannot adapt '{key}' ({type(module).__module__}.{type(module).__name__}): {reason}. Supported: "
+            f"{Q.SUPPORTED}. Load the model unquantized or with bitsandbytes (BitsAndBytesConfig(load_in_4bit=True) "
+            "or load_in_8bit=True), or leave this module out with exclude_modules."
         )
 
 
@@ -95,7 +95,7 @@ class GPartModel(BaseTuner):
 
     def inject_adapter(self, model, adapter_name, autocast_adapter_dtype=True, low_cpu_mem_usage=False, state_dict=None):
         if "gpart_theta" not in self._modules:
-            self.gpart_theta = nn.ParameterDict()
+            self.gpart_theta = ThetaDict()  # theta stays float32 when a trainer casts trainables to bf16
             self._gpart_scales: dict = {}
         if adapter_name in self.gpart_theta:
             raise ValueError(f"An adapter named '{adapter_name}' already exists; choose another name.")
@@ -112,6 +112,7 @@ class GPartModel(BaseTuner):
                 state_dict=state_dict,
             )
             self._finish_adapter(adapter_name, low_cpu_mem_usage)
+            Q.disable_cpu_repacking(model)
         except Exception:
             self._abort_adapter(adapter_name)
             raise
@@ -137,15 +138,17 @@ class GPartModel(BaseTuner):
                 f"'{current_key}' is already wrapped by another PEFT method ({type(target).__name__}); GPart cannot "
                 "be stacked on it."
             )
+        _check_adaptable(target, current_key)
         kind = _layer_kind(target)
         if kind is None:
             raise TypeError(
-                f"GPart cannot adapt '{current_key}' of type {type(target).__name__}. Supported: torch.nn.Linear, "
-                "transformers Conv1D, nn.Conv1d/2d/3d, nn.Embedding; other tensors can be adapted by name with "
-                "target_parameters. Adjust target_modules or exclude_modules."
+                f"GPart cannot adapt '{current_key}' of type {type(target).__name__}. Supported: {Q.SUPPORTED}; "
+                "other tensors can be adapted by name with target_parameters. Adjust target_modules or "
+                "exclude_modules."
             )
-        _check_float_weight(target, current_key)
-        if kind == "embedding":
+        if kind == "quantized":
+            new = QuantizedLinear(target, adapter_name, self, config)
+        elif kind == "embedding":
             new = Embedding(target, adapter_name, self, config)
         else:
             new = LinearLike(target, adapter_name, self, config, kind)
@@ -174,8 +177,8 @@ class GPartModel(BaseTuner):
         layout = []
         for key, layer in self._gpart_layers():
             if adapter_name in layer.gpart_slices:
-                for suffix, tensor in layer.adapted_tensors():
-                    layout.append((f"{_clean_name(key)}.{suffix}", _shape(tensor)))
+                for suffix, shape in layer.adapted_shapes():
+                    layout.append((f"{_clean_name(key)}.{suffix}", shape))
         return layout
 
     def _finish_adapter(self, adapter_name: str, low_cpu_mem_usage: bool) -> None:
@@ -194,8 +197,7 @@ class GPartModel(BaseTuner):
             if adapter_name not in layer.gpart_slices:
                 continue
             slices = []
-            for _, tensor in layer.adapted_tensors():
-                shape = _shape(tensor)
+            for _, shape in layer.adapted_shapes():
                 slices.append(Slice(partition, offset, shape))
                 offset += _numel(shape)
             layer.gpart_slices[adapter_name] = (slices[0], slices[1] if len(slices) > 1 else None)
@@ -251,12 +253,15 @@ class GPartModel(BaseTuner):
             self.gpart_theta[name].requires_grad_(requires_grad)
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
-        # theta is created in fp32; without autocast it follows the base weights' dtype, like LoRA's factors
+        # theta is created in fp32; without autocast it follows (and keeps) the base weights' dtype, like
+        # LoRA's factors. A quantized base has no float weight to follow: theta stays fp32 there.
         theta = self.gpart_theta.get(adapter_name) if "gpart_theta" in self._modules else None
         if theta is None or theta.is_meta or autocast_adapter_dtype:
             return
         first = self._first_adapted_tensor(adapter_name)
         if first is not None and first.dtype.is_floating_point and first.dtype != theta.dtype:
+            if hasattr(theta, "keep_dtype"):
+                theta.keep_dtype = first.dtype
             theta.data = theta.data.to(first.dtype)
 
     def delete_adapter(self, adapter_name: str) -> None:

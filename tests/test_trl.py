@@ -1,0 +1,117 @@
+"""TRL's SFTTrainer with a GPartConfig: conversational and prompt/completion data, float and 4-bit bases.
+
+Offline: a tiny Llama from a config and a word-level tokenizer with a ChatML template built here."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import BNB_LLAMA, bnb_llama, load_quantized
+from peft import PeftModel
+
+from gpart import GPartConfig
+
+trl = pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+WORDS = ("what is one two three four five six plus minus times and the answer question user assistant system "
+         "please add numbers").split()
+QA = [("one plus one", "two"), ("two plus two", "four"), ("three plus three", "six"), ("six minus two", "four"),
+      ("five minus four", "one"), ("two times three", "six"), ("one plus four", "five"), ("four minus one", "three")]
+
+
+def chatml_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
+    vocab = {w: i for i, w in enumerate(specials + WORDS)}
+    assert len(vocab) <= BNB_LLAMA["vocab_size"]
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<|im_end|>",
+                                   bos_token="<|im_start|>", additional_special_tokens=specials[2:])
+    fast.chat_template = CHATML
+    return fast
+
+
+def conversational():
+    return datasets.Dataset.from_list([
+        {"messages": [{"role": "user", "content": f"what is {q}"}, {"role": "assistant", "content": a}]} for q, a in QA
+    ])
+
+
+def prompt_completion():
+    return datasets.Dataset.from_list([{"prompt": f"what is {q} answer", "completion": f" {a}"} for q, a in QA])
+
+
+def _base(quantized, bnb_llama_dir):
+    if quantized:
+        pytest.importorskip("bitsandbytes")
+        return load_quantized(bnb_llama_dir, "nf4")
+    return bnb_llama()
+
+
+def _train(tmp_path, model, data, **config):
+    args = trl.SFTConfig(output_dir=str(tmp_path / "run"), max_steps=4, per_device_train_batch_size=4,
+                         learning_rate=2e-2, logging_steps=1, report_to="none", save_strategy="no", max_length=32,
+                         dataloader_num_workers=0, seed=0, **config)
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=chatml_tokenizer(),
+                             peft_config=GPartConfig(d=512, seed=0, target_modules=["q_proj", "k_proj", "v_proj",
+                                                                                     "o_proj"]))
+    theta = trainer.model.base_model.gpart_theta["default"]
+    assert theta.dtype == torch.float32  # also after TRL's bf16 cast of a quantized model's trainables
+    before = theta.detach().clone()
+    result = trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(losses) == 4 and all(map(lambda v: torch.isfinite(torch.tensor(v)), losses))
+    assert result.training_loss > 0 and not torch.equal(theta.detach(), before)
+    return trainer, theta
+
+
+def _check_reload(trainer, tmp_path, quantized, bnb_llama_dir):
+    # without the bf16 autocast wrapper Accelerate put around forward for mixed-precision training
+    model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False).eval()
+    model.save_pretrained(tmp_path / "adapter")
+    x = torch.tensor([chatml_tokenizer()("what is two plus two")["input_ids"]])
+    loaded = PeftModel.from_pretrained(_base(quantized, bnb_llama_dir), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        expected = model(input_ids=x).logits.float()
+        assert torch.equal(loaded(input_ids=x).logits.float(), expected)
+        base = _base(quantized, bnb_llama_dir)
+        reference = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+        with reference.disable_adapter():
+            assert not torch.allclose(reference(input_ids=x).logits.float(), expected)  # the adapter changes it
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["float", "nf4"])
+def test_sft_on_conversational_data(quantized, bnb_llama_dir, tmp_path):
+    # use_cpu=True: TRL's default bf16 runs as CPU autocast
+    trainer, theta = _train(tmp_path, _base(quantized, bnb_llama_dir), conversational(), use_cpu=True)
+    _check_reload(trainer, tmp_path, quantized, bnb_llama_dir)
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["float", "nf4"])
+def test_sft_on_prompt_completion_data(quantized, bnb_llama_dir, tmp_path):
+    trainer, theta = _train(tmp_path, _base(quantized, bnb_llama_dir), prompt_completion(), bf16=False)
+    assert trainer.args.completion_only_loss is None or trainer.args.completion_only_loss
+    _check_reload(trainer, tmp_path, quantized, bnb_llama_dir)
+
+
+def test_theta_and_adam_state_stay_float32_through_trls_bf16_cast_of_a_quantized_model(bnb_llama_dir, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    model = load_quantized(bnb_llama_dir, "nf4-dq")
+    assert model.is_loaded_in_4bit  # what makes TRL cast every trainable parameter to bf16
+    trainer, theta = _train(tmp_path, model, conversational(), use_cpu=True)
+    assert theta.dtype == torch.float32
+    state = trainer.optimizer.state[theta]
+    assert {k: v.dtype for k, v in state.items() if k != "step"} == {"exp_avg": torch.float32,
+                                                                     "exp_avg_sq": torch.float32}
+    # updates far below bf16's spacing at theta's magnitude were kept (a bf16 theta would have lost them)
+    assert not torch.equal(theta.detach(), theta.detach().to(torch.bfloat16).float())
