@@ -90,6 +90,9 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prompt-column", default=None, help="causal-lm: prompt column (default: question)")
     g.add_argument("--response-column", default=None, help="causal-lm: training target column (default: solution)")
     g.add_argument("--answer-column", default=None, help="causal-lm: final answer for exact match (default: answer)")
+    g.add_argument("--data-format", choices=("auto", "messages", "prompt-completion", "question-answer"), default=None,
+                   help="causal-lm: the data's format (default auto: detected from the columns: messages; "
+                        "prompt + completion; the question/answer columns)")
     g.add_argument("--max-length", type=_positive_int, default=None, help="token limit per example")
     g.add_argument("--image-size", type=_positive_int, default=None, help="image side in pixels fed to the model")
     g.add_argument("--no-augment", action="store_true", help="image classification: no random flips in training")
@@ -180,11 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------- defaults
 GENERIC_DEFAULTS = {"text_column": "text", "label_column": "label", "prompt_column": "question",
                     "response_column": "solution", "answer_column": "answer", "max_new_tokens": 256,
-                    "eval_batch_size": 32, "seed": 0, "val_fraction": 0.1}
+                    "eval_batch_size": 32, "seed": 0, "val_fraction": 0.1,
+                    "data_format": "auto"}
 # Settings saved with an adapter (gpart_task.json) that `eval`/`merge` reuse unless given again:
 # the same inputs, and the same seeded validation split as in training.
 SAVED_KEYS = ("dataset", "seed", "val_fraction", "max_length", "image_size", "text_column", "label_column",
-              "image_column", "prompt_column", "response_column", "answer_column")
+              "image_column", "prompt_column", "response_column", "answer_column", "data_format")
 
 
 def fill_defaults(args, recipe, saved: dict | None = None) -> None:

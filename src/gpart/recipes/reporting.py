@@ -81,6 +81,8 @@ def write_report(out: Path, m: dict) -> Path:
         f"- training: {_fmt(m['train']['steps'])} steps, {m['train']['runtime_s']:.1f} s, "
         f"final train loss {_fmt(m['train'].get('final_loss'))}",
         f"- seed {run['seed']}, lr {run['lr']:g}, head lr {run['head_lr']:g}",
+        *([f"- skipped (longer than --max-length): "
+           + ", ".join(f"{n:,} {split}" for split, n in m["skipped"].items())] if m.get("skipped") else []),
         "",
         "| split | " + " | ".join(sorted({k for s in ("validation", "test") for k in m.get(s, {})})) + " |",
     ]

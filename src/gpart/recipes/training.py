@@ -455,6 +455,7 @@ def train(args, recipe: TaskRecipe) -> dict:
                   "mean_loss": result.training_loss},
         "validation": validation, "test": test,
         "test_is_validation": data.splits.get("test") is data.splits.get("validation"),
+        **({"skipped": dict(data.skipped)} if data.skipped else {}),
         "history": {"train": train_pts, "eval": eval_pts},
         "best_checkpoint": trainer.state.best_model_checkpoint,
     }
