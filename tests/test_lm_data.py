@@ -262,10 +262,12 @@ def test_cli_trains_and_evaluates_each_format(chat_setup, tmp_path, model, data,
     assert m["test"]["reference"] == ("completion" if data == "pc-text" else "last assistant message")
     task = json.loads((out / "adapter" / "gpart_task.json").read_text())
     assert task["format"] == fmt and task["data_format"] == "auto"
-    assert main(["eval", "--adapter", str(out / "adapter"), "--max-new-tokens", "2", "--max-eval-samples", "3",
+    assert not m["test_is_validation"] and m["test"]["n"] == 2  # 10% of the 20 rows held out for testing
+    assert main(["eval", "--adapter", str(out / "adapter"), "--max-new-tokens", "3",
                  "--output", str(tmp_path / "e.json")]) == 0
-    result = json.loads((tmp_path / "e.json").read_text())
-    assert result["n"] == 3 and result["reference"] == m["test"]["reference"]
+    result = json.loads((tmp_path / "e.json").read_text())  # the same split, model and prompts as in training
+    assert {k: result[k] for k in ("n", "exact_match", "reference", "examples")} == \
+        {k: m["test"][k] for k in ("n", "exact_match", "reference", "examples")}
 
 
 def test_cli_errors_on_conversations_for_a_model_without_template(chat_setup, tmp_path, capsys):

@@ -99,6 +99,9 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-new-tokens", type=_positive_int, default=None, help="causal-lm: generation budget in eval")
     g.add_argument("--val-fraction", type=_fraction, default=None,
                    help="share of train held out for validation when the data has no validation split (0.1)")
+    g.add_argument("--test-fraction", type=_fraction, default=None,
+                   help="share of train held out for testing when the data has no test split (0.1; 0: test "
+                        "on the validation split, which also chose the checkpoint)")
     g.add_argument("--max-train-samples", type=_positive_int, default=None, help="seeded random subset of train")
     g.add_argument("--max-eval-samples", type=_positive_int, default=None,
                    help="seeded random subset of validation and test")
@@ -183,11 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------- defaults
 GENERIC_DEFAULTS = {"text_column": "text", "label_column": "label", "prompt_column": "question",
                     "response_column": "solution", "answer_column": "answer", "max_new_tokens": 256,
-                    "eval_batch_size": 32, "seed": 0, "val_fraction": 0.1,
+                    "eval_batch_size": 32, "seed": 0, "val_fraction": 0.1, "test_fraction": 0.1,
                     "data_format": "auto"}
 # Settings saved with an adapter (gpart_task.json) that `eval`/`merge` reuse unless given again:
 # the same inputs, and the same seeded validation split as in training.
-SAVED_KEYS = ("dataset", "seed", "val_fraction", "max_length", "image_size", "text_column", "label_column",
+SAVED_KEYS = ("dataset", "seed", "val_fraction", "test_fraction", "max_length", "image_size", "text_column", "label_column",
               "image_column", "prompt_column", "response_column", "answer_column", "data_format")
 
 
@@ -196,6 +199,8 @@ def fill_defaults(args, recipe, saved: dict | None = None) -> None:
     from gpart.recipes.methods import default_lr
 
     saved = saved or {}
+    if "val_fraction" in saved and "test_fraction" not in saved:
+        saved = {**saved, "test_fraction": 0.0}  # written before test splits were held out: test was validation
     for key in SAVED_KEYS:
         if getattr(args, key, None) is None and saved.get(key) is not None:
             setattr(args, key, saved[key])
@@ -256,13 +261,26 @@ def cmd_eval(args) -> int:
     from gpart.recipes.evaluation import evaluate
     from gpart.recipes.io import atomic_write_json
 
+    given = args.dataset
     recipe, saved = _recipe_of_saved_run(args, "eval")
-    args.single_file_split = args.split
+    # A data file named here is the split to evaluate; the run's own dataset (read from the adapter,
+    # or named again) is split exactly as in training.
+    args.single_file_split = args.split if given is not None and not _same_dataset(given, saved.get("dataset")) \
+        else "train"
     metrics = evaluate(args, recipe, saved)
     if args.output:
         atomic_write_json(args.output, metrics)
     print(json.dumps(metrics, indent=2, default=str))
     return 0
+
+
+def _same_dataset(a: str, b: str | None) -> bool:
+    from pathlib import Path
+
+    if b is None:
+        return False
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return a == b or (pa.exists() and pb.exists() and pa.resolve() == pb.resolve())
 
 
 def cmd_info(args) -> int:

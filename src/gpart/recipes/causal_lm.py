@@ -33,7 +33,8 @@ class CausalLM(TaskRecipe):
     def load_data(self, args, *, saved=None) -> TaskData:
         dataset = D.load(args, "causal-lm", question_column=args.prompt_column, answer_column=args.answer_column,
                          solution_column=args.response_column, data_format=getattr(args, "data_format", None))
-        splits = D.finish_splits(dataset.splits, seed=args.seed, val_fraction=args.val_fraction)
+        splits = D.finish_splits(dataset.splits, seed=args.seed, val_fraction=args.val_fraction,
+                                  test_fraction=getattr(args, "test_fraction", 0.0))
         fmt = getattr(dataset, "format", "question-answer")  # MathDataset rows are question/answer
         return TaskData(D.limit_splits(splits, args), None, args.dataset, format=fmt)
 

@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -291,7 +292,7 @@ def run_config(args, recipe: TaskRecipe) -> dict:
         "seed": args.seed, "r": args.r, "lr": args.lr, "head_lr": args.head_lr, "epochs": args.epochs,
         "max_steps": args.max_steps, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
         "weight_decay": args.weight_decay, "warmup": args.warmup, "dropout": args.dropout,
-        "scheduler": args.scheduler,
+        "scheduler": args.scheduler, "val_fraction": args.val_fraction, "test_fraction": args.test_fraction,
     }
 
 
@@ -377,6 +378,8 @@ def train(args, recipe: TaskRecipe) -> dict:
     if args.resume:
         check_resume(out, config)
 
+    if not reporting.plotting_available():
+        warnings.warn(reporting.NO_PLOT, stacklevel=2)  # said before training; the run goes on
     set_seed(args.seed)  # the fresh head's init depends on it
     data = recipe.load_data(args)
     if not _nonempty(data.splits.get("train")):
@@ -443,7 +446,8 @@ def train(args, recipe: TaskRecipe) -> dict:
     if main:
         saved_dir, adapter_bytes = save_result(model, processor, out, args.method, recipe.task_info(args, data) | {
             "task": recipe.name, "model": args.model, "model_path": str(setup["path"]), "method": args.method,
-            "dataset": _absolute_if_local(args.dataset), "seed": args.seed, "val_fraction": args.val_fraction},
+            "dataset": _absolute_if_local(args.dataset), "seed": args.seed, "val_fraction": args.val_fraction,
+            "test_fraction": args.test_fraction},
             state_dict=state)
     train_pts, eval_pts = reporting.split_history(history)
     metrics = {
@@ -460,8 +464,10 @@ def train(args, recipe: TaskRecipe) -> dict:
         "best_checkpoint": trainer.state.best_model_checkpoint,
     }
     if main:
-        reporting.write_curve(out, train_pts, eval_pts, recipe.primary_metric,
-                              f"{args.method} on {args.model} / {args.dataset}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a missing matplotlib was reported before training
+            reporting.write_curve(out, train_pts, eval_pts, recipe.primary_metric,
+                                  f"{args.method} on {args.model} / {args.dataset}")
         reporting.write_report(out, metrics)
         reporting.write_metrics(out, metrics)  # last: its presence means the run finished
     trainer.accelerator.wait_for_everyone()  # no process reports success before the files exist
