@@ -119,6 +119,18 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed of the run and of the GPart partition")
 
 
+def _add_precision_args(g) -> None:
+    # default None: "not given", so `eval` / `merge` can take the run's setting from gpart_task.json
+    g.add_argument("--bf16", action="store_true", default=None,
+                   help="bf16 mixed precision; causal-lm also loads the base weights in bf16 (adapters stay fp32)")
+    quant = g.add_mutually_exclusive_group()
+    quant.add_argument("--load-in-4bit", action="store_true", default=None,
+                       help="causal-lm: quantize the base to NF4 4-bit with bitsandbytes (compute dtype bf16 "
+                            "with --bf16, else fp32)")
+    quant.add_argument("--load-in-8bit", action="store_true", default=None,
+                       help="causal-lm: quantize the base to 8-bit (LLM.int8) with bitsandbytes")
+
+
 def _add_model_args(p: argparse.ArgumentParser, *, task_required: bool) -> None:
     p.add_argument("--task", choices=TASKS, required=task_required, default=None)
     p.add_argument("--model", default=None, help="built-in model name or a local model directory")
@@ -149,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-steps", type=_steps, default=None,
                    help="evaluate and checkpoint every N steps or fraction (default: every epoch, or 4 times with --max-steps)")
     g.add_argument("--logging-steps", type=_steps, default=0.02)
-    g.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
+    _add_precision_args(g)
     g.add_argument("--cpu", action="store_true", help="train on the CPU even if an accelerator is present")
     o = t.add_argument_group("output")
     o.add_argument("--output-dir", required=True)
@@ -166,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=None,
                    help="seed for subsets and carved splits (default: the adapter's training seed, else 0)")
     e.add_argument("--cpu", action="store_true")
+    _add_precision_args(e.add_argument_group("precision (default: the run's)"))
     _add_data_args(e)
 
     i = sub.add_parser("info", help="trainable parameters, D and adapter bytes, without training")
@@ -173,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_method_args(i)
     i.add_argument("--num-labels", type=_positive_int, default=2, help="classes of the task head")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _add_precision_args(i.add_argument_group("precision (base_bytes: the base's weights as loaded)"))
 
     m = sub.add_parser("merge", help="fold an adapter into its base model and save a standalone model")
     m.add_argument("--adapter", required=True, help="adapter directory written by train")
@@ -187,11 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
 GENERIC_DEFAULTS = {"text_column": "text", "label_column": "label", "prompt_column": "question",
                     "response_column": "solution", "answer_column": "answer", "max_new_tokens": 256,
                     "eval_batch_size": 32, "seed": 0, "val_fraction": 0.1, "test_fraction": 0.1,
-                    "data_format": "auto"}
+                    "data_format": "auto", "bf16": False, "load_in_4bit": False, "load_in_8bit": False}
 # Settings saved with an adapter (gpart_task.json) that `eval`/`merge` reuse unless given again:
 # the same inputs, and the same seeded validation split as in training.
 SAVED_KEYS = ("dataset", "seed", "val_fraction", "test_fraction", "max_length", "image_size", "text_column", "label_column",
-              "image_column", "prompt_column", "response_column", "answer_column", "data_format")
+              "image_column", "prompt_column", "response_column", "answer_column", "data_format",
+              "bf16", "load_in_4bit", "load_in_8bit")
 
 
 def fill_defaults(args, recipe, saved: dict | None = None) -> None:

@@ -12,6 +12,7 @@ import torch
 
 from . import data as D
 from . import lm_format as F
+from . import models
 from .base import TaskData, TaskRecipe
 from .metrics import exact_match, extract_final_number, reference_match
 
@@ -46,7 +47,7 @@ class CausalLM(TaskRecipe):
     def load_model(self, path, args, labels):
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **models.load_options(args))
         return model, _tokenizer(path, model)
 
     def load_saved_model(self, path, args, labels):

@@ -218,6 +218,8 @@ def device_settings(args) -> dict:
         return {"use_cpu": True}
     accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
     available = accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+    if args.bf16 and not available:
+        return {"use_cpu": True}  # transformers accepts bf16 autocast on the CPU only when told it is the CPU
     if int(os.environ.get("WORLD_SIZE", "1")) == 1 or available:
         return {"use_cpu": False}
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
@@ -293,6 +295,7 @@ def run_config(args, recipe: TaskRecipe) -> dict:
         "max_steps": args.max_steps, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
         "weight_decay": args.weight_decay, "warmup": args.warmup, "dropout": args.dropout,
         "scheduler": args.scheduler, "val_fraction": args.val_fraction, "test_fraction": args.test_fraction,
+        "bf16": args.bf16, "quantization": models.quantization(args),
     }
 
 
@@ -357,6 +360,7 @@ def training_arguments(args, out: Path, has_eval: bool, recipe: TaskRecipe):
 
 def prepare_model(args, recipe: TaskRecipe, data) -> dict:
     """Load the base model and apply --method; also the sizes the report needs (D, parameter counts)."""
+    models.check_precision(args, recipe.name, args.method)
     path = models.resolve_model_path(args.model)
     model, processor = recipe.load_model(path, args, data.labels)
     head = models.head_modules(model) if recipe.has_head else []
@@ -364,10 +368,27 @@ def prepare_model(args, recipe: TaskRecipe, data) -> dict:
     if args.method in methods.PEFT_METHODS:
         models.check_targets(model, targets)
     D = methods.adapted_size(model, targets)  # before wrapping, while the targets are plain modules
-    model = methods.apply_method(model, args.method, head=head, d=args.d, targets=targets, seed=args.seed,
-                                 dropout=args.dropout, task_type=recipe.task_type, r=args.r)
+    try:
+        model = methods.apply_method(model, args.method, head=head, d=args.d, targets=targets, seed=args.seed,
+                                     dropout=args.dropout, task_type=recipe.task_type, r=args.r)
+    except TypeError as e:
+        kind = models.quantization(args)
+        if kind is None:
+            raise
+        raise methods.MethodError(f"--load-in-{kind} with --method {args.method}: {e} This gpart version cannot "
+                                  "adapt bitsandbytes layers; use --method lora on a quantized base, or --bf16 "
+                                  "for a half-size unquantized one") from None
+    keep_trainable_fp32(model)
     return {"model": model, "processor": processor, "head": head, "targets": targets, "D": D, "path": path,
             "params": methods.count_params(model, head)}
+
+
+def keep_trainable_fp32(model) -> None:
+    """Trained tensors (theta, adapters, heads) stay float32 on a bf16 or quantized base: AdamW's small
+    updates would vanish in bf16. The forward passes cast between the two (autocast, PEFT layers)."""
+    for p in model.parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
 
 
 def train(args, recipe: TaskRecipe) -> dict:
@@ -447,7 +468,8 @@ def train(args, recipe: TaskRecipe) -> dict:
         saved_dir, adapter_bytes = save_result(model, processor, out, args.method, recipe.task_info(args, data) | {
             "task": recipe.name, "model": args.model, "model_path": str(setup["path"]), "method": args.method,
             "dataset": _absolute_if_local(args.dataset), "seed": args.seed, "val_fraction": args.val_fraction,
-            "test_fraction": args.test_fraction},
+            "test_fraction": args.test_fraction, "bf16": args.bf16,
+            "load_in_4bit": args.load_in_4bit, "load_in_8bit": args.load_in_8bit},
             state_dict=state)
     train_pts, eval_pts = reporting.split_history(history)
     metrics = {
