@@ -347,13 +347,15 @@ def test_image_classification_train_and_eval(image_setup, tmp_path):
                  "--lr", "0.05", "--head-lr", "0.05", "--output-dir", str(out), "--quiet"]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["params"]["adapter"] == 128 and m["run"]["targets"] in (["query", "value"], ["q_proj", "v_proj"])
-    assert m["test_is_validation"] and 0 <= m["test"]["accuracy"] <= 1
+    # no test split in the folder: 10% of it is held out for testing, 10% for validation
+    assert not m["test_is_validation"] and m["test"]["n"] == 2 and 0 <= m["test"]["accuracy"] <= 1
     assert json.loads((out / "adapter" / "gpart_task.json").read_text())["image_size"] == 16
-    # eval carves the same seeded validation split out of the folder as training did
-    assert main(["eval", "--adapter", str(out / "adapter"), "--dataset", str(image_setup / "imgs"),
-                 "--split", "validation", "--output", str(tmp_path / "e.json")]) == 0
-    result = json.loads((tmp_path / "e.json").read_text())
-    assert result["n"] == 2 and result["accuracy"] == m["validation"]["accuracy"]
+    # eval carves the same seeded validation and test splits out of the folder as training did
+    for split in ("validation", "test"):
+        assert main(["eval", "--adapter", str(out / "adapter"), "--dataset", str(image_setup / "imgs"),
+                     "--split", split, "--output", str(tmp_path / "e.json")]) == 0
+        result = json.loads((tmp_path / "e.json").read_text())
+        assert result["n"] == 2 and result["accuracy"] == m[split]["accuracy"]
 
 
 @pytest.fixture(scope="module")
@@ -387,8 +389,17 @@ def test_causal_lm_train_eval_merge(lm_setup, tmp_path, capsys):
     m = json.loads((out / "metrics.json").read_text())
     assert m["run"]["targets"] == ["q_proj", "k_proj", "v_proj", "o_proj"] and m["params"]["head"] == 0
     assert np.isfinite(m["validation"]["loss"]) and 0 <= m["test"]["exact_match"] <= 1
-    assert m["test"]["n"] == 2 and len(m["test"]["examples"]) == 2
+    assert m["test"]["n"] == 2 and len(m["test"]["examples"]) == 2 and not m["test_is_validation"]
+    # the run's own file: the same held-out test split as in training, the same numbers
     assert main(["eval", "--adapter", str(out / "adapter"), "--dataset", str(lm_setup / "math.jsonl"),
+                 "--max-new-tokens", "4", "--output", str(tmp_path / "e.json")]) == 0
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert result["n"] == 2 and result["exact_match"] == m["test"]["exact_match"]
+    assert [e["output"] for e in result["examples"]] == [e["output"] for e in m["test"]["examples"]]
+    # another file: all of it is the evaluated split
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(l for l in (lm_setup / "math.jsonl").read_text().splitlines(True)[:5]))
+    assert main(["eval", "--adapter", str(out / "adapter"), "--dataset", str(other),
                  "--max-new-tokens", "2", "--max-eval-samples", "3", "--output", str(tmp_path / "e.json")]) == 0
     assert json.loads((tmp_path / "e.json").read_text())["n"] == 3
     assert main(["merge", "--adapter", str(out / "adapter"), "--output-dir", str(tmp_path / "merged")]) == 0
@@ -413,6 +424,47 @@ def test_metrics_by_hand():
     assert extract_final_number("x = \\boxed{-12}") == "-12"
     assert extract_final_number("we get 3 then 5") == "5" and extract_final_number("no idea") is None
     assert exact_match(["... #### 42", "41", "nothing"], ["42", "The total is 41 #### 41", "3"])["exact_match"] == pytest.approx(2 / 3)
+
+
+def test_finish_splits_holds_out_a_seeded_test_split():
+    from gpart.recipes.data import finish_splits
+
+    rows = list(range(20))
+    s = finish_splits({"train": rows}, seed=4, val_fraction=0.1, test_fraction=0.1)
+    assert [len(s[k]) for k in ("train", "validation", "test")] == [16, 2, 2]
+    assert sorted(s["train"] + s["validation"] + s["test"]) == rows and s["test"] is not s["validation"]
+    assert finish_splits({"train": rows}, seed=4, val_fraction=0.1, test_fraction=0.1) == s  # seeded
+    order = list(range(20))
+    random.Random(4).shuffle(order)
+    assert s["test"] == sorted(order[:2]) and s["validation"] == sorted(order[2:4])
+    # --test-fraction 0: the validation split of earlier versions, and test = validation
+    old = finish_splits({"train": rows}, seed=4, val_fraction=0.1, test_fraction=0.0)
+    assert old["validation"] == sorted(order[:2]) and old["test"] is old["validation"] and len(old["train"]) == 18
+    # a dataset with its own validation split gives only the test slice
+    s = finish_splits({"train": rows, "validation": [99]}, seed=4, val_fraction=0.1, test_fraction=0.25)
+    assert s["validation"] == [99] and s["test"] == sorted(order[:5]) and len(s["train"]) == 15
+    # its own test split is never touched
+    s = finish_splits({"train": rows, "test": [7]}, seed=4, val_fraction=0.1, test_fraction=0.25)
+    assert s["test"] == [7] and len(s["validation"]) == 2
+
+
+def test_a_missing_matplotlib_skips_the_curve_not_the_run(text_setup, tmp_path, monkeypatch):
+    """Without the train extra's matplotlib, a run still finishes and writes metrics.json and
+    report.md; the missing curve is announced before training."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    out = tmp_path / "noplot"
+    with pytest.warns(UserWarning, match=r"matplotlib is not installed.*pip install 'gpart\[train\]'"):
+        assert main(["train", "--task", "text-classification", "--model", str(text_setup / "bert"),
+                     "--dataset", str(text_setup / "data" / "train.csv"), "--d", "64", "--max-steps", "2",
+                     "--batch-size", "8", "--test-fraction", "0", "--output-dir", str(out), "--quiet"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["test_is_validation"] and m["test"]["accuracy"] == m["validation"]["accuracy"]  # --test-fraction 0
+    assert m["run"]["test_fraction"] == 0.0 and json.loads((out / "adapter" / "gpart_task.json").read_text())["test_fraction"] == 0.0
+    assert not (out / "training_curve.png").exists()
+    assert "no training curve: matplotlib is not installed" in (out / "report.md").read_text()
 
 
 def test_atomic_dir_keeps_old_copy_on_failure(tmp_path):

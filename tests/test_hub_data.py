@@ -118,6 +118,33 @@ def test_math_dataset_from_the_cache_keeps_gsm8k_answers(hub_cache):
     assert exact_match(["... so 2. #### 2"], [r["answer"] for r in ds["test"]])["exact_match"] == 1.0
 
 
+def test_chat_datasets_from_the_cache(hub_cache):
+    from gpart.assets import ChatDataset
+
+    turn = {"role": datasets.Value("string"), "content": datasets.Value("string")}
+    cache_hub_dataset(hub_cache, "gpart-test/chat", "default", {
+        "train": {"messages": [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+                               [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]],
+                  "answer": ["hello", "4"]},
+    }, datasets.Features({"messages": [turn], "answer": datasets.Value("string")}))
+    ds = load_dataset("gpart-test/chat", "causal-lm")
+    assert isinstance(ds, ChatDataset) and ds.format == "messages"
+    assert ds["train"][1] == {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
+                              "train_from": 0, "answer": "4", "where": "gpart-test/chat [train] row 1"}
+    cache_hub_dataset(hub_cache, "gpart-test/pc", "default", {
+        "train": {"prompt": ["2+2=", "3+3="], "completion": [" 4", " 6"]},
+        "test": {"prompt": ["1+1="], "completion": [" 2"]},
+    }, datasets.Features({"prompt": datasets.Value("string"), "completion": datasets.Value("string")}))
+    ds = load_dataset("gpart-test/pc", "causal-lm")
+    assert ds.format == "prompt-completion" and ds["test"] == [{"prompt": "1+1=", "completion": " 2", "answer": None,
+                                                                 "where": "gpart-test/pc [test] row 0"}]
+    cache_hub_dataset(hub_cache, "gpart-test/badchat", "default", {
+        "train": {"messages": [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "x"}]]},
+    }, datasets.Features({"messages": [turn]}))
+    with pytest.raises(DatasetError, match=r"gpart-test/badchat \[train\] row 0: 'messages' has no assistant message"):
+        load_dataset("gpart-test/badchat", "causal-lm")
+
+
 def test_clear_errors(hub_cache, monkeypatch):
     _reviews(hub_cache)
     with pytest.raises(DatasetError, match="'gpart-test/absent'.*not in the local datasets cache.*HF_HUB_OFFLINE=0"):

@@ -90,12 +90,18 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prompt-column", default=None, help="causal-lm: prompt column (default: question)")
     g.add_argument("--response-column", default=None, help="causal-lm: training target column (default: solution)")
     g.add_argument("--answer-column", default=None, help="causal-lm: final answer for exact match (default: answer)")
+    g.add_argument("--data-format", choices=("auto", "messages", "prompt-completion", "question-answer"), default=None,
+                   help="causal-lm: the data's format (default auto: detected from the columns: messages; "
+                        "prompt + completion; the question/answer columns)")
     g.add_argument("--max-length", type=_positive_int, default=None, help="token limit per example")
     g.add_argument("--image-size", type=_positive_int, default=None, help="image side in pixels fed to the model")
     g.add_argument("--no-augment", action="store_true", help="image classification: no random flips in training")
     g.add_argument("--max-new-tokens", type=_positive_int, default=None, help="causal-lm: generation budget in eval")
     g.add_argument("--val-fraction", type=_fraction, default=None,
                    help="share of train held out for validation when the data has no validation split (0.1)")
+    g.add_argument("--test-fraction", type=_fraction, default=None,
+                   help="share of train held out for testing when the data has no test split (0.1; 0: test "
+                        "on the validation split, which also chose the checkpoint)")
     g.add_argument("--max-train-samples", type=_positive_int, default=None, help="seeded random subset of train")
     g.add_argument("--max-eval-samples", type=_positive_int, default=None,
                    help="seeded random subset of validation and test")
@@ -111,6 +117,18 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--r", type=_positive_int, default=None, help="rank for lora (8), vera (256), unilora (4)")
     g.add_argument("--dropout", type=_fraction, default=None, help="adapter dropout")
     g.add_argument("--seed", type=int, default=0, help="seed of the run and of the GPart partition")
+
+
+def _add_precision_args(g) -> None:
+    # default None: "not given", so `eval` / `merge` can take the run's setting from gpart_task.json
+    g.add_argument("--bf16", action="store_true", default=None,
+                   help="bf16 mixed precision; causal-lm also loads the base weights in bf16 (adapters stay fp32)")
+    quant = g.add_mutually_exclusive_group()
+    quant.add_argument("--load-in-4bit", action="store_true", default=None,
+                       help="causal-lm: quantize the base to NF4 4-bit with bitsandbytes (compute dtype bf16 "
+                            "with --bf16, else fp32)")
+    quant.add_argument("--load-in-8bit", action="store_true", default=None,
+                       help="causal-lm: quantize the base to 8-bit (LLM.int8) with bitsandbytes")
 
 
 def _add_model_args(p: argparse.ArgumentParser, *, task_required: bool) -> None:
@@ -143,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-steps", type=_steps, default=None,
                    help="evaluate and checkpoint every N steps or fraction (default: every epoch, or 4 times with --max-steps)")
     g.add_argument("--logging-steps", type=_steps, default=0.02)
-    g.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
+    _add_precision_args(g)
     g.add_argument("--cpu", action="store_true", help="train on the CPU even if an accelerator is present")
     o = t.add_argument_group("output")
     o.add_argument("--output-dir", required=True)
@@ -160,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=None,
                    help="seed for subsets and carved splits (default: the adapter's training seed, else 0)")
     e.add_argument("--cpu", action="store_true")
+    _add_precision_args(e.add_argument_group("precision (default: the run's)"))
     _add_data_args(e)
 
     i = sub.add_parser("info", help="trainable parameters, D and adapter bytes, without training")
@@ -167,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_method_args(i)
     i.add_argument("--num-labels", type=_positive_int, default=2, help="classes of the task head")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _add_precision_args(i.add_argument_group("precision (base_bytes: the base's weights as loaded)"))
 
     m = sub.add_parser("merge", help="fold an adapter into its base model and save a standalone model")
     m.add_argument("--adapter", required=True, help="adapter directory written by train")
@@ -180,11 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------- defaults
 GENERIC_DEFAULTS = {"text_column": "text", "label_column": "label", "prompt_column": "question",
                     "response_column": "solution", "answer_column": "answer", "max_new_tokens": 256,
-                    "eval_batch_size": 32, "seed": 0, "val_fraction": 0.1}
+                    "eval_batch_size": 32, "seed": 0, "val_fraction": 0.1, "test_fraction": 0.1,
+                    "data_format": "auto", "bf16": False, "load_in_4bit": False, "load_in_8bit": False}
 # Settings saved with an adapter (gpart_task.json) that `eval`/`merge` reuse unless given again:
 # the same inputs, and the same seeded validation split as in training.
-SAVED_KEYS = ("dataset", "seed", "val_fraction", "max_length", "image_size", "text_column", "label_column",
-              "image_column", "prompt_column", "response_column", "answer_column")
+SAVED_KEYS = ("dataset", "seed", "val_fraction", "test_fraction", "max_length", "image_size", "text_column", "label_column",
+              "image_column", "prompt_column", "response_column", "answer_column", "data_format",
+              "bf16", "load_in_4bit", "load_in_8bit")
 
 
 def fill_defaults(args, recipe, saved: dict | None = None) -> None:
@@ -192,6 +214,8 @@ def fill_defaults(args, recipe, saved: dict | None = None) -> None:
     from gpart.recipes.methods import default_lr
 
     saved = saved or {}
+    if "val_fraction" in saved and "test_fraction" not in saved:
+        saved = {**saved, "test_fraction": 0.0}  # written before test splits were held out: test was validation
     for key in SAVED_KEYS:
         if getattr(args, key, None) is None and saved.get(key) is not None:
             setattr(args, key, saved[key])
@@ -252,13 +276,26 @@ def cmd_eval(args) -> int:
     from gpart.recipes.evaluation import evaluate
     from gpart.recipes.io import atomic_write_json
 
+    given = args.dataset
     recipe, saved = _recipe_of_saved_run(args, "eval")
-    args.single_file_split = args.split
+    # A data file named here is the split to evaluate; the run's own dataset (read from the adapter,
+    # or named again) is split exactly as in training.
+    args.single_file_split = args.split if given is not None and not _same_dataset(given, saved.get("dataset")) \
+        else "train"
     metrics = evaluate(args, recipe, saved)
     if args.output:
         atomic_write_json(args.output, metrics)
     print(json.dumps(metrics, indent=2, default=str))
     return 0
+
+
+def _same_dataset(a: str, b: str | None) -> bool:
+    from pathlib import Path
+
+    if b is None:
+        return False
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return a == b or (pa.exists() and pb.exists() and pa.resolve() == pb.resolve())
 
 
 def cmd_info(args) -> int:

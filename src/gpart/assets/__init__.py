@@ -6,8 +6,8 @@ optional packages (gguf, onnx, rdata, reasoning_gym, Pillow, datasets) are impor
 loader that needs them.
 """
 from .cache import cache_dir
-from .data_types import (IMAGE_CLASSIFICATION, MATH, TASKS, TEXT_CLASSIFICATION, ImageDataset, MathDataset,
-                         TextDataset, split_indices, train_test_split)
+from .data_types import (CAUSAL_LM, CHAT, IMAGE_CLASSIFICATION, LM_FORMATS, MATH, TASKS, TEXT_CLASSIFICATION,
+                         ChatDataset, ImageDataset, MathDataset, TextDataset, split_indices, train_test_split)
 from .datasets import list_datasets, load_dataset
 from .builtin_data import BUILTIN_DATASETS
 from .errors import AssetError, DatasetError
@@ -19,7 +19,7 @@ __all__ = [
     "AssetError", "DatasetError", "cache_dir",
     "Pin", "PINS", "ensure_package", "ensure_deb", "ensure_npm",
     "MODELS", "resolve_model", "minilm_path", "smollm2_path", "dinov2_small_path", "IMAGENET_MEAN", "IMAGENET_STD",
-    "TASKS", "TEXT_CLASSIFICATION", "IMAGE_CLASSIFICATION", "MATH",
-    "TextDataset", "ImageDataset", "MathDataset", "BUILTIN_DATASETS",
+    "TASKS", "TEXT_CLASSIFICATION", "IMAGE_CLASSIFICATION", "MATH", "CHAT", "CAUSAL_LM", "LM_FORMATS",
+    "TextDataset", "ImageDataset", "MathDataset", "ChatDataset", "BUILTIN_DATASETS",
     "load_dataset", "list_datasets", "train_test_split", "split_indices",
 ]

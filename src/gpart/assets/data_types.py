@@ -17,7 +17,16 @@ from .errors import DatasetError
 TEXT_CLASSIFICATION = "text-classification"
 IMAGE_CLASSIFICATION = "image-classification"
 MATH = "math"
-TASKS = (TEXT_CLASSIFICATION, IMAGE_CLASSIFICATION, MATH)
+CHAT = "chat"
+TASKS = (TEXT_CLASSIFICATION, IMAGE_CLASSIFICATION, MATH, CHAT)
+# Data for causal-LM fine-tuning: question/answer tables (MathDataset) or chat / prompt-completion data
+# (ChatDataset), told apart by their columns. Passing this as `task` accepts either.
+CAUSAL_LM = "causal-lm"
+TASK_GROUPS = {CAUSAL_LM: (MATH, CHAT)}
+# The formats a causal-LM dataset can have (`data_format`): "auto" detects one from the columns.
+MESSAGES, PROMPT_COMPLETION, QUESTION_ANSWER = "messages", "prompt-completion", "question-answer"
+LM_FORMATS = (MESSAGES, PROMPT_COMPLETION, QUESTION_ANSWER)
+ROLES = ("system", "user", "assistant", "tool")
 
 
 @dataclass
@@ -64,7 +73,29 @@ class MathDataset:
         return self.splits[split]
 
 
-Dataset = Union[TextDataset, ImageDataset, MathDataset]
+@dataclass
+class ChatDataset:
+    """Supervised data for a causal LM, in one of two formats (TRL's, see docs/cli.md):
+
+    format "messages": splits: name -> [{"messages": [{"role", "content"}, ...], "train_from": int,
+        "answer": str | None}]. The loss covers the assistant messages at index >= train_from (0: every
+        assistant turn; a conversational prompt/completion row is stored as prompt + completion with
+        train_from = len(prompt)). "answer" is the reference for exact match (None: the content of the
+        last assistant message). Only "messages" is required; the other keys default as above.
+    format "prompt-completion": splits: name -> [{"prompt": str, "completion": str, "answer": str | None}].
+    Either may carry "where" (e.g. "file.jsonl:12"): errors found later (a chat template that cannot
+    render the row) name it.
+    """
+
+    splits: dict[str, list[dict]] = field(default_factory=dict)
+    format: str = MESSAGES
+    task: ClassVar[str] = CHAT
+
+    def __getitem__(self, split: str) -> list[dict]:
+        return self.splits[split]
+
+
+Dataset = Union[TextDataset, ImageDataset, MathDataset, ChatDataset]
 
 
 def split_order(keys: Sequence[str], seed: int) -> list[int]:
@@ -110,4 +141,6 @@ def train_test_split(dataset: Dataset, test_fraction: float = 0.2, seed: int = 0
     splits = {"train": [data[i] for i in train], "test": [data[i] for i in test]}
     if isinstance(dataset, TextDataset):
         return TextDataset(splits, list(dataset.label_names))
+    if isinstance(dataset, ChatDataset):
+        return ChatDataset(splits, dataset.format)
     return MathDataset(splits)

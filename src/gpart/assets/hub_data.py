@@ -14,9 +14,10 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from .data_types import IMAGE_CLASSIFICATION, MATH, TEXT_CLASSIFICATION, ImageDataset, MathDataset, TextDataset
+from .data_types import CAUSAL_LM, CHAT, IMAGE_CLASSIFICATION, MATH, TEXT_CLASSIFICATION, ImageDataset, TextDataset
 from .errors import DatasetError
-from .local_data import _check_columns, _label_encoder, common_format, image_array, math_rows, text_dataset
+from .lm_data import lm_dataset
+from .local_data import _check_columns, _label_encoder, common_format, image_array, text_dataset
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*(:[\w.-]+)?")
 # hub split names -> ours; other splits (e.g. "validation_mismatched") are left out
@@ -36,16 +37,20 @@ def offline() -> bool:
 def load_hub(spec: str, task: str | None = None, *, text_column: str = "text", label_column: str = "label",
              label_names: Sequence[str] | None = None, image_size: int | tuple[int, int] | None = None,
              image_column: str | None = None, question_column: str = "question", answer_column: str = "answer",
-             solution_column: str = "solution"):
-    """`org/name[:config]` -> a Dataset for `task` (inferred when None: images if a column holds images)."""
+             solution_column: str = "solution", data_format: str | None = None):
+    """`org/name[:config]` -> a Dataset for `task` (inferred when None: images if a column holds images).
+    Causal-LM tasks (math, chat, causal-lm) read the format `data_format` or the one the columns show."""
     repo, _, config = spec.partition(":")
     splits = _our_splits(spec, _download(repo, config or None))
     features = next(iter(splits.values())).features
     task = task or (IMAGE_CLASSIFICATION if _image_columns(features) else TEXT_CLASSIFICATION)
-    if task == MATH:
-        return MathDataset({split: math_rows(f"{spec} [{split}]", _records(spec, split, rows, (question_column, answer_column)),
-                                             question_column, answer_column, solution_column)
-                            for split, rows in splits.items()})
+    if task in (MATH, CHAT, CAUSAL_LM):
+        optional = (answer_column, solution_column)  # read along when present: references, worked answers
+        sources = {split: (f"{spec} [{split}]", rows.column_names,
+                           lambda required, split=split, rows=rows: _records(spec, split, rows, required, optional))
+                   for split, rows in splits.items()}
+        return lm_dataset(sources, task=task, data_format=data_format, question_column=question_column,
+                          answer_column=answer_column, solution_column=solution_column)
     label_column = _label_column(spec, features, label_column)
     splits = _labelled(spec, splits, label_column)
     classes = _class_names(features, label_column)
@@ -114,9 +119,11 @@ def _our_splits(spec: str, dataset_dict) -> dict:
     return splits
 
 
-def _records(spec: str, split: str, rows, required: Sequence[str]) -> Iterator[tuple[str, dict]]:
+def _records(spec: str, split: str, rows, required: Sequence[str],
+             optional: Sequence[str] = ()) -> Iterator[tuple[str, dict]]:
     _check_columns(f"{spec} [{split}]", rows.column_names, required)
-    for i, row in enumerate(rows.select_columns(list(dict.fromkeys(required)))):
+    wanted = list(dict.fromkeys([*required, *(c for c in optional if c in rows.column_names)]))
+    for i, row in enumerate(rows.select_columns(wanted)):
         yield f"{spec} [{split}] row {i}", row
 
 

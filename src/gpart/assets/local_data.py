@@ -17,7 +17,8 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .data_types import IMAGE_CLASSIFICATION, MATH, TEXT_CLASSIFICATION, ImageDataset, MathDataset, TextDataset
+from .data_types import (CAUSAL_LM, CHAT, IMAGE_CLASSIFICATION, MATH, TEXT_CLASSIFICATION, ImageDataset,
+                         MathDataset, TextDataset)
 from .errors import DatasetError
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson")
@@ -29,8 +30,9 @@ _INT = re.compile(r"[+-]?\d+")
 def load_local(path: Path, task: str | None = None, *, text_column: str = "text", label_column: str = "label",
                label_names: Sequence[str] | None = None, image_size: int | tuple[int, int] | None = None,
                question_column: str = "question", answer_column: str = "answer",
-               solution_column: str = "solution"):
-    """Load a local file or folder; `task` is inferred when None (tables: text classification)."""
+               solution_column: str = "solution", data_format: str | None = None):
+    """Load a local file or folder; `task` is inferred when None (tables: text classification).
+    Causal-LM tasks (math, chat, causal-lm) read the format `data_format` or the one the columns show."""
     tables = _table_splits(path)
     task = task or (TEXT_CLASSIFICATION if tables else IMAGE_CLASSIFICATION)
     if task == IMAGE_CLASSIFICATION:
@@ -40,9 +42,13 @@ def load_local(path: Path, task: str | None = None, *, text_column: str = "text"
     if not tables:
         raise DatasetError(f"{path}: no data file found; expected a {'/'.join(TABLE_SUFFIXES)} file "
                            f"or a folder holding {{{','.join(SPLIT_NAMES)}}}.<ext>")
-    if task == MATH:
-        return MathDataset({split: read_math_table(f, question_column, answer_column, solution_column)
-                            for split, f in tables.items()})
+    if task in (MATH, CHAT, CAUSAL_LM):
+        from .lm_data import lm_dataset
+
+        sources = {split: (f, table_columns(f), lambda required, f=f: _records(f, required))
+                   for split, f in tables.items()}
+        return lm_dataset(sources, task=task, data_format=data_format, question_column=question_column,
+                          answer_column=answer_column, solution_column=solution_column)
     return load_text_classification(tables, text_column, label_column, label_names)
 
 
@@ -147,6 +153,16 @@ def _table_splits(path: Path) -> dict[str, Path]:
         return {"train": path}
     return {split: path / f"{split}{suffix}" for split in SPLIT_NAMES for suffix in TABLE_SUFFIXES
             if (path / f"{split}{suffix}").is_file()}
+
+
+def table_columns(path: Path) -> list[str]:
+    """The columns of a table: a CSV/TSV header, or the keys of a JSONL file's first row."""
+    if path.suffix.lower() not in (".jsonl", ".ndjson"):
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            return next(csv.reader(fh, delimiter="\t" if path.suffix.lower() == ".tsv" else ","), [])
+    for _, row in _jsonl_records(path, ()):
+        return list(row)
+    return []
 
 
 def _records(path: Path, required: Sequence[str]) -> Iterator[tuple[str, dict]]:

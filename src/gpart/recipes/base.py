@@ -1,7 +1,7 @@
 """The contract every task recipe fulfils, so cli.py and training.py stay task-agnostic."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -15,6 +15,8 @@ class TaskData:
     splits: dict[str, Any]
     labels: list[str] | None = None  # class names, for classification
     source: str = ""  # dataset name or path, for reports
+    format: str | None = None  # causal LM: "messages" | "prompt-completion" | "question-answer"
+    skipped: dict[str, int] = field(default_factory=dict)  # split -> rows left out (e.g. too long), reported
 
 
 class TaskRecipe:

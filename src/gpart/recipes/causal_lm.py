@@ -1,19 +1,20 @@
-"""Supervised fine-tuning of a causal LM on question -> worked solution, scored by exact match.
+"""Supervised fine-tuning of a causal LM: question/answer tables, prompt/completion or chat data.
 
-Format as in the reference MetaMathQA script: "Question: {q}\nAnswer: {solution}<eos>", loss on
-the answer only, prompts truncated from the left. Evaluation generates greedily from
-"Question: {q}\nAnswer:" and compares the final number with the reference answer.
+How rows become text and labels (chat templates, the loss on assistant/completion tokens only) is in
+lm_format. Evaluation generates greedily from the same prompt (the template's generation prompt for
+chat data) and scores exact match against the row's reference answer.
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 
 from . import data as D
+from . import lm_format as F
+from . import models
 from .base import TaskData, TaskRecipe
-from .metrics import exact_match, extract_final_number
-
-PROMPT = "Question: {question}\nAnswer:"
-STOP = "\nQuestion:"  # the model starting a new question means its answer is over
+from .metrics import exact_match, extract_final_number, reference_match
 
 
 class CausalLM(TaskRecipe):
@@ -31,10 +32,12 @@ class CausalLM(TaskRecipe):
                     max_length=512, lora_lr=2e-4)
 
     def load_data(self, args, *, saved=None) -> TaskData:
-        dataset = D.load(args, "math", question_column=args.prompt_column, answer_column=args.answer_column,
-                         solution_column=args.response_column)
-        splits = D.finish_splits(dataset.splits, seed=args.seed, val_fraction=args.val_fraction)
-        return TaskData(D.limit_splits(splits, args), None, args.dataset)
+        dataset = D.load(args, "causal-lm", question_column=args.prompt_column, answer_column=args.answer_column,
+                         solution_column=args.response_column, data_format=getattr(args, "data_format", None))
+        splits = D.finish_splits(dataset.splits, seed=args.seed, val_fraction=args.val_fraction,
+                                 test_fraction=getattr(args, "test_fraction", 0.0))
+        fmt = getattr(dataset, "format", "question-answer")  # MathDataset rows are question/answer
+        return TaskData(D.limit_splits(splits, args), None, args.dataset, format=fmt)
 
     def auto_class(self):
         from transformers import AutoModelForCausalLM
@@ -44,21 +47,21 @@ class CausalLM(TaskRecipe):
     def load_model(self, path, args, labels):
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **models.load_options(args))
         return model, _tokenizer(path, model)
 
     def load_saved_model(self, path, args, labels):
         return self.load_model(path, args, labels)
 
     def make_dataset(self, records, tokenizer, args, data, *, train):
-        prompts = tokenizer([PROMPT.format(question=r["question"]) for r in records])["input_ids"]
-        answers = tokenizer([" " + r["solution"] for r in records], add_special_tokens=False)["input_ids"]
-        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        split = "train" if train else "validation"
         out = []
-        for p, a in zip(prompts, answers):
-            a = (a + eos)[: args.max_length]  # an overlong answer is cut at the end ...
-            p = p[max(0, len(p) - (args.max_length - len(a))):]  # ... and the prompt from the left
-            out.append({"input_ids": p + a, "labels": [-100] * len(p) + a})
+        for i, row in enumerate(records):
+            example = F.training_example(tokenizer, row, data.format, args.max_length, F.row_name(row, split, i))
+            if example is not None:
+                out.append(example)
+        _report_skips(data, split, len(records) - len(out), len(records), args.max_length,
+                      "their prompt alone fills it, so no answer token is left to learn from")
         return out
 
     def compute_metrics(self, data):
@@ -84,19 +87,67 @@ class CausalLM(TaskRecipe):
 
     @torch.no_grad()
     def evaluate(self, model, tokenizer, records, args, data):
-        outputs = generate(model, tokenizer, [PROMPT.format(question=r["question"]) for r in records],
-                           max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch_size,
-                           max_length=args.max_length)
-        result = exact_match(outputs, [r["answer"] for r in records])
-        result["answered"] = sum(extract_final_number(o) is not None for o in outputs) / max(1, len(outputs))
-        result["n"] = len(records)
-        result["examples"] = [{"question": r["question"][:200], "output": o[-300:], "answer": r["answer"]}
-                              for r, o in list(zip(records, outputs))[:3]]
+        qa = data.format == "question-answer"
+        prompts, references, kept, bases = [], [], [], set()
+        for i, row in enumerate(records):
+            ids, reference, basis = F.generation_prompt(tokenizer, row, data.format, F.row_name(row, "test", i))
+            if len(ids) > args.max_length:
+                if not qa:  # a cut chat prompt loses its start (system prompt, template header): skip it
+                    continue
+                ids = ids[len(ids) - args.max_length:]  # question/answer: keep the end, next to "Answer:"
+            prompts.append(ids)
+            references.append(reference)
+            kept.append(row)
+            bases.add(basis)
+        skipped = len(records) - len(kept)
+        if records and not kept:
+            raise D.DataError(f"all {len(records)} evaluation prompts are longer than --max-length "
+                              f"{args.max_length}; raise --max-length")
+        if skipped:
+            warnings.warn(f"{skipped} of {len(records)} evaluation prompts are longer than --max-length "
+                          f"{args.max_length} and were skipped", stacklevel=2)
+        stop_ids, stop_texts = F.end_of_turn(tokenizer) if not qa else (F.eos_ids(tokenizer), [F.QA_STOP])
+        outputs = generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
+                           batch_size=args.eval_batch_size, stop_ids=stop_ids, stop_texts=stop_texts)
+        if qa:
+            result = exact_match(outputs, references)
+            result["answered"] = sum(extract_final_number(o) is not None for o in outputs) / max(1, len(outputs))
+        else:
+            result = reference_match(outputs, references)
+            result["reference"] = bases.pop() if len(bases) == 1 else "answer where given, else " + \
+                ("the completion" if "completion" in bases else "the last assistant message")
+        result["n"] = len(kept)
+        if skipped:
+            result["skipped_too_long"] = skipped
+        result["examples"] = [{"prompt": _prompt_text(r)[:200], "output": o[-300:], "answer": ref}
+                              for r, o, ref in list(zip(kept, outputs, references))[:3]]
         return result
 
     def task_info(self, args, data):
         return {"max_length": args.max_length, "prompt_column": args.prompt_column,
-                "response_column": args.response_column, "answer_column": args.answer_column}
+                "response_column": args.response_column, "answer_column": args.answer_column,
+                "data_format": getattr(args, "data_format", None), "format": data.format}
+
+
+def _prompt_text(row: dict) -> str:
+    if "question" in row:
+        return row["question"]
+    if "messages" in row:
+        users = [m["content"] for m in row["messages"] if m["role"] == "user"]
+        return users[-1] if users else row["messages"][0]["content"]
+    return row["prompt"]
+
+
+def _report_skips(data: TaskData, split: str, skipped: int, total: int, max_length: int, why: str) -> None:
+    """Rows left out for length are counted in the run's metrics and warned about; all of them is an error."""
+    if not skipped:
+        return
+    if skipped == total:
+        raise D.DataError(f"all {total} {split} examples are longer than --max-length {max_length}: {why}; "
+                          "raise --max-length")
+    data.skipped[split] = skipped
+    warnings.warn(f"{skipped} of {total} {split} examples skipped: longer than --max-length {max_length} ({why})",
+                  stacklevel=3)
 
 
 def token_loss_stats(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -127,41 +178,48 @@ def _tokenizer(path, model):
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int, max_length: int) -> list[str]:
-    """Greedy continuations, batched with left padding, cut at the next "Question:"."""
+def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, batch_size: int,
+             stop_ids: list[int], stop_texts: list[str]) -> list[str]:
+    """Greedy continuations of token-id prompts, batched with left padding, each cut at its first
+    stop token (EOS, the template's end of turn) or stop text."""
     from tqdm.auto import tqdm
 
     model.eval()
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
     device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop_ids or [0])[0]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths, less padding
     texts = [""] * len(prompts)
-    try:
-        for start in tqdm(range(0, len(order), batch_size), desc="generate", leave=False):
-            idx = order[start:start + batch_size]
-            batch = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
-                              truncation=True, max_length=max_length).to(device)
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                                 stopping_criteria=[_StopAfter(tokenizer, batch["input_ids"].shape[1])])
-            for i, seq in zip(idx, out[:, batch["input_ids"].shape[1]:]):
-                texts[i] = tokenizer.decode(seq, skip_special_tokens=True).split(STOP)[0].strip()
-    finally:
-        tokenizer.padding_side = side
+    for start in tqdm(range(0, len(order), batch_size), desc="generate", leave=False):
+        idx = order[start:start + batch_size]
+        width = max(len(prompts[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i], dtype=torch.long)
+            mask[row, width - len(prompts[i]):] = 1
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=pad, eos_token_id=stop_ids or None,
+                             stopping_criteria=[_StopAfter(tokenizer, width, stop_texts)] if stop_texts else None)
+        for i, seq in zip(idx, out[:, width:].tolist()):
+            cut = next((k for k, t in enumerate(seq) if t in stop_ids), len(seq))
+            text = tokenizer.decode(seq[:cut], skip_special_tokens=True)
+            for stop in stop_texts:
+                text = text.split(stop)[0]
+            texts[i] = text.strip()
     return texts
 
 
 class _StopAfter:
-    """Stop a row once its continuation contains STOP. (transformers' stop_strings needs a tokenizer
+    """Stop a row once its continuation contains a stop text. (transformers' stop_strings needs a tokenizer
     whose vocabulary it can map to strings; decoding the last few tokens works with any.)"""
 
-    def __init__(self, tokenizer, prompt_len: int, window: int = 8):
-        self.tokenizer, self.prompt_len, self.window = tokenizer, prompt_len, window
+    def __init__(self, tokenizer, prompt_len: int, stops: list[str], window: int = 8):
+        self.tokenizer, self.prompt_len, self.stops, self.window = tokenizer, prompt_len, stops, window
 
     def __call__(self, input_ids, scores, **kwargs):
         tails = input_ids[:, max(self.prompt_len, input_ids.shape[1] - self.window):]
-        texts = self.tokenizer.batch_decode(tails, skip_special_tokens=True)
-        return torch.tensor([STOP in t for t in texts], dtype=torch.bool, device=input_ids.device)
+        texts = self.tokenizer.batch_decode(tails, skip_special_tokens=False)
+        return torch.tensor([any(s in t for s in self.stops) for t in texts], dtype=torch.bool, device=input_ids.device)
 
 
 RECIPE = CausalLM()

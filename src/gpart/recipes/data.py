@@ -26,12 +26,14 @@ def load(args, task: str, **columns):
     return dataset
 
 
-def finish_splits(splits: dict, *, seed: int, val_fraction: float, take=None) -> dict:
-    """train / validation / test, carving what is missing out of train.
+def finish_splits(splits: dict, *, seed: int, val_fraction: float, test_fraction: float = 0.0, take=None) -> dict:
+    """train / validation / test, carving what is missing out of train with one seeded shuffle.
 
-    Only train: validation = a `val_fraction` slice of it and test = validation (the run reports
-    this). No validation: it comes out of train and the official test stays untouched. `take(split,
-    indices)` selects examples (lists by default; image recipes pass one for arrays).
+    No test split: a `test_fraction` slice of train is held out as test (first in the shuffled
+    order), so the test numbers never come from the split that chose the checkpoint; with
+    test_fraction 0, test = validation (the run reports this). No validation split: a
+    `val_fraction` slice (of the original train size) of what is left. `take(split, indices)`
+    selects examples (lists by default; image recipes pass one for arrays).
     """
     take = take or (lambda rows, idx: [rows[i] for i in idx])
     splits = dict(splits)
@@ -39,13 +41,21 @@ def finish_splits(splits: dict, *, seed: int, val_fraction: float, take=None) ->
         if not splits:
             raise DataError("dataset has no splits")
         return {"train": None, **splits}
-    if "validation" not in splits:
-        n = split_length(splits["train"])
+    carve_test = "test" not in splits and test_fraction > 0
+    if carve_test or "validation" not in splits:
+        train = splits["train"]
+        n = split_length(train)
         order = list(range(n))
         random.Random(seed).shuffle(order)
-        n_val = min(n - 1, max(1, round(n * val_fraction))) if n > 1 and val_fraction > 0 else 0
-        train = splits["train"]
-        splits["validation"], splits["train"] = take(train, sorted(order[:n_val])), take(train, sorted(order[n_val:]))
+        n_test = min(n - 1, max(1, round(n * test_fraction))) if carve_test and n > 1 else 0
+        rest = n - n_test
+        n_val = (min(rest - 1, max(1, round(n * val_fraction))) if "validation" not in splits and rest > 1
+                 and val_fraction > 0 else 0)
+        if carve_test:
+            splits["test"] = take(train, sorted(order[:n_test]))
+        if "validation" not in splits:
+            splits["validation"] = take(train, sorted(order[n_test:n_test + n_val]))
+        splits["train"] = take(train, sorted(order[n_test + n_val:]))
     if "test" not in splits:
         splits["test"] = splits["validation"]
     return splits

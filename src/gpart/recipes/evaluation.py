@@ -25,6 +25,7 @@ def read_task_file(saved: Path | None) -> dict:
 def load_for_eval(recipe, args, saved_info: dict, labels):
     """(model, processor) for `gpart eval`/`merge`: a base model, base + adapter, or a saved full model."""
     adapter = Path(args.adapter) if getattr(args, "adapter", None) else None
+    models.check_precision(args, recipe.name, None)
     if adapter is not None and not (adapter / "adapter_config.json").exists():
         if (adapter / "config.json").exists():  # a full model saved by train (full/head-only) or merge
             return recipe.load_saved_model(adapter, args, labels)
@@ -77,6 +78,7 @@ def info(args, recipe) -> dict:
     """Sizes for a model + method without training: built on the meta device, so no weights load."""
     from transformers import AutoConfig
 
+    models.check_precision(args, recipe.name, args.method)
     path = models.resolve_model_path(args.model)
     labels = [str(i) for i in range(args.num_labels)] if recipe.has_head else None
     config = AutoConfig.from_pretrained(path, local_files_only=True)
@@ -90,13 +92,18 @@ def info(args, recipe) -> dict:
         models.check_targets(model, targets)
     D = methods.adapted_size(model, targets)
     base_total = methods.count_params(model, head)["total"]
+    quant = models.quantization(args)
+    dtype = models.weights_dtype(args) if recipe.name == "causal-lm" else torch.float32  # see load_options
+    base_bytes = models.base_weight_bytes(model, quant, dtype)
     model = methods.apply_method(model, args.method, head=head, d=args.d, targets=targets, seed=args.seed,
                                  dropout=0.0, task_type=recipe.task_type, r=args.r)
     params = methods.count_params(model, head)
     return {
         "task": recipe.name, "model": args.model, "method": args.method, "targets": targets, "head": head,
         "D": D, "d": args.d if args.method in ("gpart", "unilora") else None,
-        "base_params": base_total, "trainable": params["trainable"], "adapter_params": params["adapter"],
+        "base_params": base_total,
+        "base_weights": {"4bit": "nf4 4-bit", "8bit": "int8"}.get(quant, str(dtype).removeprefix("torch.")),
+        "base_bytes": base_bytes, "trainable": params["trainable"], "adapter_params": params["adapter"],
         "head_params": params["head"], "saved_bytes": saved_bytes(model, args.method),
     }
 
@@ -128,8 +135,22 @@ def merge(args, recipe, saved_info: dict) -> Path:
     if recipe.has_head and not saved_info.get("labels"):
         raise models.ModelError(f"--adapter {adapter}: no {TASK_FILE} with the class names; merge adapters "
                                 "written by `gpart train`, or merge in Python with PEFT's merge_and_unload()")
+    kind = models.quantization(args)
+    if kind is not None and saved_info.get("method", "gpart") != "gpart":
+        raise models.ModelError(
+            f"merging a {saved_info.get('method')} adapter trained on a {kind[0]}-bit base: folding it into quantized "
+            "weights would round most of the update away, and gpart writes a dequantized merged model for GPart "
+            "adapters only. Use the adapter unmerged (gpart eval --adapter, or PeftModel.from_pretrained on the "
+            "quantized base)")
+    args.bf16 = False  # fold into float32 weights: a bf16 base would round small updates away
     model, processor = load_for_eval(recipe, args, saved_info, saved_info.get("labels"))
-    merged = model.merge_and_unload()
+    if kind is not None:
+        # W_deq + Delta_W in float32 for every quantized layer: a plain float32 model, nothing requantized
+        from gpart import merge_and_dequantize
+
+        merged = merge_and_dequantize(model, dtype=torch.float32)
+    else:
+        merged = model.merge_and_unload()
     with atomic_dir(out) as tmp:
         merged.save_pretrained(tmp)
         processor.save_pretrained(tmp)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import re
+import string
 
 import numpy as np
 
@@ -99,6 +100,36 @@ def ref_number(answer) -> str:
         extracted = extract_final_number(text)
         return extracted if extracted is not None else text
     return text
+
+
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def normalise_text(text) -> str:
+    """Text compared for exact match: case, punctuation and runs of white space ignored (as SQuAD's
+    exact match, which also drops articles; we keep them)."""
+    return " ".join(str(text).lower().translate(_PUNCTUATION).split())
+
+
+def is_numeric_answer(reference) -> bool:
+    """A bare number, or a worked answer ending in "#### N" (GSM8K): scored on the final number."""
+    text = str(reference)
+    return "####" in text or re.fullmatch(r"\s*(" + _NUMBER + r")\s*", text) is not None
+
+
+def reference_match(predicted_texts, references) -> dict[str, float]:
+    """Exact match against free-form references: numeric ones (is_numeric_answer) on the output's final
+    number, as exact_match does; any other on the whole output, after normalise_text."""
+    references = list(references)
+    if not references:
+        return {"exact_match": float("nan")}
+    hits = 0
+    for out, ref in zip(predicted_texts, references):
+        if is_numeric_answer(ref):
+            hits += extract_final_number(out) is not None and extract_final_number(out) == normalise_number(ref_number(ref))
+        else:
+            hits += normalise_text(out) == normalise_text(ref)
+    return {"exact_match": hits / len(references)}
 
 
 def classification_compute_metrics(num_labels: int):

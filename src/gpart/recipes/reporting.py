@@ -1,7 +1,10 @@
 """What a finished run leaves for people: metrics.json, a training-curve PNG and a short report.md."""
 from __future__ import annotations
 
+import importlib.util
 import io
+import sys
+import warnings
 from pathlib import Path
 
 from .io import atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -28,8 +31,25 @@ def write_metrics(out: Path, metrics: dict) -> Path:
     return out / METRICS_FILE
 
 
-def write_curve(out: Path, train: list[dict], evals: list[dict], metric: str, title: str) -> Path:
-    import matplotlib
+NO_PLOT = ("matplotlib is not installed, so training_curve.png is not drawn (the metrics and report are "
+           "written as usual); pip install 'gpart[train]' adds it")
+
+
+def plotting_available() -> bool:
+    """Whether the curve can be drawn: checked before training so that a missing plotting library never
+    costs a finished run (it only skips the picture)."""
+    if "matplotlib" in sys.modules:
+        return sys.modules["matplotlib"] is not None
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def write_curve(out: Path, train: list[dict], evals: list[dict], metric: str, title: str) -> Path | None:
+    """The curve PNG, or None (with a warning) when matplotlib is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        warnings.warn(NO_PLOT, stacklevel=2)
+        return None
 
     matplotlib.use("Agg")  # no display on servers; must precede pyplot
     import matplotlib.pyplot as plt
@@ -81,6 +101,8 @@ def write_report(out: Path, m: dict) -> Path:
         f"- training: {_fmt(m['train']['steps'])} steps, {m['train']['runtime_s']:.1f} s, "
         f"final train loss {_fmt(m['train'].get('final_loss'))}",
         f"- seed {run['seed']}, lr {run['lr']:g}, head lr {run['head_lr']:g}",
+        *([f"- skipped (longer than --max-length): "
+           + ", ".join(f"{n:,} {split}" for split, n in m["skipped"].items())] if m.get("skipped") else []),
         "",
         "| split | " + " | ".join(sorted({k for s in ("validation", "test") for k in m.get(s, {})})) + " |",
     ]
@@ -89,6 +111,7 @@ def write_report(out: Path, m: dict) -> Path:
     for split in ("validation", "test"):
         if m.get(split):
             lines.append(f"| {split} | " + " | ".join(_fmt(m[split].get(k, "")) for k in keys) + " |")
-    lines += ["", f"![training curve]({CURVE_FILE})", ""]
+    lines += ["", f"![training curve]({CURVE_FILE})" if (out / CURVE_FILE).exists() else "(no training curve: "
+              "matplotlib is not installed; pip install 'gpart[train]')", ""]
     atomic_write_text(out / REPORT_FILE, "\n".join(lines))
     return out / REPORT_FILE

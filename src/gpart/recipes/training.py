@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -217,6 +218,8 @@ def device_settings(args) -> dict:
         return {"use_cpu": True}
     accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
     available = accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+    if args.bf16 and not available:
+        return {"use_cpu": True}  # transformers accepts bf16 autocast on the CPU only when told it is the CPU
     if int(os.environ.get("WORLD_SIZE", "1")) == 1 or available:
         return {"use_cpu": False}
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
@@ -291,7 +294,8 @@ def run_config(args, recipe: TaskRecipe) -> dict:
         "seed": args.seed, "r": args.r, "lr": args.lr, "head_lr": args.head_lr, "epochs": args.epochs,
         "max_steps": args.max_steps, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
         "weight_decay": args.weight_decay, "warmup": args.warmup, "dropout": args.dropout,
-        "scheduler": args.scheduler,
+        "scheduler": args.scheduler, "val_fraction": args.val_fraction, "test_fraction": args.test_fraction,
+        "bf16": args.bf16, "quantization": models.quantization(args),
     }
 
 
@@ -356,6 +360,7 @@ def training_arguments(args, out: Path, has_eval: bool, recipe: TaskRecipe):
 
 def prepare_model(args, recipe: TaskRecipe, data) -> dict:
     """Load the base model and apply --method; also the sizes the report needs (D, parameter counts)."""
+    models.check_precision(args, recipe.name, args.method)
     path = models.resolve_model_path(args.model)
     model, processor = recipe.load_model(path, args, data.labels)
     head = models.head_modules(model) if recipe.has_head else []
@@ -363,10 +368,27 @@ def prepare_model(args, recipe: TaskRecipe, data) -> dict:
     if args.method in methods.PEFT_METHODS:
         models.check_targets(model, targets)
     D = methods.adapted_size(model, targets)  # before wrapping, while the targets are plain modules
-    model = methods.apply_method(model, args.method, head=head, d=args.d, targets=targets, seed=args.seed,
-                                 dropout=args.dropout, task_type=recipe.task_type, r=args.r)
+    try:
+        model = methods.apply_method(model, args.method, head=head, d=args.d, targets=targets, seed=args.seed,
+                                     dropout=args.dropout, task_type=recipe.task_type, r=args.r)
+    except TypeError as e:
+        kind = models.quantization(args)
+        if kind is None:
+            raise
+        raise methods.MethodError(f"--load-in-{kind} with --method {args.method}: {e} This gpart version cannot "
+                                  "adapt bitsandbytes layers; use --method lora on a quantized base, or --bf16 "
+                                  "for a half-size unquantized one") from None
+    keep_trainable_fp32(model)
     return {"model": model, "processor": processor, "head": head, "targets": targets, "D": D, "path": path,
             "params": methods.count_params(model, head)}
+
+
+def keep_trainable_fp32(model) -> None:
+    """Trained tensors (theta, adapters, heads) stay float32 on a bf16 or quantized base: AdamW's small
+    updates would vanish in bf16. The forward passes cast between the two (autocast, PEFT layers)."""
+    for p in model.parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
 
 
 def train(args, recipe: TaskRecipe) -> dict:
@@ -377,6 +399,8 @@ def train(args, recipe: TaskRecipe) -> dict:
     if args.resume:
         check_resume(out, config)
 
+    if not reporting.plotting_available():
+        warnings.warn(reporting.NO_PLOT, stacklevel=2)  # said before training; the run goes on
     set_seed(args.seed)  # the fresh head's init depends on it
     data = recipe.load_data(args)
     if not _nonempty(data.splits.get("train")):
@@ -443,7 +467,9 @@ def train(args, recipe: TaskRecipe) -> dict:
     if main:
         saved_dir, adapter_bytes = save_result(model, processor, out, args.method, recipe.task_info(args, data) | {
             "task": recipe.name, "model": args.model, "model_path": str(setup["path"]), "method": args.method,
-            "dataset": _absolute_if_local(args.dataset), "seed": args.seed, "val_fraction": args.val_fraction},
+            "dataset": _absolute_if_local(args.dataset), "seed": args.seed, "val_fraction": args.val_fraction,
+            "test_fraction": args.test_fraction, "bf16": args.bf16,
+            "load_in_4bit": args.load_in_4bit, "load_in_8bit": args.load_in_8bit},
             state_dict=state)
     train_pts, eval_pts = reporting.split_history(history)
     metrics = {
@@ -455,12 +481,15 @@ def train(args, recipe: TaskRecipe) -> dict:
                   "mean_loss": result.training_loss},
         "validation": validation, "test": test,
         "test_is_validation": data.splits.get("test") is data.splits.get("validation"),
+        **({"skipped": dict(data.skipped)} if data.skipped else {}),
         "history": {"train": train_pts, "eval": eval_pts},
         "best_checkpoint": trainer.state.best_model_checkpoint,
     }
     if main:
-        reporting.write_curve(out, train_pts, eval_pts, recipe.primary_metric,
-                              f"{args.method} on {args.model} / {args.dataset}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a missing matplotlib was reported before training
+            reporting.write_curve(out, train_pts, eval_pts, recipe.primary_metric,
+                                  f"{args.method} on {args.model} / {args.dataset}")
         reporting.write_report(out, metrics)
         reporting.write_metrics(out, metrics)  # last: its presence means the run finished
     trainer.accelerator.wait_for_everyone()  # no process reports success before the files exist
