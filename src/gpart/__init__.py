@@ -5,7 +5,7 @@ Importing this package registers the method "GPART" with PEFT, so that `get_peft
 """
 
 from .config import PEFT_TYPE, GPartConfig
-from .layers import GPartLayer
+from .layers import GPartLayer, clear_gpart_cache
 from .model import GPartModel, LayoutMismatchError, layout_fingerprint
 from .partition import ALGORITHM, VERSION, VERSIONS, Partition, PartitionError
 from .registration import register
@@ -21,6 +21,7 @@ __all__ = [
     "LayoutMismatchError",
     "Partition",
     "PartitionError",
+    "clear_gpart_cache",
     "layout_fingerprint",
     "register",
 ]
