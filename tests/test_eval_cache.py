@@ -268,7 +268,7 @@ def test_kept_memory_is_one_weight_per_adapted_layer_in_the_compute_dtype():
         _warm(model, x)
         for layer in _layers(model):
             weight = layer.get_base_layer().weight
-            (_refs, _state, (w, b, dw)), = layer._gpart_cache.values()
+            (_key, (w, b, dw)), = layer._gpart_cache.values()
             new = dw if dtype == torch.bfloat16 else w  # bf16: W0 is the weight itself, Delta_W is kept
             assert new.shape == weight.shape and new.dtype == dtype
             assert new.untyped_storage().data_ptr() != weight.untyped_storage().data_ptr()

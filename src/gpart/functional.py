@@ -198,7 +198,8 @@ def forward_operands(theta, weight, bias, spec: _Spec, cdt: torch.dtype):
 def apply_operands(xc, operands, kind: str, conv_args=None):
     """op(x, w, b) [+ op(x, dw)] for the operands of forward_operands; x is cast to their dtype."""
     w, b, dw = operands
-    xc = xc.to(w.dtype)
+    if xc.dtype != w.dtype:
+        xc = xc.to(w.dtype)
     y = _apply_kind(xc, w, b, kind, conv_args)
     if dw is not None:
         y = y + _apply_kind(xc, dw, None, kind, conv_args)

@@ -58,22 +58,22 @@ def clear_gpart_cache(module: nn.Module) -> None:
             m.clear_gpart_cache()
 
 
-def _tensor_state(t: torch.Tensor | None):
-    """What identifies a tensor's current contents: its storage (held weakly, so a freed storage's address
-    cannot pass for it), where it starts, its version counter (bumped by every in-place op that autograd
-    sees: optimizer steps, copy_, load_state_dict), dtype, device and shape."""
+def _tensor_key(t: torch.Tensor | None):
+    """What identifies a tensor's current contents: its storage (held weakly, so that the address of a freed
+    storage cannot pass for it; two weak references are equal only while they point to the same live
+    storage), where it starts, its version counter (bumped by every in-place op that autograd sees:
+    optimizer steps, copy_, load_state_dict), dtype, device, shape and strides. Raises RuntimeError for an
+    inference tensor, which has no version counter."""
     if t is None:
-        return None, None
-    storage = t.untyped_storage()
-    # inference tensors have no version counter: _version raises, and the caller does not cache
-    return weakref.ref(storage), (t.data_ptr(), t._version, t.dtype, t.device, t.shape, t.stride())
+        return None
+    return weakref.ref(t.untyped_storage()), t.data_ptr(), t._version, t.dtype, t.device, t.shape, t.stride()
 
 
-def _same_storage(kept, now) -> bool:
-    if kept is None or now is None:
-        return kept is now
-    storage = kept()
-    return storage is not None and storage is now()
+def _offloaded(module: nn.Module) -> bool:
+    """An accelerate hook moves this layer's weights in for each forward and out again: keeping whole
+    weights would undo the offloading."""
+    hook = module.__dict__.get("_hf_hook")
+    return hook is not None and any(getattr(h, "offload", False) for h in getattr(hook, "hooks", (hook,)))
 
 
 class GPartLayer(BaseTunerLayer):
@@ -89,7 +89,7 @@ class GPartLayer(BaseTunerLayer):
         self.gpart_dropout: dict[str, float] = {}
         self.merged_adapters: list[str] = []
         self._disable_adapters = False
-        # (adapter, tag) -> (storage refs, state, value): see _cached
+        # (adapter, tag) -> (key, value): see _cached
         self._gpart_cache: dict = {}
         object.__setattr__(self, "_gpart_owner", owner)
 
@@ -128,16 +128,16 @@ class GPartLayer(BaseTunerLayer):
 
     # -- eval-mode cache ----------------------------------------------------------------------------
 
-    def _cache_allowed(self, *tensors: torch.Tensor | None) -> bool:
+    def _cache_allowed(self, base: nn.Module, *tensors: torch.Tensor | None) -> bool:
         """Whether this forward may reuse (and fill) the cache: eval mode, no tensor that autograd must
-        track, not while torch.compile traces, and the switch on. Training mode frees the cache."""
+        track, not while torch.compile traces, no offloading, and the switch on. Training mode frees it."""
         if self.training:
             if self._gpart_cache:
                 self.clear_gpart_cache()
             return False
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
             return False
-        return not torch.compiler.is_compiling() and eval_cache_enabled(self._gpart_owner)
+        return not torch.compiler.is_compiling() and eval_cache_enabled(self._gpart_owner) and not _offloaded(base)
 
     def _cached(self, adapter_name: str, tag, build, *key_tensors: torch.Tensor | None):
         """build()'s value, kept and reused while nothing it depends on changes.
@@ -151,18 +151,16 @@ class GPartLayer(BaseTunerLayer):
         """
         slot = (adapter_name, tag)
         try:
-            states = [_tensor_state(t) for t in key_tensors]
+            key = (self.gpart_slices.get(adapter_name), *map(_tensor_key, key_tensors))
         except RuntimeError:  # an inference tensor: nothing to key on, so build every time
             return build()
-        refs = tuple(r for r, _ in states)
-        state = (self.gpart_slices.get(adapter_name), tuple(st for _, st in states))
         entry = self._gpart_cache.get(slot)
         if entry is not None:
-            if entry[1] == state and all(_same_storage(a, b) for a, b in zip(entry[0], refs)):
-                return entry[2]
+            if entry[0] == key:
+                return entry[1]
             del self._gpart_cache[slot], entry
         value = build()
-        self._gpart_cache[slot] = (refs, state, value)
+        self._gpart_cache[slot] = (key, value)
         object.__setattr__(self._gpart_owner, "_gpart_cache_used", True)
         return value
 
@@ -307,8 +305,9 @@ class LinearLike(nn.Module, GPartLayer):
         if not adapters:
             return self.base_layer(x, *args, **kwargs)
         base = self.get_base_layer()
-        if self._cache_allowed(x, base.weight, base.bias, *(self._theta(a) for a in adapters)):
-            return self._cached_forward(x, adapters, *args, **kwargs)
+        thetas = [self._theta(a) for a in adapters]
+        if self._cache_allowed(base, x, base.weight, base.bias, *thetas):
+            return self._cached_forward(x, base, adapters, thetas, args, kwargs)
         first, rest = adapters[0], adapters[1:]
         extra = {}
         if self.kind == "conv":
@@ -346,17 +345,15 @@ class LinearLike(nn.Module, GPartLayer):
             return self.get_base_layer()._conv_forward(x.to(cdt), dw, db)
         return Fn._linear(x.to(cdt), dw, db, self.kind)
 
-    def _cached_forward(self, x, adapters, *args, **kwargs) -> torch.Tensor:
+    def _cached_forward(self, x, base, adapters, thetas, args, kwargs) -> torch.Tensor:
         """The eval-mode forward from kept operands: the very tensors the uncached path builds, applied in
         the same order, so the output has the same bits; a step then costs the base layer's GEMM (fp32),
         plus one product with Delta_W per adapter in half precision or for every adapter after the first."""
-        base = self.get_base_layer()
         weight, bias = base.weight, base.bias
         extra = {"conv_args": self._conv_args()} if self.kind == "conv" else {}
         cdt = Fn._compute_dtype(x, weight)
-        first, rest = adapters[0], adapters[1:]
+        first, theta = adapters[0], thetas[0]
         if self.base_layer is base and extra.get("conv_args", ()) is not None:
-            theta = self._theta(first)
 
             def build():
                 spec = self._spec(first, self.kind, theta, None, **extra)
@@ -372,14 +369,12 @@ class LinearLike(nn.Module, GPartLayer):
             else:
                 y = Fn.apply_operands(x, ops, self.kind, extra.get("conv_args"))
         else:
-            y = self.base_layer(x, *args, **kwargs) + self._cached_update(x, first, cdt, extra)
-        for name in rest:
-            y = y + self._cached_update(x, name, cdt, extra)
+            y = self.base_layer(x, *args, **kwargs) + self._cached_update(x, first, theta, cdt, extra)
+        for name, theta in zip(adapters[1:], thetas[1:]):
+            y = y + self._cached_update(x, name, theta, cdt, extra)
         return y
 
-    def _cached_update(self, x, name, cdt, extra) -> torch.Tensor:
-        theta = self._theta(name)
-
+    def _cached_update(self, x, name, theta, cdt, extra) -> torch.Tensor:
         def build():
             return self._update_operands(self._spec(name, self.kind, theta, None, **extra), theta, cdt)
 
