@@ -64,6 +64,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: a shared machine's noise matters less)")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--update-scale", type=float, default=1.0,
+                   help="multiplies the random adapters (theta ~ N(0, 0.05^2), lora_B ~ N(0, 0.01^2))")
     p.add_argument("--out-dir", default=str(ROOT / "docs" / "benchmarks"))
     p.add_argument("--name", default=None)
     p.add_argument("--note", action="append", default=[])
@@ -79,7 +81,7 @@ def parse_args(argv=None):
 
 def default_name(args) -> str:
     targets = "qkvo" if args.targets == "q_proj,k_proj,v_proj,o_proj" else args.targets.replace(",", "+")
-    return f"generation-{args.shape.replace('-135m', '-135m')}-{targets}-d{args.d}"
+    return f"generation-{args.shape}-{targets}-d{args.d}"
 
 
 # ------------------------------------------------------------------------------------------- models
@@ -97,7 +99,7 @@ def build_models(args) -> dict:
     gp = get_peft_model(copy.deepcopy(base), gpart.GPartConfig(d=args.d, target_modules=targets, seed=args.seed))
     with torch.no_grad():  # a trained-looking theta, so the outputs are not the base model's
         theta = gp.base_model.gpart_theta["default"]
-        theta.copy_(torch.randn(theta.shape, generator=gen) * 0.05)
+        theta.copy_(torch.randn(theta.shape, generator=gen) * 0.05 * args.update_scale)
     gp.eval()
     models["gpart"] = models["gpart-uncached"] = gp
     if "gpart-merged" in args.methods:
@@ -108,7 +110,7 @@ def build_models(args) -> dict:
         with torch.no_grad():
             for name, p in lora.named_parameters():
                 if "lora_B" in name:
-                    p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.01 * args.update_scale)
         models["lora-r8"] = lora.eval()
     return models
 
@@ -144,13 +146,16 @@ def cache_bytes(model) -> int:
 
 
 class TokenClock:
-    """A generate() streamer that timestamps each put(): the first holds the prompt, then one per token."""
+    """A generate() streamer that timestamps each put() (wall and process CPU time): the first holds the
+    prompt, then one per token. With one thread, CPU time moves less than wall time with others' load."""
 
     def __init__(self):
         self.times: list[float] = []
+        self.cpu: list[float] = []
 
     def put(self, value):
         self.times.append(time.perf_counter())
+        self.cpu.append(time.process_time())
 
     def end(self):
         pass
@@ -166,12 +171,13 @@ def generate_once(model, ids, new_tokens: int) -> tuple[dict, list[int]]:
                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, streamer=clock)
         total = time.perf_counter() - t0
     tokens = out[0, ids.shape[1]:].tolist()
-    steps = clock.times[1:]  # one per generated token
+    steps, cpu = clock.times[1:], clock.cpu[1:]  # one per generated token
     assert len(steps) == new_tokens == len(tokens), (len(steps), new_tokens, len(tokens))
     return {
         "total_s": total,
         "prefill_s": steps[0] - t0,  # the prompt's forward and the first token
         "decode_ms_per_token": 1000 * (steps[-1] - steps[0]) / (new_tokens - 1),
+        "decode_cpu_ms_per_token": 1000 * (cpu[-1] - cpu[0]) / (new_tokens - 1),
         "ms_per_token": 1000 * total / new_tokens,
     }, tokens
 
@@ -218,7 +224,13 @@ def measure(args, argv) -> dict:
             result["runs"].append(run)
             print(f"[repeat {rep}] {method:<15} decode {run['decode_ms_per_token']:7.2f} ms/token, "
                   f"prefill {1000 * run['prefill_s']:7.1f} ms", flush=True)
-    models["gpart"].base_model.eval_cache = None
+    gp = models["gpart"]
+    gp.base_model.eval_cache = None
+    with torch.no_grad():
+        gp(ids)
+    result["cache_bytes_before_train"] = cache_bytes(gp)
+    gp.train()
+    result["cache_bytes_after_train"] = cache_bytes(gp)
     result["load_average"]["end"] = list(os.getloadavg())
     result["tokens_equal"] = {m: tokens[m] == tokens.get("gpart-uncached", tokens.get("gpart"))
                               for m in tokens if m.startswith("gpart")}
@@ -236,7 +248,7 @@ def summarize(result: dict) -> None:
         if not runs:
             continue
         med = {key: statistics.median(r[key] for r in runs)
-               for key in ("decode_ms_per_token", "ms_per_token", "prefill_s")}
+               for key in ("decode_ms_per_token", "decode_cpu_ms_per_token", "ms_per_token", "prefill_s")}
         med["min_decode_ms_per_token"] = min(r["decode_ms_per_token"] for r in runs)
         med["max_decode_ms_per_token"] = max(r["decode_ms_per_token"] for r in runs)
         med["repeats"] = len(runs)
@@ -249,12 +261,13 @@ def summarize(result: dict) -> None:
     if ref in summary:
         for method, med in summary.items():
             # per-repeat ratios too: each repeat ran both methods back to back, so their ratio cancels slow drift
-            pairs = [(a["decode_ms_per_token"], b["decode_ms_per_token"])
-                     for a in result["runs"] if a["method"] == method
+            pairs = [(a, b) for a in result["runs"] if a["method"] == method
                      for b in result["runs"] if b["method"] == ref and b["repeat"] == a["repeat"]]
             ratios[f"{method}/{ref}"] = {
                 "decode": med["decode_ms_per_token"] / summary[ref]["decode_ms_per_token"],
-                "decode_paired_median": statistics.median(x / y for x, y in pairs) if pairs else None,
+                "decode_paired_median": statistics.median(
+                    a["decode_ms_per_token"] / b["decode_ms_per_token"] for a, b in pairs) if pairs else None,
+                "decode_cpu": med["decode_cpu_ms_per_token"] / summary[ref]["decode_cpu_ms_per_token"],
                 "total": med["ms_per_token"] / summary[ref]["ms_per_token"],
                 "prefill": med["prefill_s"] / summary[ref]["prefill_s"],
             }
@@ -273,28 +286,30 @@ def render_markdown(result: dict) -> str:
              f"Model: {cfg['shape_description']}. Adapted weights: {cfg['targets']}, D = {cfg['D']:,} "
              f"({result['adapted_weight_bytes'] / 2**20:.1f} MiB in fp32). Medians over {cfg['repeats']} "
              "repeats, methods interleaved in one process (order rotated each repeat).", "",
-             f"| method | decode ms/token (min–max) | ms/token incl. prefill | prefill ms | decode vs {ref} "
-             f"| paired | prefill vs {ref} |",
-             "|---|---|---|---|---|---|---|"]
+             f"| method | decode ms/token (min–max) | CPU ms/token | ms/token incl. prefill | prefill ms "
+             f"| decode vs {ref} | paired | CPU time vs {ref} | prefill vs {ref} |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for method, med in s.items():
         r = result["ratios"].get(f"{method}/{ref}", {})
         paired = r.get("decode_paired_median")
         lines.append(
             f"| {method} | {med['decode_ms_per_token']:.2f} ({med['min_decode_ms_per_token']:.2f}–"
-            f"{med['max_decode_ms_per_token']:.2f}) | {med['ms_per_token']:.2f} | {1000 * med['prefill_s']:.1f} | "
-            f"{_r(r.get('decode'))} | {_r(paired)} | {_r(r.get('prefill'))} |")
+            f"{med['max_decode_ms_per_token']:.2f}) | {med['decode_cpu_ms_per_token']:.2f} | {med['ms_per_token']:.2f} | "
+            f"{1000 * med['prefill_s']:.1f} | {_r(r.get('decode'))} | {_r(paired)} | {_r(r.get('decode_cpu'))} | "
+            f"{_r(r.get('prefill'))} |")
     lines += ["", "Methods:", ""] + [f"- `{m}`: {d}" for m, d in result["methods"].items()] + [""]
     g = s.get("gpart", {})
     if g.get("cache_bytes") is not None:
         lines += [f"Memory kept by GPart's eval cache: {g['cache_bytes'] / 2**20:.1f} MiB (one fp32 merged weight "
                   "per adapted layer; freed by `model.train()`, merge/unmerge, adapter changes, `.to()` and "
-                  "`model.base_model.clear_gpart_cache()`).", ""]
+                  "`model.base_model.clear_gpart_cache()`); after `model.train()`: "
+                  f"{result.get('cache_bytes_after_train', 0) / 2**20:.1f} MiB.", ""]
     lines += ["Generated tokens: " + ", ".join(f"{m} {'equal to' if ok else 'DIFFERENT from'} GPart uncached"
                                                for m, ok in result["tokens_equal"].items() if m != "gpart-uncached")
               + "; " + ", ".join(f"{m} {'differs from' if ok else 'equals'} the base model"
                                  for m, ok in result["tokens_differ_from_base"].items()) + ".", ""]
     lines += ["Decode ms/token: (time of the last token - time of the first) / (new tokens - 1), from a "
-              "streamer's timestamps. Prefill: from the call to the first token (the prompt's forward; for "
+              "streamer's timestamps; CPU ms/token: the same with the process's CPU time. Prefill: from the call to the first token (the prompt's forward; for "
               "`gpart` it includes building the cache, which is freed before each timed call). Paired: the "
               "median over repeats of the per-repeat ratio.", ""]
     if result.get("plot"):

@@ -273,3 +273,65 @@ def test_kept_memory_is_one_weight_per_adapted_layer_in_the_compute_dtype():
             assert new.shape == weight.shape and new.dtype == dtype
             assert new.untyped_storage().data_ptr() != weight.untyped_storage().data_ptr()
             assert dtype == torch.float32 or w is weight
+
+
+# -- the library's own generation and evaluation paths get the cache ---------------------------------
+
+def test_causal_lm_generate_runs_in_eval_mode_without_grad_and_uses_the_cache():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from gpart.recipes.causal_lm import generate
+
+    words = ["<pad>", "<unk>", "<s>", "</s>"] + "Question Answer : what is plus ?".split() + [str(i) for i in range(10)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(words), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, eos_token_id=3)
+    model = get_peft_model(LlamaForCausalLM(cfg), GPartConfig(d=64, init_scale=0.5)).train()
+    prompts = ["Question : what is 1 plus 2 ?\nAnswer :", "Question : what is 3 plus 4 ?\nAnswer :"]
+    kw = dict(max_new_tokens=5, batch_size=2, max_length=32)
+    model.base_model.eval_cache = False
+    want = generate(model, tokenizer, prompts, **kw)
+    model.base_model.eval_cache = None
+    model.train()
+    got = generate(model, tokenizer, prompts, **kw)
+    assert not model.training and _kept(model) == len(_layers(model))  # it ran in eval mode, without grad
+    assert got == want
+
+
+class _ExpertBank(nn.Module):
+    """Like a MoE expert block: a 3-D parameter used by the module's own forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate_up = nn.Parameter(torch.randn(3, 6, 4))
+
+    def forward(self, x):
+        return torch.einsum("bi,eio->beo", x, self.gate_up)
+
+
+class _Experts(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.experts = _ExpertBank()
+        self.norm = nn.LayerNorm(4)
+
+    def forward(self, x):
+        return self.norm(self.experts(x)).sum(1)
+
+
+def test_target_parameters_wrapper_keeps_the_adapted_tensor_too():
+    model = get_peft_model(_Experts(), GPartConfig(d=20, init_scale=0.7, target_modules=[],
+                                                  target_parameters=["experts.gate_up", "norm.weight"])).eval()
+    x = torch.randn(5, 6)
+    with torch.no_grad():
+        want, first, again = _uncached(model, x), model(x), model(x)
+    assert _kept(model) == 2 and torch.equal(first, want) and torch.equal(again, want)
+    with torch.no_grad():
+        model.base_model.gpart_theta["default"].mul_(-1)
+    _check_fresh(model, x)
+    model.train()
+    assert _kept(model) == 0

@@ -441,13 +441,22 @@ class ParamWrapper(nn.Module, GPartLayer):
         if not adapters:
             return self.base_layer(*args, **kwargs)
         w = self.adapted_tensors()[0][1]
-        value = w
-        for name in adapters:
-            theta = self._theta(name)
-            spec = self._spec(name, "param", theta, self._drop(name))
-            value = value + Fn.gpart_delta(theta, spec, torch.float32).to(w.dtype)
+        thetas = [self._theta(a) for a in adapters]
+        if self._cache_allowed(self.get_base_layer(), w, *thetas):
+            value = self._cached(adapters[0], ("param", tuple(adapters)), lambda: self._value(w, adapters, thetas),
+                                 w, *thetas)
+        else:
+            value = self._value(w, adapters, thetas)
         with self._swapped(value):
             return self.base_layer(*args, **kwargs)
+
+    def _value(self, w, adapters, thetas) -> torch.Tensor:
+        """W0 + the active adapters' updates, in W0's dtype."""
+        value = w
+        for name, theta in zip(adapters, thetas):
+            spec = self._spec(name, "param", theta, self._drop(name))
+            value = value + Fn.gpart_delta(theta, spec, torch.float32).to(w.dtype)
+        return value
 
     def __repr__(self) -> str:
         return "gpart." + super().__repr__()
