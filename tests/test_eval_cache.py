@@ -335,3 +335,19 @@ def test_target_parameters_wrapper_keeps_the_adapted_tensor_too():
     _check_fresh(model, x)
     model.train()
     assert _kept(model) == 0
+
+
+def test_a_copy_or_a_pickle_of_the_model_starts_with_an_empty_cache(tmp_path):
+    import copy
+
+    model, x = _mlp(), torch.randn(4, 10)
+    before = _warm(model, x)
+    clone = copy.deepcopy(model)
+    assert _kept(clone) == 0 and _kept(model) > 0
+    torch.save(model, tmp_path / "model.pt")  # weak references cannot be pickled: the cache is left out
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert _kept(loaded) == 0
+    for m in (clone, loaded):
+        with torch.no_grad():
+            assert torch.equal(m(x), before)
+        assert _kept(m) > 0

@@ -51,6 +51,14 @@ def eval_cache_enabled(owner) -> bool:
     return not (torch.distributed.is_available() and torch.distributed.is_initialized())
 
 
+class _EvalCache(dict):
+    """(adapter, tag) -> (key, value) of GPartLayer._cached. A copy or a pickle starts empty: the keys hold
+    weak references (which cannot be pickled), and a deep copy should not double the kept memory."""
+
+    def __reduce__(self):
+        return (_EvalCache, ())
+
+
 def clear_gpart_cache(module: nn.Module) -> None:
     """Free what every GPart wrapper inside `module` keeps for eval mode (a PeftModel, the tuner, any part)."""
     for m in module.modules():
@@ -89,8 +97,7 @@ class GPartLayer(BaseTunerLayer):
         self.gpart_dropout: dict[str, float] = {}
         self.merged_adapters: list[str] = []
         self._disable_adapters = False
-        # (adapter, tag) -> (key, value): see _cached
-        self._gpart_cache: dict = {}
+        self._gpart_cache = _EvalCache()
         object.__setattr__(self, "_gpart_owner", owner)
 
     # -- what this wrapper contributes to the flattening ---------------------------------------------
