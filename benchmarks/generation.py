@@ -283,6 +283,7 @@ def render_markdown(result: dict) -> str:
              f"{env.get('torch')}, transformers {env.get('transformers')}, peft {env.get('peft')}, "
              f"{env.get('torch_threads')} torch thread(s), git {env.get('git')}). Load average "
              f"{_load_str(result)}.", "",
+             *_busy_note(result),
              f"Model: {cfg['shape_description']}. Adapted weights: {cfg['targets']}, D = {cfg['D']:,} "
              f"({result['adapted_weight_bytes'] / 2**20:.1f} MiB in fp32). Medians over {cfg['repeats']} "
              "repeats, methods interleaved in one process (order rotated each repeat).", "",
@@ -316,6 +317,17 @@ def render_markdown(result: dict) -> str:
         lines += [f"![decode time per token]({result['plot']})", ""]
     lines += [f"- {n}" for n in result["notes"]]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _busy_note(result: dict) -> list[str]:
+    """A warning when other jobs held the CPUs: wall times then stretch with their load, CPU time much less."""
+    cpus = result["environment"].get("cpu_count") or 1
+    load = max(result.get("load_average", {}).get("start", [0])[0], result.get("load_average", {}).get("end", [0])[0])
+    if load <= cpus:
+        return []
+    return [f"**Busy machine**: load average up to {load:.1f} on {cpus} CPUs, so other jobs took most of the "
+            "wall time; compare the CPU-time column (process CPU time per token, one thread), which moves far "
+            "less with others' load.", ""]
 
 
 def _r(x):
