@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""One table over every step-time / setup result in docs/benchmarks/: writes docs/benchmarks/results.md.
+"""One table over every step-time / setup / generation result in docs/benchmarks/: writes docs/benchmarks/results.md.
 
     python benchmarks/index.py [--dir docs/benchmarks]
 
@@ -24,12 +24,26 @@ def _ratio(result, key, field="ratio"):
     return None if not r else r.get(field)
 
 
-def rows(directory: Path) -> tuple[list[str], list[str]]:
-    steps, setups = [], []
+def generation_row(path: Path, result: dict) -> str:
+    cfg, s = result["config"], result["summary"]
+    ratio = result.get("ratios", {}).get(f"gpart/{cfg.get('reference', 'lora-r8')}", {})
+    ms = [_f(s.get(m, {}).get("decode_ms_per_token"), 1)
+          for m in ("base", "gpart", "gpart-uncached", "gpart-merged", "lora-r8")]
+    cache = s.get("gpart", {}).get("cache_bytes")
+    return (f"| {cfg['shape']} | {cfg['targets']} | {cfg['d']:,} | {cfg['new_tokens']} | {' | '.join(ms)} | "
+            f"{_f(ratio.get('decode'))} | {_f(ratio.get('decode_cpu'))} | "
+            f"{_f(None if cache is None else cache / 2**20, 0)} | [{path.stem}]({path.with_suffix('.md').name}) |")
+
+
+def rows(directory: Path) -> tuple[list[str], list[str], list[str]]:
+    steps, setups, gens = [], [], []
     for path in sorted(directory.glob("*.json")):
         try:
             result = json.loads(path.read_text())
         except (OSError, ValueError):
+            continue
+        if result.get("benchmark") == "generation":
+            gens.append(generation_row(path, result))
             continue
         if result.get("benchmark") not in ("step_time", "setup"):
             continue
@@ -53,11 +67,11 @@ def rows(directory: Path) -> tuple[list[str], list[str]]:
             f"{_f(_ratio(result, 'gpart/lora-r8'))} | {_f(_ratio(result, 'gpart/lora-r8', 'cpu_ratio'))} | "
             f"{_f(g.get('peak_rss_mib'), 0)} / {_f(fl.get('peak_rss_mib'), 0)} / {_f(lo.get('peak_rss_mib'), 0)} | "
             f"{_f(g.get('setup_s'), 3)} | {link}{done} |")
-    return steps, setups
+    return steps, setups, gens
 
 
 def render(directory: Path) -> str:
-    steps, setups = rows(directory)
+    steps, setups, gens = rows(directory)
     out = ["# Benchmark results (generated)", "",
            "Written by `python benchmarks/index.py` from the JSON files here; see README.md for what is measured "
            "and how to read it. Every linked report carries the exact command that produced it.", ""]
@@ -67,6 +81,11 @@ def render(directory: Path) -> str:
                 "| (CPU time) | GPart/LoRA r8 | (CPU time) | peak RSS MiB GPart / floor / LoRA r8 | GPart setup s "
                 "| report |",
                 "|" + "---|" * 15] + steps + [""]
+    if gens:
+        out += ["## Generation (greedy, batch 1; decode ms per token, medians; benchmarks/generation.py)", "",
+                "| shape | targets | d | new tokens | base | GPart (eval cache) | GPart uncached | GPart merged "
+                "| LoRA r8 | GPart / LoRA r8 | (CPU time) | cache MiB | report |",
+                "|" + "---|" * 13] + gens + [""]
     if setups:
         out += ["## Setup only (meta device)", "",
                 "| shape | targets | d | D | GPart get_peft_model s, median (min–max) | GPart RSS growth MiB "

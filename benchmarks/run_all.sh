@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The commands behind every step-time / setup result in docs/benchmarks/ (about 2 hours on 2 shared CPU cores).
+# The commands behind every step-time / setup / generation result in docs/benchmarks/ (about 2 hours on 2 shared CPU cores).
 # Run from anywhere: bash benchmarks/run_all.sh. One run at a time: runs in parallel would time each other.
 # Each command writes docs/benchmarks/<name>.{json,md,png}; each markdown carries its own command.
 set -uo pipefail
@@ -31,5 +31,7 @@ run --shape roberta-base --targets qv --d 23040 --methods gpart,unilora,lora-r8,
 run --shape roberta-base --targets qv --d 524288 --methods gpart,unilora,lora-r8,floor
 # GPart's reference (plain PyTorch) path, to show what the fast kernels buy
 GPART_KERNELS=reference run --shape minilm --targets all --d 131072 --methods gpart,lora-r8,floor
+# greedy generation, batch 1: GPart with the eval cache on / off, merged, LoRA r=8, base (docs/llm.md quotes it)
+"$PY" benchmarks/generation.py --repeats 7
 
 "$PY" benchmarks/index.py

@@ -156,6 +156,33 @@ def test_in_process_run_writes_json_markdown_and_png(tmp_path):
     assert f"| {r['ratio']:.2f} |" in row and "| tiny-bert | qv | 256 | 2x16 |" in row
 
 
+def test_generation_benchmark_times_every_method_and_checks_the_tokens(tmp_path):
+    generation = load("generation")
+    argv = ["--shape", "tiny-llama", "--d", "64", "--prompt-len", "5", "--new-tokens", "3", "--repeats", "2",
+            "--update-scale", "30", "--out-dir", str(tmp_path), "--name", "gen"]
+    assert generation.main(argv) == 0
+    result = json.loads((tmp_path / "gen.json").read_text())
+    assert result["command"].endswith(" ".join(argv))
+    methods = list(generation.METHODS)
+    assert [r["method"] for r in result["runs"]] == methods + methods[1:] + methods[:1]  # rotated
+    s, ratios = result["summary"], result["ratios"]
+    assert set(s) == set(methods) and all(s[m]["repeats"] == 2 and s[m]["decode_ms_per_token"] > 0 for m in methods)
+    # the cached, uncached and merged adapters generate the same tokens, and not the base model's
+    assert result["tokens_equal"] == {"gpart": True, "gpart-uncached": True, "gpart-merged": True}
+    assert all(result["tokens_differ_from_base"].values())
+    # the kept memory is one fp32 merged weight per adapted layer, gone after model.train()
+    assert s["gpart"]["cache_bytes"] == result["config"]["D"] * 4 == result["cache_bytes_before_train"]
+    assert result["cache_bytes_after_train"] == 0
+    r = ratios["gpart/lora-r8"]["decode"]
+    assert r == pytest.approx(s["gpart"]["decode_ms_per_token"] / s["lora-r8"]["decode_ms_per_token"])
+    md = (tmp_path / "gen.md").read_text()
+    assert f"| {r:.3f} |" in next(line for line in md.splitlines() if line.startswith("| gpart |"))
+    assert (tmp_path / "gen.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    index = load("index").render(tmp_path)
+    row = next(line for line in index.splitlines() if "[gen](gen.md)" in line)
+    assert row.startswith("| tiny-llama | q_proj,k_proj,v_proj,o_proj | 64 | 3 |") and f"| {r:.2f} |" in row
+
+
 def test_partition_version_1_method_and_autocast_option(tmp_path):
     """`gpart-v1` times GPart on partition version 1 beside the current version; --autocast runs the forward
     under torch.autocast and says so in the report."""

@@ -428,3 +428,32 @@ def test_cuda_train_merge_and_dequantize(mode, bnb_llama_dir):
     plain = gpart.merge_and_dequantize(model, dtype=torch.float32)
     with torch.no_grad():
         torch.testing.assert_close(plain(x).logits, expected, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("mode", ["nf4-dq", "8bit"])
+def test_eval_cache_on_a_quantized_layer_gives_the_uncached_outputs(mode):
+    """In eval mode without autograd the wrapper keeps Delta_W (compute dtype) and reuses it: bit-identical
+    to rebuilding it, rebuilt after theta changes, freed by train() and by a merge."""
+    net = quantized_net(mode)
+    model = get_peft_model(net, GPartConfig(d=40, seed=2, init_scale=0.3, target_modules=["a", "b"],
+                                            partition_bias=True))
+    model.add_adapter("other", GPartConfig(d=25, seed=5, init_scale=0.3, target_modules=["b"]))
+    model.base_model.set_adapter(["default", "other"])
+    x = torch.randn(3, 64)
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    model.eval()
+
+    def run(cache: bool):
+        model.base_model.eval_cache = cache
+        with torch.no_grad():
+            return model(x)
+
+    want = run(False)
+    assert all(not layer._gpart_cache for layer in layers)
+    assert torch.equal(run(True), want) and torch.equal(run(True), want)
+    assert all(layer._gpart_cache for layer in layers)
+    with torch.no_grad():
+        model.base_model.gpart_theta["default"].mul_(2.0)  # an in-place edit bumps theta's version
+    assert torch.equal(run(True), run(False)) and not torch.equal(run(True), want)
+    model.train()
+    assert all(not layer._gpart_cache for layer in layers)

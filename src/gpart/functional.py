@@ -137,6 +137,37 @@ def _conv(x, w, b, conv_args):
     return fn(x, w, b, stride, padding, dilation, groups)
 
 
+def forward_operands(theta, weight, bias, spec: _Spec, cdt: torch.dtype):
+    """(w, b, dw): the tensors the forward applies to x in compute dtype cdt, built from theta, W0 and b0.
+
+    y = op(x, w, b) + op(x, dw) (the second product only where dw is not None). fp32 and fp64 compute use
+    one product with the merged weight w = W0 + Delta_W; half-precision compute keeps x Delta_W^T as a
+    separate product (exact: not swamped by W0's rounding), so w is W0 in cdt and dw is Delta_W in cdt.
+    They depend on nothing but (theta, W0, b0, the slices, cdt), which is what lets an eval-mode wrapper
+    keep them (GPartLayer._cached) and get the very bits this function gives.
+    """
+    theta_s = scaled_theta(theta, spec.weight.partition, spec.scales)
+    wc = weight.to(cdt)
+    b0 = None if bias is None else bias.to(cdt)
+    b = _add_bias(b0, _bias_update(theta_s, spec, cdt))
+    if cdt == torch.float32 and wc.dtype == torch.float32:
+        return _merged(theta_s, spec, weight, cdt), b, None
+    if cdt == torch.float64:
+        return wc + _weight_update(theta_s, spec, cdt), b, None
+    return wc, b, _weight_update(theta_s, spec, torch.float32).to(cdt)
+
+
+def apply_operands(xc, operands, kind: str, conv_args=None):
+    """op(x, w, b) [+ op(x, dw)] for the operands of forward_operands; x is cast to their dtype."""
+    w, b, dw = operands
+    if xc.dtype != w.dtype:
+        xc = xc.to(w.dtype)
+    y = _apply_kind(xc, w, b, kind, conv_args)
+    if dw is not None:
+        y = y + _apply_kind(xc, dw, None, kind, conv_args)
+    return y
+
+
 class _GPartOp(torch.autograd.Function):
     """y = op(x, W0 + Delta_W, b0 + Delta_b) for linear, Conv1D and convolution layers."""
 
@@ -144,19 +175,8 @@ class _GPartOp(torch.autograd.Function):
     def forward(ctx, x, theta, weight, bias, spec: _Spec):
         cdt = _compute_dtype(x, weight)
         spec.compute_dtype = cdt
-        theta_s = scaled_theta(theta, spec.weight.partition, spec.scales)
         with torch.autocast(x.device.type, enabled=False):
-            xc, wc = x.to(cdt), weight.to(cdt)
-            b0 = None if bias is None else bias.to(cdt)
-            b = _add_bias(b0, _bias_update(theta_s, spec, cdt))
-            if cdt == torch.float32 and wc.dtype == torch.float32:
-                y = _apply(xc, _merged(theta_s, spec, weight, cdt), b, spec)
-            elif cdt == torch.float64:
-                y = _apply(xc, wc + _weight_update(theta_s, spec, cdt), b, spec)
-            else:
-                dw = _weight_update(theta_s, spec, torch.float32)
-                # exact separate product: x Delta_W^T is not swamped by W0's rounding
-                y = _apply(xc, wc, b, spec) + _apply(xc, dw.to(cdt), None, spec)
+            y = apply_operands(x, forward_operands(theta, weight, bias, spec, cdt), spec.kind, spec.conv_args)
         ctx.save_for_backward(x, theta, weight)
         ctx.spec, ctx.has_bias = spec, bias is not None
         return y
@@ -217,9 +237,13 @@ def _merged(theta_s, spec: _Spec, weight: torch.Tensor, cdt: torch.dtype) -> tor
 
 
 def _apply(x, w, b, spec: _Spec):
-    if spec.kind == "conv":
-        return _conv(x, w, b, spec.conv_args)
-    return _linear(x, w, b, spec.kind)
+    return _apply_kind(x, w, b, spec.kind, spec.conv_args)
+
+
+def _apply_kind(x, w, b, kind: str, conv_args=None):
+    if kind == "conv":
+        return _conv(x, w, b, conv_args)
+    return _linear(x, w, b, kind)
 
 
 def gpart_linear(x, theta, weight, bias, spec: _Spec):
@@ -247,10 +271,9 @@ class _GPartUpdateProduct(torch.autograd.Function):
     def forward(ctx, x, theta, spec: _Spec):
         cdt = _product_dtype(x)
         spec.compute_dtype = cdt
-        theta_s = scaled_theta(theta, spec.weight.partition, spec.scales)
         with torch.autocast(x.device.type, enabled=False):
-            dw = _weight_update(theta_s, spec, torch.float32).to(cdt)
-            y = _linear(x.to(cdt), dw, _bias_update(theta_s, spec, cdt), spec.kind)
+            dw, db = update_operands(theta, spec, cdt)
+            y = _linear(x.to(cdt), dw, db, spec.kind)
         del dw
         ctx.save_for_backward(x, theta)
         ctx.spec = spec
@@ -278,6 +301,13 @@ class _GPartUpdateProduct(torch.autograd.Function):
             del dw
         grad_theta = (grad_theta_s * spec.scales).to(theta.dtype)
         return gx, grad_theta, None
+
+
+def update_operands(theta, spec: _Spec, cdt: torch.dtype):
+    """(Delta_W, Delta_b or None) in dtype cdt, not tracked by autograd: what the update product multiplies
+    x by (and what an eval-mode cache keeps, so the cached product has the same bits)."""
+    theta_s = scaled_theta(theta.detach(), spec.weight.partition, spec.scales)
+    return _weight_update(theta_s, spec, torch.float32).to(cdt), _bias_update(theta_s, spec, cdt)
 
 
 def gpart_update_product(x, theta, spec: _Spec):

@@ -3,12 +3,17 @@
 A wrapper owns no trainable tensor: theta lives once on the tuner (GPartModel.gpart_theta) and the
 wrapper looks it up at call time through an unregistered reference, which keeps the saved file to
 theta alone and keeps FSDP2 from seeing a parameter shared between blocks.
+
+In eval mode without autograd a wrapper keeps the tensors its forward builds from theta (GPartLayer._cached),
+so generation with an unmerged adapter costs what the base model costs; docs/llm.md says what that holds.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import warnings
+import weakref
 from contextlib import contextmanager
 
 import torch
@@ -21,6 +26,63 @@ from .slices import Slice
 
 # Relative norm of Delta_W that may be lost when a merge casts to the base dtype before we warn.
 MERGE_LOSS_WARN = 0.01
+
+# Environment switch of the eval-mode cache: 0/off turns it off, 1/on forces it on (also in distributed runs).
+EVAL_CACHE_ENV = "GPART_EVAL_CACHE"
+_OFF, _ON = ("0", "false", "off", "no"), ("1", "true", "on", "yes")
+
+
+def eval_cache_enabled(owner) -> bool:
+    """Whether wrappers owned by `owner` may keep what their eval-mode forward builds.
+
+    The tuner's `eval_cache` attribute (True/False) wins; else GPART_EVAL_CACHE; else on, except in a
+    distributed run: FSDP2 and ZeRO-3 gather each weight for one forward only, and keeping whole weights
+    would undo their sharding.
+    """
+    setting = getattr(owner, "eval_cache", None)
+    if setting is not None:
+        return bool(setting)
+    env = os.environ.get(EVAL_CACHE_ENV, "").strip().lower()
+    if env in _OFF:
+        return False
+    if env in _ON:
+        return True
+    if env:
+        raise ValueError(f"{EVAL_CACHE_ENV}={env!r} is not understood; set it to 0 (off) or 1 (on), or unset it.")
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized())
+
+
+class _EvalCache(dict):
+    """(adapter, tag) -> (key, value) of GPartLayer._cached. A copy or a pickle starts empty: the keys hold
+    weak references (which cannot be pickled), and a deep copy should not double the kept memory."""
+
+    def __reduce__(self):
+        return (_EvalCache, ())
+
+
+def clear_gpart_cache(module: nn.Module) -> None:
+    """Free what every GPart wrapper inside `module` keeps for eval mode (a PeftModel, the tuner, any part)."""
+    for m in module.modules():
+        if isinstance(m, GPartLayer):
+            m.clear_gpart_cache()
+
+
+def _tensor_key(t: torch.Tensor | None):
+    """What identifies a tensor's current contents: its storage (held weakly, so that the address of a freed
+    storage cannot pass for it; two weak references are equal only while they point to the same live
+    storage), where it starts, its version counter (bumped by every in-place op that autograd sees:
+    optimizer steps, copy_, load_state_dict), dtype, device, shape and strides. Raises RuntimeError for an
+    inference tensor, which has no version counter."""
+    if t is None:
+        return None
+    return weakref.ref(t.untyped_storage()), t.data_ptr(), t._version, t.dtype, t.device, t.shape, t.stride()
+
+
+def _offloaded(module: nn.Module) -> bool:
+    """An accelerate hook moves this layer's weights in for each forward and out again: keeping whole
+    weights would undo the offloading."""
+    hook = module.__dict__.get("_hf_hook")
+    return hook is not None and any(getattr(h, "offload", False) for h in getattr(hook, "hooks", (hook,)))
 
 
 class GPartLayer(BaseTunerLayer):
@@ -36,6 +98,7 @@ class GPartLayer(BaseTunerLayer):
         self.gpart_dropout: dict[str, float] = {}
         self.merged_adapters: list[str] = []
         self._disable_adapters = False
+        self._gpart_cache = _EvalCache()
         object.__setattr__(self, "_gpart_owner", owner)
 
     # -- what this wrapper contributes to the flattening ---------------------------------------------
@@ -60,8 +123,66 @@ class GPartLayer(BaseTunerLayer):
         return sorted(self.gpart_slices)
 
     def delete_adapter(self, adapter_name: str) -> None:
+        self.clear_gpart_cache(adapter_name)
         self.gpart_dropout.pop(adapter_name, None)
         super().delete_adapter(adapter_name)
+
+    def set_adapter(self, adapter_names, inference_mode: bool = False) -> None:
+        before = list(self.active_adapters)
+        super().set_adapter(adapter_names, inference_mode=inference_mode)
+        if list(self.active_adapters) != before:
+            self.clear_gpart_cache()
+
+    def enable_adapters(self, enabled: bool) -> None:
+        if not enabled:
+            self.clear_gpart_cache()
+        super().enable_adapters(enabled)
+
+    # -- eval-mode cache ----------------------------------------------------------------------------
+
+    def _cache_allowed(self, base: nn.Module, *tensors: torch.Tensor | None) -> bool:
+        """Whether this forward may reuse (and fill) the cache: eval mode, no tensor that autograd must
+        track, not while torch.compile traces, no offloading, and the switch on. Training mode frees it."""
+        if self.training:
+            if self._gpart_cache:
+                self.clear_gpart_cache()
+            return False
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+            return False
+        return not torch.compiler.is_compiling() and eval_cache_enabled(self._gpart_owner) and not _offloaded(base)
+
+    def _cached(self, adapter_name: str, tag, build, *key_tensors: torch.Tensor | None):
+        """build()'s value, kept and reused while nothing it depends on changes.
+
+        An entry is keyed by the adapter, `tag` (what is built and its compute dtype), the adapter's
+        slices, and the storage, offset, version, dtype, device and shape of each key tensor (theta, the
+        base weight, the bias): an optimizer step, copy_ or load_state_dict bumps a version, .to() or
+        `.data =` swaps a storage, and the entry is rebuilt. Edits through `.data` bypass the version
+        counter; call clear_gpart_cache() after those. A stale value is dropped before the new one is
+        built, so a rebuild never holds two.
+        """
+        slot = (adapter_name, tag)
+        try:
+            key = (self.gpart_slices.get(adapter_name), *map(_tensor_key, key_tensors))
+        except RuntimeError:  # an inference tensor: nothing to key on, so build every time
+            return build()
+        entry = self._gpart_cache.get(slot)
+        if entry is not None:
+            if entry[0] == key:
+                return entry[1]
+            del self._gpart_cache[slot], entry
+        value = build()
+        self._gpart_cache[slot] = (key, value)
+        object.__setattr__(self._gpart_owner, "_gpart_cache_used", True)
+        return value
+
+    def clear_gpart_cache(self, adapter_name: str | None = None) -> None:
+        """Free what this wrapper keeps for eval mode (all adapters, or one)."""
+        if adapter_name is None:
+            self._gpart_cache.clear()
+            return
+        for slot in [s for s in self._gpart_cache if s[0] == adapter_name]:
+            del self._gpart_cache[slot]
 
     # -- looking up theta ----------------------------------------------------------------------------
 
@@ -104,6 +225,7 @@ class GPartLayer(BaseTunerLayer):
         return self._delta(adapter_name, 0).to(w.dtype)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        self.clear_gpart_cache()  # the merged weights are edited through .data, which no version counter sees
         adapter_names = check_adapters_to_merge(self, adapter_names)
         if not adapter_names:
             return
@@ -132,6 +254,7 @@ class GPartLayer(BaseTunerLayer):
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
+        self.clear_gpart_cache()
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
@@ -203,6 +326,9 @@ class LinearLike(nn.Module, GPartLayer):
         if not adapters:
             return self.base_layer(x, *args, **kwargs)
         base = self.get_base_layer()
+        thetas = [self._theta(a) for a in adapters]
+        if self._cache_allowed(base, x, base.weight, base.bias, *thetas):
+            return self._cached_forward(x, base, adapters, thetas, args, kwargs)
         first, rest = adapters[0], adapters[1:]
         extra = {}
         if self.kind == "conv":
@@ -225,14 +351,58 @@ class LinearLike(nn.Module, GPartLayer):
         backward (gpart_update_product); convolutions go through the generic differentiable delta."""
         if self.kind != "conv":
             return Fn.gpart_update_product(x, theta, spec)
-        base = self.get_base_layer()
+        cdt = Fn._compute_dtype(x, self.get_base_layer().weight)
+        return self._apply_update(x, self._update_operands(spec, theta, cdt), cdt)
+
+    def _update_operands(self, spec, theta, cdt):
+        """(Delta_W, Delta_b or None) in compute dtype cdt, differentiable in theta."""
         dw = Fn.gpart_delta(theta, spec, torch.float32)
-        cdt = Fn._compute_dtype(x, base.weight)
         db = None
         if spec.bias is not None:
             bspec = Fn._Spec(spec.bias, None, spec.drop, spec.kind, spec.scales)
             db = Fn.gpart_delta(theta, bspec, torch.float32).to(cdt)
-        return base._conv_forward(x.to(cdt), dw.to(cdt), db)
+        return dw.to(cdt), db
+
+    def _apply_update(self, x, operands, cdt) -> torch.Tensor:
+        dw, db = operands
+        if self.kind == "conv":
+            return self.get_base_layer()._conv_forward(x.to(cdt), dw, db)
+        return Fn._linear(x.to(cdt), dw, db, self.kind)
+
+    def _cached_forward(self, x, base, adapters, thetas, args, kwargs) -> torch.Tensor:
+        """The eval-mode forward from kept operands: the very tensors the uncached path builds, applied in
+        the same order, so the output has the same bits; a step then costs the base layer's GEMM (fp32),
+        plus one product with Delta_W per adapter in half precision or for every adapter after the first."""
+        weight, bias = base.weight, base.bias
+        extra = {"conv_args": self._conv_args()} if self.kind == "conv" else {}
+        cdt = Fn._compute_dtype(x, weight)
+        first, theta = adapters[0], thetas[0]
+        if self.base_layer is base and extra.get("conv_args", ()) is not None:
+
+            def build():
+                spec = self._spec(first, self.kind, theta, None, **extra)
+                w, b, dw = Fn.forward_operands(theta, weight, bias, spec, cdt)
+                # W0 cast to a half dtype under autocast is not kept: it is the base layer's own per-call cast
+                return (w if dw is None or w is weight else None), b, dw
+
+            w, b, dw = self._cached(first, ("op", cdt), build, theta, weight, bias)
+            ops = (weight.to(cdt) if w is None else w, b, dw)
+            if torch.is_autocast_enabled(x.device.type):
+                with torch.autocast(x.device.type, enabled=False):
+                    y = Fn.apply_operands(x, ops, self.kind, extra.get("conv_args"))
+            else:
+                y = Fn.apply_operands(x, ops, self.kind, extra.get("conv_args"))
+        else:
+            y = self.base_layer(x, *args, **kwargs) + self._cached_update(x, first, theta, cdt, extra)
+        for name, theta in zip(adapters[1:], thetas[1:]):
+            y = y + self._cached_update(x, name, theta, cdt, extra)
+        return y
+
+    def _cached_update(self, x, name, theta, cdt, extra) -> torch.Tensor:
+        def build():
+            return self._update_operands(self._spec(name, self.kind, theta, None, **extra), theta, cdt)
+
+        return self._apply_update(x, self._cached(name, ("update", cdt), build, theta), cdt)
 
     def __repr__(self) -> str:
         return "gpart." + super().__repr__()
@@ -279,11 +449,22 @@ class QuantizedLinear(nn.Module, GPartLayer):
             return y
         if self.quant_kind == Q.BNB_4BIT:
             y = y.clone()  # as PEFT does for 4-bit outputs (backprop through bitsandbytes' result view)
-        for name in adapters:
-            theta = self._theta(name)
-            spec = self._spec(name, "linear", theta, self._drop(name))
-            y = y + Fn.gpart_update_product(x, theta, spec).to(y.dtype)
+        thetas = [self._theta(a) for a in adapters]
+        cached = self._cache_allowed(self.get_base_layer(), x, *thetas)
+        for name, theta in zip(adapters, thetas):
+            if cached:  # eval mode: the kept Delta_W (compute dtype), the same product as below
+                y = y + self._cached_update(x, name, theta).to(y.dtype)
+            else:
+                spec = self._spec(name, "linear", theta, self._drop(name))
+                y = y + Fn.gpart_update_product(x, theta, spec).to(y.dtype)
         return y
+
+    def _cached_update(self, x, name, theta) -> torch.Tensor:
+        cdt = Fn._product_dtype(x)
+        dw, db = self._cached(name, ("update", cdt), lambda: Fn.update_operands(
+            theta, self._spec(name, "linear", theta, None), cdt), theta)
+        with torch.autocast(x.device.type, enabled=False):
+            return Fn._linear(x.to(cdt), dw, db, "linear")
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """Delta_W of `adapter_name`, (out_features, in_features), float32 (the base weight is not float)."""
@@ -330,6 +511,7 @@ class QuantizedLinear(nn.Module, GPartLayer):
                 f"NaNs or infs detected in the merged weights of adapter(s) {names}; the base weights were left "
                 "untouched. Check theta for non-finite values."
             )
+        self.clear_gpart_cache()
         if self._premerge is None:
             bias = base.bias
             self._premerge = (Q.snapshot(base), None if bias is None else bias.detach().clone())
@@ -349,6 +531,7 @@ class QuantizedLinear(nn.Module, GPartLayer):
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
+        self.clear_gpart_cache()
         base = self.get_base_layer()
         (snap, bias), self._premerge = self._premerge, None
         if snap[0].device == base.weight.device:
@@ -423,13 +606,22 @@ class ParamWrapper(nn.Module, GPartLayer):
         if not adapters:
             return self.base_layer(*args, **kwargs)
         w = self.adapted_tensors()[0][1]
-        value = w
-        for name in adapters:
-            theta = self._theta(name)
-            spec = self._spec(name, "param", theta, self._drop(name))
-            value = value + Fn.gpart_delta(theta, spec, torch.float32).to(w.dtype)
+        thetas = [self._theta(a) for a in adapters]
+        if self._cache_allowed(self.get_base_layer(), w, *thetas):
+            value = self._cached(adapters[0], ("param", tuple(adapters)), lambda: self._value(w, adapters, thetas),
+                                 w, *thetas)
+        else:
+            value = self._value(w, adapters, thetas)
         with self._swapped(value):
             return self.base_layer(*args, **kwargs)
+
+    def _value(self, w, adapters, thetas) -> torch.Tensor:
+        """W0 + the active adapters' updates, in W0's dtype."""
+        value = w
+        for name, theta in zip(adapters, thetas):
+            spec = self._spec(name, "param", theta, self._drop(name))
+            value = value + Fn.gpart_delta(theta, spec, torch.float32).to(w.dtype)
+        return value
 
     def __repr__(self) -> str:
         return "gpart." + super().__repr__()

@@ -67,7 +67,6 @@ class ThetaParameter(nn.Parameter):
     def __reduce_ex__(self, proto):
         return (_rebuild_theta, (_DATA.__get__(self), self.requires_grad, str(self.keep_dtype).split(".")[-1]))
 
-
     def __repr__(self) -> str:
         return "Parameter containing:\n" + repr(_DATA.__get__(self).requires_grad_(self.requires_grad))
 
