@@ -103,9 +103,16 @@ class GPartLayer(BaseTunerLayer):
 
     # -- what this wrapper contributes to the flattening ---------------------------------------------
 
+    partition_bias = False  # weight-and-bias wrappers set it from the config
+
     def adapted_tensors(self) -> list[tuple[str, torch.Tensor]]:
-        """(suffix, tensor) of the tensors this wrapper adds to the partition, in canonical order."""
-        raise NotImplementedError
+        """(suffix, tensor) of the tensors this wrapper adds to the partition, in canonical order: the base
+        layer's weight, then its bias when the config puts biases into the partition."""
+        base = self.get_base_layer()
+        tensors = [("weight", base.weight)]
+        if self.partition_bias:
+            tensors.append(("bias", base.bias))
+        return tensors
 
     def adapted_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
         """(suffix, logical shape) of the adapted tensors: what the layout records and the slices cover."""
@@ -306,13 +313,6 @@ class LinearLike(nn.Module, GPartLayer):
         if hasattr(base_layer, "in_features"):
             self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
 
-    def adapted_tensors(self):
-        base = self.get_base_layer()
-        tensors = [("weight", base.weight)]
-        if self.partition_bias:
-            tensors.append(("bias", base.bias))
-        return tensors
-
     def _conv_args(self):
         base = self.get_base_layer()
         if base.padding_mode != "zeros" or isinstance(base.padding, str) and base.padding != "valid":
@@ -426,13 +426,6 @@ class QuantizedLinear(nn.Module, GPartLayer):
         self._premerge = None
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
-
-    def adapted_tensors(self):
-        base = self.get_base_layer()
-        tensors = [("weight", base.weight)]
-        if self.partition_bias:
-            tensors.append(("bias", base.bias))
-        return tensors
 
     def adapted_shapes(self):
         shapes = [("weight", (self.out_features, self.in_features))]
