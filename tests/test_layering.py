@@ -26,6 +26,7 @@ FLOORS = {
     "layers": 5,
     "model": 6,
     "registration": 7,
+    "lr": 7,
     "__init__": 8,
     "assets": 8,
     "recipes": 9,

@@ -6,6 +6,7 @@ Importing this package registers the method "GPART" with PEFT, so that `get_peft
 
 from .config import PEFT_TYPE, GPartConfig
 from .layers import GPartLayer
+from .lr import LearningRateRuleError, gpart_lr, gpart_param_groups, lr_factor
 from .model import GPartModel, LayoutMismatchError, layout_fingerprint
 from .partition import ALGORITHM, VERSION, VERSIONS, Partition, PartitionError
 from .registration import register
@@ -19,9 +20,13 @@ __all__ = [
     "GPartLayer",
     "GPartModel",
     "LayoutMismatchError",
+    "LearningRateRuleError",
     "Partition",
     "PartitionError",
+    "gpart_lr",
+    "gpart_param_groups",
     "layout_fingerprint",
+    "lr_factor",
     "register",
 ]
 

@@ -91,7 +91,8 @@ def info(args, recipe) -> dict:
     D = methods.adapted_size(model, targets)
     base_total = methods.count_params(model, head)["total"]
     model = methods.apply_method(model, args.method, head=head, d=args.d, targets=targets, seed=args.seed,
-                                 dropout=0.0, task_type=recipe.task_type, r=args.r)
+                                 dropout=0.0, task_type=recipe.task_type, r=args.r,
+                                 **methods.projection_options(args))
     params = methods.count_params(model, head)
     return {
         "task": recipe.name, "model": args.model, "method": args.method, "targets": targets, "head": head,
