@@ -35,6 +35,8 @@ def _load_quality():
     benchmarks/ on sys.path would shadow packages by its script names (kernels.py)."""
     import importlib.util
 
+    if "quality" in sys.modules:  # already loaded (tests load it by file too)
+        return sys.modules["quality"]
     spec = importlib.util.spec_from_file_location("quality", Path(__file__).resolve().parent / "quality.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules["quality"] = module  # dataclasses look their module up by name

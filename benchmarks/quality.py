@@ -398,6 +398,10 @@ def cmd_report(args) -> int:
     analysis = ROOT / "docs" / "quality" / "analysis.md"
     if analysis.exists():
         body += "\n" + analysis.read_text()
+    lr_rule = ROOT / "docs" / "quality" / "lr_rule.md"  # benchmarks/lr_rule.py's section, kept on regeneration
+    if lr_rule.exists():
+        body += ("\n<!-- lr_rule: begin (benchmarks/lr_rule.py report) -->\n" + lr_rule.read_text().rstrip()
+                 + "\n<!-- lr_rule: end -->\n")
     target = ROOT / "docs" / "results.md"
     tmp = target.with_suffix(".md.tmp")
     tmp.write_text(body)
