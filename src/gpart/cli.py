@@ -149,8 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     rate.add_argument("--lr", type=_nonneg_float, default=None,
                       help="learning rate of theta / the adapter (gpart default: from --base-lr by the rule)")
     rate.add_argument("--base-lr", type=_nonneg_float, default=None,
-                      help="gpart: base learning rate of the rule theta lr = base * sqrt(D/d) (docs/lr.md; "
-                           "default: per task)")
+                      help="gpart: base learning rate of the rule theta lr = base * sqrt(10000/d), i.e. theta's "
+                           "lr at d = 10,000 (docs/lr.md; default: per task)")
     g.add_argument("--head-lr", type=_nonneg_float, default=None, help="learning rate of the task head")
     length = g.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=_positive_float, default=None, help="passes over train (default: per task)")
@@ -228,7 +228,7 @@ def fill_defaults(args, recipe, saved: dict | None = None) -> None:
             setattr(args, key, value)
     if getattr(args, "command", None) == "train":
         if args.base_lr is not None and args.method != "gpart":
-            raise MethodError(f"--base-lr is GPart's learning-rate rule (theta lr = base * sqrt(D/d)) and applies "
+            raise MethodError(f"--base-lr is GPart's learning-rate rule (theta lr = base * sqrt(10000/d)) and applies "
                               f"to --method gpart only; for --method {args.method} set --lr")
         if args.lr is None:
             args.lr = default_lr(args.method, d)

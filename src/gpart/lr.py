@@ -1,17 +1,16 @@
-"""GPart's learning-rate rule: one base value that transfers across d and D.
+"""GPart's learning-rate rule: one base value that transfers across d and across models (D).
 
-With an isometric map (||Delta W||_F = ||theta||) and Adam, every theta entry moves by about the
-learning rate per step, and each of the D adapted weights receives one entry scaled by sqrt(d/D)
-(its group's 1/sqrt(n_g)). So a theta learning rate `lr` moves each weight by about lr * sqrt(d/D)
-per step: the same lr is a 4x larger weight step at 16x the d, and a smaller one on a larger model.
-The rule holds that per-weight step fixed:
+With an isometric map, ||Delta W||_F = ||theta|| exactly. Under Adam each theta entry moves by about
+the learning rate per step, so one step changes ||Delta W||_F by at most lr * sqrt(d), whatever the
+number D of adapted weights. The rule holds that per-step update norm fixed:
 
-    theta's lr = base_lr * sqrt(D / d)
+    theta's lr = base_lr * sqrt(REFERENCE_LENGTH / d)        (REFERENCE_LENGTH = 10,000)
 
-`base_lr` is the per-weight step (a full-fine-tuning-like learning rate), the one number to tune; it
-was measured to transfer across d from D/600 to D/5 and across a 12x change of D (docs/lr.md).
-Weight decay is scaled by the inverse factor (as muP's MuAdam does), so lr * weight_decay, the
-per-step shrink of Delta W under AdamW, does not change either.
+`base_lr` is theta's learning rate at d = 10,000, the one number to tune; the per-step bound on
+||Delta W||_F is 100 * base_lr at every d. D does not enter: it was measured on the text task across
+d from D/600 to D/5 and a 12x change of D, against the rules that hold the per-weight step fixed or
+keep the lr constant (docs/lr.md). Weight decay is scaled by the inverse factor (as muP's MuAdam does),
+so lr * weight_decay, AdamW's per-step shrink of theta, does not change with d either.
 
 The rule lives on the optimizer side: the map itself is unchanged, so saved adapters are unaffected.
 """
@@ -23,22 +22,27 @@ import torch.nn as nn
 
 from .config import PEFT_TYPE, GPartConfig
 
-RULE = "per-weight step: lr = base_lr * sqrt(D / d)"
+REFERENCE_LENGTH = 10_000  # a reference theta length d: base_lr is theta's lr there
+RULE = "per-step update norm: lr = base_lr * sqrt(10000 / d)"
 
 
 class LearningRateRuleError(ValueError):
-    """The rule was asked of something it does not apply to (not a GPart adapter, or D unknown)."""
+    """The rule was asked of something it does not apply to (not a GPart adapter)."""
 
 
 def _supported() -> str:
-    return ("a model with a GPart adapter (PeftModel or GPartModel, after get_peft_model) or the "
-            "GPartConfig of an injected or saved adapter (its D is set)")
+    return "a model with a GPart adapter (PeftModel or GPartModel, after get_peft_model) or a GPartConfig"
 
 
 def gpart_config(model_or_config, adapter_name: str | None = None) -> GPartConfig:
     """The GPartConfig the rule reads, from a config or a model holding a GPart adapter."""
     if isinstance(model_or_config, GPartConfig):
         config = model_or_config
+    elif getattr(model_or_config, "peft_type", None) is not None and not hasattr(model_or_config, "peft_config"):
+        kind = getattr(model_or_config.peft_type, "value", model_or_config.peft_type)
+        raise LearningRateRuleError(
+            f"GPart's learning-rate rule applies to GPart adapters only; got a {type(model_or_config).__name__} "
+            f"({kind}). It needs {_supported()}; for other methods set their learning rate directly")
     else:
         configs = getattr(model_or_config, "peft_config", None)
         if not isinstance(configs, dict) or not configs:
@@ -58,21 +62,17 @@ def gpart_config(model_or_config, adapter_name: str | None = None) -> GPartConfi
                 f"It needs {_supported()}; for other methods set their learning rate directly")
     if str(getattr(config.peft_type, "value", config.peft_type)) != PEFT_TYPE:
         raise LearningRateRuleError(f"GPart's learning-rate rule needs {_supported()}")
-    if not config.D:
-        raise LearningRateRuleError(
-            "this GPartConfig has no D yet (the number of adapted weights is known once the adapter is "
-            "injected): pass the model returned by get_peft_model, or its peft_config")
     return config
 
 
 def lr_factor(model_or_config, adapter_name: str | None = None) -> float:
-    """sqrt(D / d): theta's learning rate per unit of base learning rate."""
+    """sqrt(REFERENCE_LENGTH / d): theta's learning rate per unit of base learning rate."""
     config = gpart_config(model_or_config, adapter_name)
-    return math.sqrt(config.D / config.d)
+    return math.sqrt(REFERENCE_LENGTH / config.d)
 
 
 def gpart_lr(model_or_config, base_lr: float, adapter_name: str | None = None) -> float:
-    """theta's learning rate under the rule: base_lr * sqrt(D / d)."""
+    """theta's learning rate under the rule: base_lr * sqrt(10,000 / d)."""
     if not base_lr >= 0:
         raise LearningRateRuleError(f"base_lr must be a number >= 0, got {base_lr!r}")
     return base_lr * lr_factor(model_or_config, adapter_name)
@@ -83,7 +83,8 @@ def gpart_param_groups(model: nn.Module, base_lr: float, *, weight_decay: float 
                        adapter_name: str | None = None) -> list[dict]:
     """Optimizer parameter groups for a model with a GPart adapter, under the rule.
 
-    theta: lr = base_lr * sqrt(D/d), weight decay = weight_decay / sqrt(D/d) (lr * wd unchanged).
+    theta: lr = base_lr * sqrt(10,000/d), weight decay = weight_decay * sqrt(d/10,000) (lr * wd unchanged:
+    base_lr * weight_decay).
     Every other trainable parameter (a task head or other modules_to_save) at `head_lr` (default:
     base_lr), decayed by `head_weight_decay` (default: weight_decay) when it is a matrix, not when it
     is a bias or a norm. Pass the result to any torch optimizer, e.g. torch.optim.AdamW(groups), and to
