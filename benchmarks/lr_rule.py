@@ -16,7 +16,7 @@ ablation  - at the quality study's text setting (q,v targets, d = 23,040): Fastf
             with column gains 4:1 and 16:1, each with its own lr sweep (seed 0, on validation) and then
             seeds 1, 2 at its best lr. The balanced partition and Uni-LoRA come from the quality study
             (docs/quality/results.json: same budget, same d, same seeds).
-validate  - the quality study's text d sweep (q,v targets) at its two ends, d = 2,880 and 368,640, with theta's
+validate  - the quality study's text d sweep (q,v targets) at d = 2,880, 5,760 and 368,640, with theta's
             lr from the rule and the text task's base value (what `gpart train` now does by default), seeds
             0, 1, 2: against the same d at the one lr tuned at d = 23,040 (docs/quality/results.json).
 """
@@ -62,25 +62,26 @@ TARGETS = {
 # per-weight and per-norm rules predict from the quality study's optimum (4e-2 at q,v, d = 23,040).
 # Both ends of d/D for both D: at matched D/d (1440 vs 23040, 184320 vs 2211840) the per-weight rule
 # predicts the same lr and the per-norm rule 3.5x apart; along d at fixed D, constant vs 1/sqrt(d).
+# The cells between the ends come last (run after the ablations).
 RULE_CELLS = {
     ("q", 1440): (4e-2, 8e-2, 1.6e-1),
     ("q", 184320): (5e-3, 1e-2, 2e-2),
     ("all", 23040): (2e-2, 4e-2, 8e-2),
     ("all", 2211840): (2.5e-3, 5e-3, 1e-2),
+    ("q", 11520): (4e-2, 8e-2, 1.6e-1),
+    ("all", 184320): (1e-2, 2e-2, 4e-2),
 }
-# Cells planned between the ends, not run on this machine's budget (2 shared CPU cores):
-# ("q", 11520): (2e-2, 4e-2, 8e-2), ("all", 184320): (1e-2, 2e-2, 4e-2).
 ABLATION_D = 23040
 ABLATION_ARMS = {  # arm -> (gpart train flags, first lrs)
     "fastfood": (("--projection", "fastfood"), (2e-2, 4e-2, 8e-2)),
     "gain16": (("--column-gain-ratio", "16"), (2e-2, 4e-2, 8e-2)),
+    "gain4": (("--column-gain-ratio", "4"), (2e-2, 4e-2, 8e-2)),
 }
-# Planned, not run on this machine's budget: "gain4": (("--column-gain-ratio", "4"), (2e-2, 4e-2, 8e-2)).
 SEEDS_MORE = (1, 2)
 # The text task's base learning rate (src/gpart/recipes/text_classification.py defaults["lr"]), chosen from
 # the rule phase; the validate runs pass it as --base-lr so that they are what the CLI's default does.
 TEXT_BASE_LR = 6e-2
-VALIDATE_D = (2880, 368640)
+VALIDATE_D = (2880, 5760, 368640)  # 5,760 (+ the head): under 1/10 of LoRA r=8's trainable floats
 
 
 def rule_run(tset: str, d: int, lr: float, seed: int = 0) -> quality.Run:
