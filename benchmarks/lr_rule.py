@@ -237,6 +237,14 @@ def rule_summary(runs: Path) -> dict:
     xs = [(1.0, math.log(c["d"]), math.log(c["D"])) for c in cells]
     ys = [math.log(c["best_lr"]) for c in cells]
     out["power_law"] = _lstsq(xs, ys)
+    # the shipped base value (the text task's default, tuned on q,v at d = 23,040) under the shipped rule
+    shipped = []
+    for c in cells:
+        lr = TEXT_BASE_LR * RULES[RULE_NAME](c["D"], c["d"], TARGETS[c["targets"]]["fan_in"])
+        v, extrap = interp(c["points"], lr)
+        shipped.append({"targets": c["targets"], "d": c["d"], "lr": lr, "loss": c["best_validation"] - v,
+                        "extrapolated": extrap})
+    out["shipped"] = {"rule": RULE_NAME, "base": TEXT_BASE_LR, "per_cell": shipped}
     for c in cells:
         del c["points"]
     chosen = RULE_NAME
@@ -328,7 +336,7 @@ def render(result: dict) -> str:
                      f"{c['best_lr'] * math.sqrt(c['d'] / c['D']):.2e} | {c['best_lr'] * math.sqrt(c['d'] / 1e4):.3f} |")
         L += ["", "Each candidate rule, lr = base × factor(D, d), with the one base value that loses least in the "
               "worst cell (accuracy at an lr between two measured ones is interpolated in log lr; outside the "
-              "measured range, the nearest end's, marked *):", "",
+              "measured range, the nearest end's value, so the loss shown is a lower bound, marked *):", "",
               "| rule | factor | base | spread of the implied bases (max/min) | validation accuracy lost per cell | worst | mean |",
               "|---|---|---|---|---|---|---|"]
         factors = {"constant": "1", "R-weight": "√(D/d)", "R-norm": "√(10⁴/d)", "muP-style": "√(D/d)·384/fan_in"}
@@ -336,6 +344,12 @@ def render(result: dict) -> str:
             per = ", ".join(f"{p['loss']:.3f}" + ("*" if p["extrapolated"] else "") for p in r["per_cell"])
             L.append(f"| {name} | {factors[name]} | {r['base']:.3g} | {r['implied_spread']:.1f}x | {per} | "
                      f"{r['max_loss']:.3f} | {r['mean_loss']:.3f} |")
+        sh = rule.get("shipped")
+        if sh:
+            per = ", ".join(f"{p['loss']:.3f}" + ("*" if p["extrapolated"] else "") for p in sh["per_cell"])
+            L.append(f"| {sh['rule']}, the text task's default base | {factors[sh['rule']]} | {sh['base']:.3g} | – | "
+                     f"{per} | {max(p['loss'] for p in sh['per_cell']):.3f} | "
+                     f"{statistics.mean(p['loss'] for p in sh['per_cell']):.3f} |")
         if rule.get("power_law"):
             pl = rule["power_law"]
             L += ["", f"A free fit log lr* = a + b·log d + c·log D over the cells gives b = {pl['b_d']:.2f} and "
@@ -382,7 +396,8 @@ def plot(result: dict) -> None:
 
     rule = result["rule"]
     if rule["cells"]:
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        ds = [10 ** (k / 10) for k in range(30, 66)]
         for tset, color in (("q", "C0"), ("all", "C3")):
             cells = [c for c in rule["cells"] if c["targets"] == tset]
             if not cells:
@@ -393,18 +408,25 @@ def plot(result: dict) -> None:
                 ax.plot([c["d"]] * 2, [min(near), max(near)], color=color, alpha=0.35, lw=6)
             ax.plot([c["d"] for c in cells], [c["best_lr"] for c in cells], "o", color=color,
                     label=f"best lr, {cells[0]['target_modules']} (D = {D:,})")
-            ds = [10 ** (k / 10) for k in range(int(10 * math.log10(min(c['d'] for c in cells) / 2)),
-                                                 int(10 * math.log10(max(c['d'] for c in cells) * 2)) + 1)]
-            for name, style in (("R-weight", "-"), ("R-norm", "--"), ("constant", ":")):
-                r = rule["rules"][name]
-                ax.plot(ds, [r["base"] * RULES[name](D, d, TARGETS[tset]["fan_in"]) for d in ds], style, color=color,
-                        lw=1, label=f"{name} (base {r['base']:.2g})" if tset == "q" else None)
+            r = rule["rules"]["R-weight"]
+            ax.plot(ds, [r["base"] * RULES["R-weight"](D, d, 0) for d in ds], "-", color=color, lw=1,
+                    label=f"R-weight, its best base {r['base']:.2g}, D = {D:,}")
+        val = result["validate"]["d"]
+        if val:
+            ax.plot([int(d) for d in val], [r["lr"] for r in val.values()], "kx",
+                    label="the rule's lr in the validation runs (q,v)")
+        sh = rule.get("shipped")
+        if sh:
+            ax.plot(ds, [sh["base"] * RULES[sh["rule"]](0, d, 0) for d in ds], "k--", lw=1.2,
+                    label=f"{sh['rule']} (shipped), base {sh['base']:g}: any D")
+        c = rule["rules"]["constant"]
+        ax.axhline(c["base"], color="grey", ls=":", lw=1, label=f"constant, its best value {c['base']:.2g}")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("d")
         ax.set_ylabel("theta's learning rate")
-        ax.set_title("Text (MiniLM): best lr by d and D, and each rule's prediction", fontsize=9)
-        ax.legend(fontsize=7)
+        ax.set_title("Text (MiniLM): best lr by d and D (bars: within 0.01 of the best), and the rules", fontsize=9)
+        ax.legend(fontsize=6.5)
         fig.tight_layout()
         fig.savefig(DOCS / "lr_rule.png", dpi=110)
         plt.close(fig)

@@ -52,10 +52,10 @@ def resolve_gpart_lr(model: nn.Module, *, lr: float | None, base_lr: float | Non
     """
     if lr is not None:
         return {"lr": lr, "weight_decay": weight_decay, "source": "--lr"}
-    from gpart.lr import RULE, lr_factor
+    from gpart.lr import RULE, gpart_config, lr_factor
 
     factor = lr_factor(model)
-    config = next(iter(model.peft_config.values()))
+    config = gpart_config(model)
     return {"lr": base_lr * factor, "weight_decay": weight_decay / factor, "source": "rule", "rule": RULE,
             "base_lr": base_lr, "D": config.D, "d": config.d, "factor": factor}
 
