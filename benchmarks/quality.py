@@ -77,6 +77,8 @@ class Run:
     seed: int
     lr: float | None
     d: int | None = None
+    variant: str = ""  # a label for `extra` in the run's folder name (e.g. "q" for --targets query)
+    extra: tuple[str, ...] = ()  # more `gpart train` flags (other studies: targets, projection, ...)
 
     @property
     def uses_d(self) -> bool:
@@ -84,7 +86,7 @@ class Run:
 
     @property
     def tag(self) -> str:
-        parts = [self.method]
+        parts = [self.method] + ([self.variant] if self.variant else [])
         if self.uses_d:
             parts.append(f"d{self.d}")
         if self.lr is not None:
@@ -101,7 +103,7 @@ class Run:
             a += ["--d", str(self.d)]
         if self.lr is not None:
             a += ["--lr", f"{self.lr:g}"]
-        return a
+        return a + list(self.extra)
 
 
 def eval_args(train_args: list[str]) -> list[str]:
@@ -396,6 +398,10 @@ def cmd_report(args) -> int:
     analysis = ROOT / "docs" / "quality" / "analysis.md"
     if analysis.exists():
         body += "\n" + analysis.read_text()
+    lr_rule = ROOT / "docs" / "quality" / "lr_rule.md"  # benchmarks/lr_rule.py's section, kept on regeneration
+    if lr_rule.exists():
+        body += ("\n<!-- lr_rule: begin (benchmarks/lr_rule.py report) -->\n" + lr_rule.read_text().rstrip()
+                 + "\n<!-- lr_rule: end -->\n")
     target = ROOT / "docs" / "results.md"
     tmp = target.with_suffix(".md.tmp")
     tmp.write_text(body)

@@ -29,6 +29,7 @@ FLOORS = {
     "model": 6,
     "registration": 7,
     "export": 7,
+    "lr": 7,
     "__init__": 8,
     "assets": 8,
     "recipes": 9,

@@ -7,6 +7,7 @@ Importing this package registers the method "GPART" with PEFT, so that `get_peft
 from .config import PEFT_TYPE, GPartConfig
 from .export import merge_and_dequantize
 from .layers import GPartLayer, clear_gpart_cache
+from .lr import LearningRateRuleError, gpart_lr, gpart_param_groups, lr_factor
 from .model import GPartModel, LayoutMismatchError, layout_fingerprint
 from .partition import ALGORITHM, VERSION, VERSIONS, Partition, PartitionError
 from .registration import register
@@ -20,10 +21,14 @@ __all__ = [
     "GPartLayer",
     "GPartModel",
     "LayoutMismatchError",
+    "LearningRateRuleError",
     "Partition",
     "PartitionError",
     "clear_gpart_cache",
+    "gpart_lr",
+    "gpart_param_groups",
     "layout_fingerprint",
+    "lr_factor",
     "merge_and_dequantize",
     "register",
 ]

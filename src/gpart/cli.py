@@ -66,6 +66,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _gain_ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1 (1: isometric), got {value}")
+    return value
+
+
 def _nonneg_float(text: str) -> float:
     try:
         value = float(text)
@@ -115,6 +125,12 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--targets", type=_csv_list, default=None,
                    help="comma-separated module names to adapt (default: the attention projections)")
     g.add_argument("--r", type=_positive_int, default=None, help="rank for lora (8), vera (256), unilora (4)")
+    g.add_argument("--projection", default=None,
+                   help="gpart: the map from theta to the weights: partition (default) or fastfood (the "
+                        "intrinsic-dimension baseline, an ablation)")
+    g.add_argument("--column-gain-ratio", type=_gain_ratio, default=None,
+                   help="gpart, partition: max/min ratio of the column gains (1, the default: isometric; "
+                        "> 1: the non-isometric ablation)")
     g.add_argument("--dropout", type=_fraction, default=None, help="adapter dropout")
     g.add_argument("--seed", type=int, default=0, help="seed of the run and of the GPart partition")
 
@@ -147,7 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_method_args(t)
     _add_data_args(t)
     g = t.add_argument_group("optimisation")
-    g.add_argument("--lr", type=_nonneg_float, default=None, help="learning rate of theta / the adapter")
+    rate = g.add_mutually_exclusive_group()
+    rate.add_argument("--lr", type=_nonneg_float, default=None,
+                      help="learning rate of theta / the adapter (gpart default: from --base-lr by the rule)")
+    rate.add_argument("--base-lr", type=_nonneg_float, default=None,
+                      help="gpart: base learning rate of the rule theta lr = base * sqrt(10000/d), i.e. theta's "
+                           "lr at d = 10,000 (docs/lr.md; default: per task)")
     g.add_argument("--head-lr", type=_nonneg_float, default=None, help="learning rate of the task head")
     length = g.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=_positive_float, default=None, help="passes over train (default: per task)")
@@ -211,7 +232,7 @@ SAVED_KEYS = ("dataset", "seed", "val_fraction", "test_fraction", "max_length", 
 
 def fill_defaults(args, recipe, saved: dict | None = None) -> None:
     """Fill every None option: saved adapter settings first, then the recipe's, then generic ones."""
-    from gpart.recipes.methods import default_lr
+    from gpart.recipes.methods import MethodError, default_lr
 
     saved = saved or {}
     if "val_fraction" in saved and "test_fraction" not in saved:
@@ -230,8 +251,13 @@ def fill_defaults(args, recipe, saved: dict | None = None) -> None:
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     if getattr(args, "command", None) == "train":
+        if args.base_lr is not None and args.method != "gpart":
+            raise MethodError(f"--base-lr is GPart's learning-rate rule (theta lr = base * sqrt(10000/d)) and applies "
+                              f"to --method gpart only; for --method {args.method} set --lr")
         if args.lr is None:
             args.lr = default_lr(args.method, d)
+        if args.method == "gpart" and args.lr is None and args.base_lr is None:
+            args.base_lr = d["lr"]  # the task's base learning rate; theta's lr follows once D is known
         if args.head_lr is None:
             args.head_lr = d["head_lr"]
         if args.epochs is None:

@@ -27,7 +27,7 @@ class CausalLM(TaskRecipe):
     loss_is_batch_mean = False  # summed over tokens / num_items_in_batch: one mean over every process's tokens
     # Reference MetaMathQA settings: q,k,v,o, theta lr 2e-4, cosine, 5% warm-up, weight decay 0.01,
     # dropout 0.05. d = 131,072 is the reference's choice for Qwen2.5-0.5B; 1 epoch for CPU runs.
-    defaults = dict(model="smollm2", dataset="gsm-symbolic", d=131072, lr=2e-4, head_lr=0.0, epochs=1,
+    defaults = dict(model="smollm2", dataset="gsm-symbolic", d=131072, lr=1.8e-2, head_lr=0.0, epochs=1,
                     batch_size=4, weight_decay=0.01, warmup=0.05, dropout=0.05, scheduler="cosine",
                     max_length=512, lora_lr=2e-4)
 

@@ -96,7 +96,8 @@ def info(args, recipe) -> dict:
     dtype = models.weights_dtype(args) if recipe.name == "causal-lm" else torch.float32  # see load_options
     base_bytes = models.base_weight_bytes(model, quant, dtype)
     model = methods.apply_method(model, args.method, head=head, d=args.d, targets=targets, seed=args.seed,
-                                 dropout=0.0, task_type=recipe.task_type, r=args.r)
+                                 dropout=0.0, task_type=recipe.task_type, r=args.r,
+                                 **methods.projection_options(args))
     params = methods.count_params(model, head)
     return {
         "task": recipe.name, "model": args.model, "method": args.method, "targets": targets, "head": head,

@@ -14,8 +14,9 @@ METHODS = PEFT_METHODS + ("full", "head-only")
 # default), Uni-LoRA r=4 (its paper's GLUE setting; theta length is --d, as GPart's).
 DEFAULT_RANK = {"lora": 8, "vera": 256, "unilora": 4}
 
-# Learning rate for the non-head parameters when --lr is not given. GPart's comes from the task
-# (the reference setting per task); the others are the usual values for each method.
+# Learning rate for the non-head parameters when --lr is not given. GPart's comes from the task's base
+# learning rate through the rule (gpart.lr: theta's lr = base * sqrt(10,000 / d): resolve_gpart_lr);
+# the others are the usual values for each method.
 DEFAULT_LR = {"lora": 5e-4, "vera": 1e-2, "unilora": 5e-3, "full": 2e-5, "head-only": 0.0}
 
 
@@ -23,22 +24,58 @@ class MethodError(ValueError):
     """A method cannot be applied as asked (e.g. d > D, head-only without a head)."""
 
 
-def default_lr(method: str, task_defaults: dict) -> float:
+def default_lr(method: str, task_defaults: dict) -> float | None:
+    """The default of --lr; None for GPart, whose theta lr comes from the rule (resolve_gpart_lr)."""
     if method == "gpart":
-        return task_defaults["lr"]
+        return None
     if method == "lora" and task_defaults.get("lora_lr"):
         return task_defaults["lora_lr"]
     return DEFAULT_LR[method]
 
 
+def check_gpart_options(method: str, *, projection: str | None = None,
+                        column_gain_ratio: float | None = None) -> None:
+    """The projection choices (the isometry ablations) are GPart's: a clear error for any other method."""
+    given = [flag for flag, value in (("--projection", projection), ("--column-gain-ratio", column_gain_ratio))
+             if value is not None]
+    if given and method != "gpart":
+        raise MethodError(f"{' and '.join(given)} choose GPart's projection and apply to --method gpart only; "
+                          f"--method {method} takes none (drop {' and '.join(given)}, or use --method gpart)")
+
+
+def resolve_gpart_lr(model: nn.Module, *, lr: float | None, base_lr: float | None,
+                     weight_decay: float) -> dict:
+    """theta's learning rate and weight decay, and how they were derived (recorded in metrics.json).
+
+    An explicit lr is used as given, with weight_decay as given (runs before the rule existed). Otherwise
+    GPart's rule (gpart.lr): lr = base_lr * sqrt(10,000/d), weight decay divided by the same factor.
+    """
+    if lr is not None:
+        return {"lr": lr, "weight_decay": weight_decay, "source": "--lr"}
+    from gpart.lr import RULE, gpart_config, lr_factor
+
+    factor = lr_factor(model)
+    config = gpart_config(model)
+    return {"lr": base_lr * factor, "weight_decay": weight_decay / factor, "source": "rule", "rule": RULE,
+            "base_lr": base_lr, "D": config.D, "d": config.d, "factor": factor}
+
+
 def build_peft_config(method: str, *, d: int, targets: list[str], seed: int, dropout: float,
-                      head: list[str], task_type: str | None, r: int | None = None):
-    """The PEFT config for one of PEFT_METHODS; heads in `head` are trained fully and saved too."""
+                      head: list[str], task_type: str | None, r: int | None = None,
+                      projection: str | None = None, column_gain_ratio: float | None = None):
+    """The PEFT config for one of PEFT_METHODS; heads in `head` are trained fully and saved too.
+
+    projection / column_gain_ratio: GPart's map from theta to the weights (None: GPartConfig's
+    defaults, the isometric partition); other methods reject them.
+    """
+    check_gpart_options(method, projection=projection, column_gain_ratio=column_gain_ratio)
     common = dict(target_modules=list(targets), modules_to_save=list(head) or None, task_type=task_type)
     if method == "gpart":
         import gpart
 
-        return gpart.GPartConfig(d=d, seed=seed, dropout=dropout, **common)
+        choice = {k: v for k, v in (("projection", projection), ("column_gain_ratio", column_gain_ratio))
+                  if v is not None}
+        return gpart.GPartConfig(d=d, seed=seed, dropout=dropout, **choice, **common)
     from peft import LoraConfig, UniLoraConfig, VeraConfig
 
     rank = r or DEFAULT_RANK[method]
@@ -51,10 +88,18 @@ def build_peft_config(method: str, *, d: int, targets: list[str], seed: int, dro
     raise ValueError(f"unknown PEFT method {method!r}; choose from {', '.join(PEFT_METHODS)}")
 
 
+def projection_options(args) -> dict:
+    """GPart's projection flags of a parsed command line (absent or None: the default map)."""
+    return {"projection": getattr(args, "projection", None),
+            "column_gain_ratio": getattr(args, "column_gain_ratio", None)}
+
+
 def apply_method(model: nn.Module, method: str, *, head: list[str], **peft_kwargs) -> nn.Module:
     """Return the model ready to train with `method`; raises ValueError for impossible combinations."""
     if method not in METHODS:
         raise MethodError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    check_gpart_options(method, projection=peft_kwargs.get("projection"),
+                        column_gain_ratio=peft_kwargs.get("column_gain_ratio"))
     if method == "head-only" and not head:
         raise MethodError("head-only needs a fresh task head (a classifier); this task has none")
     if method in PEFT_METHODS:
@@ -76,13 +121,16 @@ def is_head_param(name: str, head: list[str]) -> bool:
 
 
 def param_groups(model: nn.Module, *, lr: float, head_lr: float, weight_decay: float,
-                 head: list[str], decay_adapter_vectors: bool = True) -> list[dict]:
+                 head: list[str], decay_adapter_vectors: bool = True,
+                 body_weight_decay: float | None = None) -> list[dict]:
     """Optimizer groups: non-head trainables at `lr`, the head at `head_lr`.
 
     Weight decay follows the reference GPart code: adapter parameters (theta, LoRA factors, ...)
     are always decayed; head and full-model parameters only when they are matrices (not biases or
-    norms). Empty groups are dropped (torch rejects them).
+    norms). body_weight_decay: the non-head groups' decay when it differs from the head's (GPart's lr
+    rule scales theta's). Empty groups are dropped (torch rejects them).
     """
+    body_wd = weight_decay if body_weight_decay is None else body_weight_decay
     groups = {key: [] for key in ("body_decay", "body_plain", "head_decay", "head_plain")}
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -92,7 +140,7 @@ def param_groups(model: nn.Module, *, lr: float, head_lr: float, weight_decay: f
         decay = adapter_vector or param.ndim >= 2
         groups[("head" if is_head else "body") + ("_decay" if decay else "_plain")].append(param)
     spec = {
-        "body_decay": (lr, weight_decay), "body_plain": (lr, 0.0),
+        "body_decay": (lr, body_wd), "body_plain": (lr, 0.0),
         "head_decay": (head_lr, weight_decay), "head_plain": (head_lr, 0.0),
     }
     return [

@@ -100,7 +100,7 @@ def write_report(out: Path, m: dict) -> Path:
         f"- saved adapter: {_fmt(m['adapter_bytes'])} bytes in `{m['saved']}`",
         f"- training: {_fmt(m['train']['steps'])} steps, {m['train']['runtime_s']:.1f} s, "
         f"final train loss {_fmt(m['train'].get('final_loss'))}",
-        f"- seed {run['seed']}, lr {run['lr']:g}, head lr {run['head_lr']:g}",
+        f"- seed {run['seed']}, lr {run['lr']:g}{_lr_source(run)}, head lr {run['head_lr']:g}",
         *([f"- skipped (longer than --max-length): "
            + ", ".join(f"{n:,} {split}" for split, n in m["skipped"].items())] if m.get("skipped") else []),
         "",
@@ -115,3 +115,12 @@ def write_report(out: Path, m: dict) -> Path:
               "matplotlib is not installed; pip install 'gpart[train]')", ""]
     atomic_write_text(out / REPORT_FILE, "\n".join(lines))
     return out / REPORT_FILE
+
+
+def _lr_source(run: dict) -> str:
+    """How theta's lr was derived, when GPart's rule chose it (gpart.lr)."""
+    rule = run.get("lr_rule") or {}
+    if rule.get("source") != "rule":
+        return ""
+    return (f" (GPart's rule: base {rule['base_lr']:g} x sqrt(10,000/d), d = {rule['d']:,}; "
+            f"theta weight decay {rule['weight_decay']:.3g})")

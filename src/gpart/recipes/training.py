@@ -20,7 +20,7 @@ from .io import (RUN_MARKER, RunDirError, atomic_dir, atomic_write_json, fsync_t
 
 CHECKPOINTS = "checkpoints"
 # run.json fields that define a run: --resume refuses to continue a run whose identity differs.
-IDENTITY = ("task", "model", "dataset", "method", "d", "targets", "seed", "r")
+IDENTITY = ("task", "model", "dataset", "method", "d", "targets", "seed", "r", "projection", "column_gain_ratio")
 
 
 def make_trainer_class():
@@ -287,11 +287,17 @@ def FiniteCheck(trainer):  # noqa: N802 - builds the callback lazily (transforme
     return _finite_check_class()(trainer)
 
 
+def _projection_choice(args) -> dict:
+    """GPart's projection flags, recorded only when given (earlier runs' run.json has no such keys)."""
+    return {k: v for k, v in methods.projection_options(args).items() if v is not None}
+
+
 def run_config(args, recipe: TaskRecipe) -> dict:
     return {
         "task": recipe.name, "model": args.model, "dataset": args.dataset, "method": args.method,
         "d": args.d if args.method in ("gpart", "unilora") else None, "targets": args.targets,
-        "seed": args.seed, "r": args.r, "lr": args.lr, "head_lr": args.head_lr, "epochs": args.epochs,
+        "seed": args.seed, "r": args.r, **_projection_choice(args), "lr": args.lr,
+        **({"base_lr": args.base_lr} if getattr(args, "base_lr", None) is not None else {}), "head_lr": args.head_lr, "epochs": args.epochs,
         "max_steps": args.max_steps, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
         "weight_decay": args.weight_decay, "warmup": args.warmup, "dropout": args.dropout,
         "scheduler": args.scheduler, "val_fraction": args.val_fraction, "test_fraction": args.test_fraction,
@@ -370,14 +376,10 @@ def prepare_model(args, recipe: TaskRecipe, data) -> dict:
     D = methods.adapted_size(model, targets)  # before wrapping, while the targets are plain modules
     try:
         model = methods.apply_method(model, args.method, head=head, d=args.d, targets=targets, seed=args.seed,
-                                     dropout=args.dropout, task_type=recipe.task_type, r=args.r)
-    except TypeError as e:
-        kind = models.quantization(args)
-        if kind is None:
-            raise
-        raise methods.MethodError(f"--load-in-{kind} with --method {args.method}: {e} This gpart version cannot "
-                                  "adapt bitsandbytes layers; use --method lora on a quantized base, or --bf16 "
-                                  "for a half-size unquantized one") from None
+                                     dropout=args.dropout, task_type=recipe.task_type, r=args.r,
+                                     **methods.projection_options(args))
+    except TypeError as e:  # a layer the method cannot adapt (e.g. another quantizer's): bad input
+        raise methods.MethodError(f"--method {args.method}: {e}") from None
     keep_trainable_fp32(model)
     return {"model": model, "processor": processor, "head": head, "targets": targets, "D": D, "path": path,
             "params": methods.count_params(model, head)}
@@ -407,6 +409,12 @@ def train(args, recipe: TaskRecipe) -> dict:
         raise DataError(f"dataset {args.dataset}: no training examples (a train split is needed)")
     setup = prepare_model(args, recipe, data)
     model, processor, head = setup["model"], setup["processor"], setup["head"]
+    theta_wd = args.weight_decay
+    if args.method == "gpart":
+        choice = methods.resolve_gpart_lr(model, lr=args.lr, base_lr=getattr(args, "base_lr", None),
+                                           weight_decay=args.weight_decay)
+        args.lr, theta_wd = choice["lr"], choice["weight_decay"]
+        config |= {"lr": args.lr, "lr_rule": choice}
 
     train_ds = recipe.make_dataset(data.splits["train"], processor, args, data, train=True)
     eval_ds = None
@@ -418,7 +426,8 @@ def train(args, recipe: TaskRecipe) -> dict:
         train_dataset=train_ds, eval_dataset=eval_ds, data_collator=recipe.collator(processor, args),
         compute_metrics=recipe.compute_metrics(data), preprocess_logits_for_metrics=recipe.preprocess_logits(),
         param_groups_fn=lambda m: methods.param_groups(
-            m, lr=args.lr, head_lr=args.head_lr, weight_decay=args.weight_decay, head=head),
+            m, lr=args.lr, head_lr=args.head_lr, weight_decay=args.weight_decay, head=head,
+            body_weight_decay=theta_wd),
     )
     if recipe.loss_is_batch_mean:
         # The Trainer sees a forward that takes **kwargs and assumes the loss divides by its

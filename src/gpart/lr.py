@@ -1,0 +1,110 @@
+"""GPart's learning-rate rule: one base value that transfers across d and across models (D).
+
+With an isometric map, ||Delta W||_F = ||theta|| exactly. Under Adam each theta entry moves by about
+the learning rate per step, so one step changes ||Delta W||_F by at most lr * sqrt(d), whatever the
+number D of adapted weights. The rule holds that per-step update norm fixed:
+
+    theta's lr = base_lr * sqrt(REFERENCE_LENGTH / d)        (REFERENCE_LENGTH = 10,000)
+
+`base_lr` is theta's learning rate at d = 10,000, the one number to tune; the per-step bound on
+||Delta W||_F is 100 * base_lr at every d. D does not enter: it was measured on the text task across
+d from D/600 to D/5 and a 12x change of D, against the rules that hold the per-weight step fixed or
+keep the lr constant (docs/lr.md). Weight decay is scaled by the inverse factor (as muP's MuAdam does),
+so lr * weight_decay, AdamW's per-step shrink of theta, does not change with d either.
+
+The rule lives on the optimizer side: the map itself is unchanged, so saved adapters are unaffected.
+"""
+from __future__ import annotations
+
+import math
+
+import torch.nn as nn
+
+from .config import PEFT_TYPE, GPartConfig
+
+REFERENCE_LENGTH = 10_000  # a reference theta length d: base_lr is theta's lr there
+RULE = "per-step update norm: lr = base_lr * sqrt(10000 / d)"
+
+
+class LearningRateRuleError(ValueError):
+    """The rule was asked of something it does not apply to (not a GPart adapter)."""
+
+
+def _supported() -> str:
+    return "a model with a GPart adapter (PeftModel or GPartModel, after get_peft_model) or a GPartConfig"
+
+
+def gpart_config(model_or_config, adapter_name: str | None = None) -> GPartConfig:
+    """The GPartConfig the rule reads, from a config or a model holding a GPart adapter."""
+    if isinstance(model_or_config, GPartConfig):
+        config = model_or_config
+    elif getattr(model_or_config, "peft_type", None) is not None and not hasattr(model_or_config, "peft_config"):
+        kind = getattr(model_or_config.peft_type, "value", model_or_config.peft_type)
+        raise LearningRateRuleError(
+            f"GPart's learning-rate rule applies to GPart adapters only; got a {type(model_or_config).__name__} "
+            f"({kind}). It needs {_supported()}; for other methods set their learning rate directly")
+    else:
+        configs = getattr(model_or_config, "peft_config", None)
+        if not isinstance(configs, dict) or not configs:
+            raise LearningRateRuleError(
+                f"GPart's learning-rate rule needs {_supported()}; got a {type(model_or_config).__name__} "
+                "without a PEFT adapter")
+        name = adapter_name or getattr(model_or_config, "active_adapter", None)
+        if isinstance(name, (list, tuple)):
+            name = name[0] if len(name) == 1 else None
+        if name not in configs:
+            raise LearningRateRuleError(f"adapter {name!r} not found; the model has {', '.join(map(str, configs))}")
+        config = configs[name]
+        if not isinstance(config, GPartConfig):
+            kind = getattr(getattr(config, "peft_type", None), "value", type(config).__name__)
+            raise LearningRateRuleError(
+                f"GPart's learning-rate rule applies to GPart adapters only; adapter {name!r} is {kind}. "
+                f"It needs {_supported()}; for other methods set their learning rate directly")
+    if str(getattr(config.peft_type, "value", config.peft_type)) != PEFT_TYPE:
+        raise LearningRateRuleError(f"GPart's learning-rate rule needs {_supported()}")
+    return config
+
+
+def lr_factor(model_or_config, adapter_name: str | None = None) -> float:
+    """sqrt(REFERENCE_LENGTH / d): theta's learning rate per unit of base learning rate."""
+    config = gpart_config(model_or_config, adapter_name)
+    return math.sqrt(REFERENCE_LENGTH / config.d)
+
+
+def gpart_lr(model_or_config, base_lr: float, adapter_name: str | None = None) -> float:
+    """theta's learning rate under the rule: base_lr * sqrt(10,000 / d)."""
+    if not base_lr >= 0:
+        raise LearningRateRuleError(f"base_lr must be a number >= 0, got {base_lr!r}")
+    return base_lr * lr_factor(model_or_config, adapter_name)
+
+
+def gpart_param_groups(model: nn.Module, base_lr: float, *, weight_decay: float = 0.0,
+                       head_lr: float | None = None, head_weight_decay: float | None = None,
+                       adapter_name: str | None = None) -> list[dict]:
+    """Optimizer parameter groups for a model with a GPart adapter, under the rule.
+
+    theta: lr = base_lr * sqrt(10,000/d), weight decay = weight_decay * sqrt(d/10,000) (lr * wd unchanged:
+    base_lr * weight_decay).
+    Every other trainable parameter (a task head or other modules_to_save) at `head_lr` (default:
+    base_lr), decayed by `head_weight_decay` (default: weight_decay) when it is a matrix, not when it
+    is a bias or a norm. Pass the result to any torch optimizer, e.g. torch.optim.AdamW(groups), and to
+    transformers' Trainer as optimizers=(optimizer, None).
+    """
+    factor = lr_factor(model, adapter_name)
+    head_lr = base_lr if head_lr is None else head_lr
+    head_wd = weight_decay if head_weight_decay is None else head_weight_decay
+    theta, head_decay, head_plain = [], [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if "gpart_theta" in name:
+            theta.append(param)
+        else:
+            (head_decay if param.ndim >= 2 else head_plain).append(param)
+    if not theta:
+        raise LearningRateRuleError("the model has no trainable GPart theta (is the adapter active and not in "
+                                    "inference mode?)")
+    groups = [{"params": theta, "lr": base_lr * factor, "weight_decay": weight_decay / factor, "name": "gpart_theta"},
+              {"params": head_decay, "lr": head_lr, "weight_decay": head_wd, "name": "head_decay"},
+              {"params": head_plain, "lr": head_lr, "weight_decay": 0.0, "name": "head_plain"}]
+    return [g for g in groups if g["params"]]  # torch rejects empty groups
