@@ -285,3 +285,24 @@ def test_reference_match():
     refs = ["steps #### 12", "Paris.", "hello world", "40"]
     assert reference_match(outputs, refs)["exact_match"] == pytest.approx(3 / 4)
     assert reference_match(["it is 5"], ["it is 5 apples"])["exact_match"] == 0.0
+
+
+def test_eval_skips_and_counts_chat_prompts_longer_than_max_length(chat_setup):
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    from gpart.recipes.base import TaskData
+    from gpart.recipes.causal_lm import RECIPE
+
+    model = AutoModelForCausalLM.from_pretrained(chat_setup / "llama-chat")
+    tok = make_tokenizer()
+    short = {"messages": [user("hi"), bot("hello")], "answer": "hello"}
+    long = {"messages": [user(" ".join(["hi"] * 30)), bot("hello")]}
+    args = SimpleNamespace(max_length=12, max_new_tokens=2, eval_batch_size=4)
+    data = TaskData({}, format="messages")
+    with pytest.warns(UserWarning, match="1 of 3 evaluation prompts are longer than --max-length 12"):
+        result = RECIPE.evaluate(model, tok, [short, long, short], args, data)
+    assert result["n"] == 2 and result["skipped_too_long"] == 1 and result["reference"] == "answer"
+    with pytest.raises(DataError, match="all 1 evaluation prompts are longer than --max-length 12"):
+        RECIPE.evaluate(model, tok, [long], args, data)

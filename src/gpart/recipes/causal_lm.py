@@ -35,7 +35,7 @@ class CausalLM(TaskRecipe):
         dataset = D.load(args, "causal-lm", question_column=args.prompt_column, answer_column=args.answer_column,
                          solution_column=args.response_column, data_format=getattr(args, "data_format", None))
         splits = D.finish_splits(dataset.splits, seed=args.seed, val_fraction=args.val_fraction,
-                                  test_fraction=getattr(args, "test_fraction", 0.0))
+                                 test_fraction=getattr(args, "test_fraction", 0.0))
         fmt = getattr(dataset, "format", "question-answer")  # MathDataset rows are question/answer
         return TaskData(D.limit_splits(splits, args), None, args.dataset, format=fmt)
 
@@ -88,9 +88,9 @@ class CausalLM(TaskRecipe):
     @torch.no_grad()
     def evaluate(self, model, tokenizer, records, args, data):
         qa = data.format == "question-answer"
-        prompts, references, kept, basis = [], [], [], None
+        prompts, references, kept, bases = [], [], [], set()
         for i, row in enumerate(records):
-            ids, reference, basis_i = F.generation_prompt(tokenizer, row, data.format, F.row_name(row, "test", i))
+            ids, reference, basis = F.generation_prompt(tokenizer, row, data.format, F.row_name(row, "test", i))
             if len(ids) > args.max_length:
                 if not qa:  # a cut chat prompt loses its start (system prompt, template header): skip it
                     continue
@@ -98,8 +98,7 @@ class CausalLM(TaskRecipe):
             prompts.append(ids)
             references.append(reference)
             kept.append(row)
-            basis = basis if basis in (None, basis_i) else "answer where given, else the last assistant message"
-            basis = basis or basis_i
+            bases.add(basis)
         skipped = len(records) - len(kept)
         if records and not kept:
             raise D.DataError(f"all {len(records)} evaluation prompts are longer than --max-length "
@@ -115,7 +114,8 @@ class CausalLM(TaskRecipe):
             result["answered"] = sum(extract_final_number(o) is not None for o in outputs) / max(1, len(outputs))
         else:
             result = reference_match(outputs, references)
-            result["reference"] = basis
+            result["reference"] = bases.pop() if len(bases) == 1 else "answer where given, else " + \
+                ("the completion" if "completion" in bases else "the last assistant message")
         result["n"] = len(kept)
         if skipped:
             result["skipped_too_long"] = skipped

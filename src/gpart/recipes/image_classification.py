@@ -42,7 +42,7 @@ class ImageClassification(TaskRecipe):
         if names is not None and list(dataset.label_names) != list(names):
             raise D.DataError(f"{args.dataset}: classes {dataset.label_names} differ from the adapter's {names}")
         splits = D.finish_splits(dataset.splits, seed=args.seed, val_fraction=args.val_fraction,
-                                  test_fraction=getattr(args, "test_fraction", 0.0), take=_take)
+                                 test_fraction=getattr(args, "test_fraction", 0.0), take=_take)
         return TaskData(D.limit_splits(splits, args, take=_take), list(dataset.label_names), args.dataset)
 
     def auto_class(self):

@@ -26,7 +26,7 @@ class TextClassification(TaskRecipe):
         if names is not None and list(dataset.label_names) != list(names):
             raise D.DataError(f"{args.dataset}: classes {dataset.label_names} differ from the adapter's {names}")
         splits = D.finish_splits(dataset.splits, seed=args.seed, val_fraction=args.val_fraction,
-                                  test_fraction=getattr(args, "test_fraction", 0.0))
+                                 test_fraction=getattr(args, "test_fraction", 0.0))
         return TaskData(splits=D.limit_splits(splits, args), labels=list(dataset.label_names), source=args.dataset)
 
     # ------------------------------------------------------------------ model
