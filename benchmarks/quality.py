@@ -431,9 +431,10 @@ def render(result: dict) -> str:
                   "(benchmarks/step_time.py is)."]
         for method, pts in d["lr_sweep"].items():
             if pts:
-                sel = "-validation loss" if d["metric"] == "exact_match" else f"validation {d['metric']}"
+                by_loss = d["metric"] == "exact_match"  # selection_score is minus the loss there
+                sel = "the lowest validation loss" if by_loss else f"validation {d['metric']}"
                 lines += ["", f"Learning-rate sweep for {LABEL[method]} (seed 0; chosen by {sel}): " + "; ".join(
-                    f"{p['lr']:g} → {p['validation']:.3f}" for p in pts) + "."]
+                    f"{p['lr']:g} → {-p['validation'] if by_loss else p['validation']:.3f}" for p in pts) + "."]
         if d.get("diagnostics"):
             lines += ["", "GPart diagnostics (seed 0; the first two rows are GPart's and LoRA's seed-0 runs above):", "",
                       "| method | targets | d | D | lr | trainable | validation loss | test " + d["metric"] + " |",
