@@ -1,17 +1,22 @@
 #!/usr/bin/env python
-"""The quality study: GPart vs LoRA r=8, VeRA, Uni-LoRA, full fine-tuning and head-only in three domains.
+"""The quality study: GPart vs LoRA r=8, VeRA, Uni-LoRA, full fine-tuning and head-only (or the untouched
+base model) in three domains: text, vision and an LLM on chat data.
 
-    python benchmarks/quality.py run [--jobs 2] [--phase sweep|grid|dsweep|all] [--runs-dir runs/quality]
+    python benchmarks/quality.py run [--jobs 2] [--phase sweep|grid|dsweep|diag|all] [--domains text,vision,llm]
     python benchmarks/quality.py report          # docs/results.md + docs/quality/{results.json,*.png}
     python benchmarks/quality.py partition-check # GPart's grid runs again under the current partition version
 
 Every run is one `gpart train` process with the same data, step budget and batch for every method of a
 domain. Runs whose metrics.json exists are skipped, so `run` resumes where it stopped. Phases, in order:
 
-1. sweep  - learning rates on seed 0, chosen by the validation split (never the test split): GPart in
-            every domain; LoRA, Uni-LoRA, VeRA and full fine-tuning in text and vision; LoRA in math.
+1. sweep  - learning rates on seed 0, chosen by the validation split (never the test split): accuracy in
+            text and vision, the validation loss of the LLM domain (the CLI generates on test only).
 2. grid   - every method x seeds 0, 1, 2 at the chosen learning rates (unswept: the CLI's defaults).
 3. dsweep - GPart's d on the text domain, seeds 0, 1, 2.
+4. diag   - GPart variants (d, target modules, learning rate) on seed 0 where a domain lists them (llm).
+
+The "math" domain (GSM-Symbolic) is the first LLM attempt, a null result; it is no longer run by default,
+and `report` keeps its committed numbers (a domain with no runs keeps its entry of results.json).
 """
 from __future__ import annotations
 
@@ -30,6 +35,8 @@ from gpart.recipes.methods import DEFAULT_LR
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = (0, 1, 2)
+
+ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # every linear layer of a Llama block
 
 # One fixed budget per domain, sized so a run takes a few minutes on one CPU core.
 DOMAINS = {
@@ -53,8 +60,22 @@ DOMAINS = {
                   "unilora": (5e-3, 1.6e-2, 3.2e-2), "vera": (1e-2, 4e-2), "full": (2e-5, 1e-4)},
         d_sweep=(),
     ),
+    "llm": dict(
+        title="LLM: SmolLM2-135M-Instruct on word-reversal (chat, greedy exact match)",
+        args=["--task", "causal-lm", "--dataset", "word-reversal", "--max-steps", "16", "--batch-size", "8",
+              "--max-length", "128", "--eval-steps", "16", "--max-eval-samples", "64", "--max-new-tokens", "24"],
+        metric="exact_match", d=131072,
+        methods=("base", "gpart", "lora", "unilora", "full"),
+        lr_sweep={"gpart": (1e-2, 3e-2, 9e-2), "lora": (2e-3, 6e-3, 1.8e-2), "unilora": (1e-2, 3e-2, 9e-2), "full": (3e-5, 1e-4, 3e-4)},
+        d_sweep=(),
+        # phase diag: GPart variants on seed 0 around its chosen setting, (d, lr factor, targets)
+        diagnostics=((262144, 1.0, None), (32768, 1.0, None), (131072, 1.0, ALL_LINEAR), (131072, 2.0, ALL_LINEAR)),
+    ),
+    # the first LLM study: kept as the null result it is (its runs are not re-run; `report` carries its
+    # numbers over from docs/quality/results.json)
     "math": dict(
-        title="Math: SmolLM2-135M-Instruct on GSM-Symbolic (greedy exact match)",
+        title="Math (null result, superseded by the LLM study above): SmolLM2-135M-Instruct on GSM-Symbolic "
+              "(greedy exact match)",
         args=["--task", "causal-lm", "--dataset", "gsm-symbolic", "--max-steps", "16", "--batch-size", "4",
               "--max-length", "192", "--eval-steps", "16", "--max-train-samples", "64", "--max-eval-samples", "24",
               "--max-new-tokens", "128"],
@@ -79,6 +100,7 @@ class Run:
     d: int | None = None
     variant: str = ""  # a label for `extra` in the run's folder name (e.g. "q" for --targets query)
     extra: tuple[str, ...] = ()  # more `gpart train` flags (other studies: targets, projection, ...)
+    targets: str | None = None  # None: the CLI's default target family (q,k,v,o for causal-lm)
 
     @property
     def uses_d(self) -> bool:
@@ -91,6 +113,8 @@ class Run:
             parts.append(f"d{self.d}")
         if self.lr is not None:
             parts.append(f"lr{self.lr:g}")
+        if self.targets is not None:
+            parts.append(self.targets.replace(",", "+"))
         return "-".join(parts) + f"-s{self.seed}"
 
     def argv(self, out: Path) -> list[str]:
@@ -103,6 +127,8 @@ class Run:
             a += ["--d", str(self.d)]
         if self.lr is not None:
             a += ["--lr", f"{self.lr:g}"]
+        if self.targets is not None:
+            a += ["--targets", self.targets]
         return a + list(self.extra)
 
 
@@ -134,7 +160,7 @@ def load_metrics(runs: Path, run: Run) -> dict | None:
 def selection_score(domain: str, metrics: dict) -> float:
     """Higher is better, on the validation split: the metric, or minus the loss for math."""
     val = metrics["validation"]
-    return -val["loss"] if domain == "math" else val[DOMAINS[domain]["metric"]]
+    return -val["loss"] if DOMAINS[domain]["metric"] == "exact_match" else val[DOMAINS[domain]["metric"]]
 
 
 def sweep_runs(domain: str) -> list[Run]:
@@ -164,6 +190,11 @@ def dsweep_runs(runs: Path, domain: str, seeds=SEEDS) -> list[Run]:
     return [Run(domain, "gpart", s, lr, d) for d in DOMAINS[domain]["d_sweep"] for s in seeds]
 
 
+def diag_runs(runs: Path, domain: str, seeds=(0,)) -> list[Run]:
+    lr = chosen_lr(runs, domain, "gpart")
+    return [Run(domain, "gpart", s, lr * f, d, t) for d, f, t in DOMAINS[domain].get("diagnostics", ()) for s in seeds]
+
+
 def execute(runs: Path, todo: list[Run], jobs: int, threads: int) -> None:
     todo = [r for r in dict.fromkeys(todo) if load_metrics(runs, r) is None]
     print(f"{len(todo)} runs to do", flush=True)
@@ -190,7 +221,7 @@ def cmd_run(args) -> int:
     runs = Path(args.runs_dir)
     domains = args.domains.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
-    phases = ["sweep", "grid", "dsweep"] if args.phase == "all" else [args.phase]
+    phases = ["sweep", "grid", "dsweep", "diag"] if args.phase == "all" else [args.phase]
     for phase in phases:
         todo = []
         for dom in domains:
@@ -198,6 +229,8 @@ def cmd_run(args) -> int:
                 todo += sweep_runs(dom)
             elif phase == "grid":
                 todo += grid_runs(runs, dom, seeds)
+            elif phase == "diag":
+                todo += diag_runs(runs, dom)
             else:
                 todo += dsweep_runs(runs, dom, seeds)
         # seed-major order, so an interrupted study still has every method at the first seeds
@@ -246,12 +279,16 @@ def test_metric(domain: str, m: dict) -> float:
     return m["test"][DOMAINS[domain]["metric"]]
 
 
-def collect(runs: Path) -> dict:
-    """Everything the report shows, from the runs' metrics.json files."""
+def collect(runs: Path, previous: dict | None = None) -> dict:
+    """Everything the report shows, from the runs' metrics.json files. A domain with no runs in `runs`
+    keeps its entry of `previous` (the committed results.json), so an earlier study's numbers stay."""
     out = {"domains": {}}
     for dom, spec in DOMAINS.items():
+        if not (runs / dom).is_dir() and previous and dom in previous.get("domains", {}):
+            out["domains"][dom] = {**previous["domains"][dom], "title": spec["title"]}
+            continue
         d = out["domains"][dom] = {"title": spec["title"], "metric": spec["metric"], "args": spec["args"],
-                                   "methods": {}, "lr_sweep": {}, "d_sweep": {}}
+                                   "methods": {}, "lr_sweep": {}, "d_sweep": {}, "diagnostics": []}
         for method, lrs in spec["lr_sweep"].items():
             d["lr_sweep"][method] = [
                 {"lr": lr, "validation": selection_score(dom, m), "test": test_metric(dom, m)}
@@ -276,6 +313,7 @@ def collect(runs: Path) -> dict:
                 "n_test": last["test"].get("n"),
                 "val_loss": _mean_sd([m["validation"]["loss"] for _, m in ms if "loss" in m["validation"]])[0],
             }
+        d["diagnostics"] = collect_diagnostics(runs, dom)
         for dd in spec["d_sweep"]:
             try:
                 lr = chosen_lr(runs, dom, "gpart")
@@ -288,6 +326,28 @@ def collect(runs: Path) -> dict:
                 d["d_sweep"][str(dd)] = {"test": vals, "mean": mean, "sd": sd, "D": ms[0].get("D"),
                                           "saved_bytes": ms[0]["adapter_bytes"]}
     return out
+
+
+def collect_diagnostics(runs: Path, dom: str) -> list[dict]:
+    """GPart's diagnostic runs (seed 0) beside GPart's and LoRA's seed-0 runs at their chosen settings."""
+    spec = DOMAINS[dom]
+    if not spec.get("diagnostics"):
+        return []
+    try:
+        reference = [Run(dom, "gpart", 0, chosen_lr(runs, dom, "gpart"), spec["d"]),
+                     Run(dom, "lora", 0, chosen_lr(runs, dom, "lora"), spec["d"])]
+    except RuntimeError:
+        return []
+    rows = []
+    for run in reference + diag_runs(runs, dom):
+        m = load_metrics(runs, run)
+        if m is None:
+            continue
+        rows.append({"method": run.method, "d": run.d if run.uses_d else None, "lr": run.lr,
+                     "targets": run.targets or "q_proj,k_proj,v_proj,o_proj", "D": m.get("D"),
+                     "trainable": m["params"]["trainable"], "val_loss": m["validation"].get("loss"),
+                     "test": test_metric(dom, m), "train_s": m["train"]["runtime_s"]})
+    return rows
 
 
 LABEL = {"gpart": "GPart", "lora": "LoRA r=8", "vera": "VeRA r=256", "unilora": "Uni-LoRA r=4", "full": "full FT",
@@ -358,7 +418,7 @@ def render(result: dict) -> str:
                   "validation loss (mean) | train s (median) |",
                   "|---|---|---|---|---|---|---|---|"]
         for m, r in d["methods"].items():
-            lr = "default" if r["lr"] is None else f"{r['lr']:g}"
+            lr = "–" if m == "base" else "default" if r["lr"] is None else f"{r['lr']:g}"
             saved = {"adapter": _fmt_bytes(r["saved_bytes"]), "nothing": "–"}.get(
                 r["saved"], f"{_fmt_bytes(r['saved_bytes'])} whole model ({_fmt_bytes(4 * r['trainable'])} trained)")
             per = ", ".join(f"{v:.3f}" for v in r["test"])
@@ -373,9 +433,20 @@ def render(result: dict) -> str:
                   "(benchmarks/step_time.py is)."]
         for method, pts in d["lr_sweep"].items():
             if pts:
-                sel = "-validation loss" if dom == "math" else f"validation {d['metric']}"
+                by_loss = d["metric"] == "exact_match"  # selection_score is minus the loss there
+                sel = "the lowest validation loss" if by_loss else f"validation {d['metric']}"
                 lines += ["", f"Learning-rate sweep for {LABEL[method]} (seed 0; chosen by {sel}): " + "; ".join(
-                    f"{p['lr']:g} → {p['validation']:.3f}" for p in pts) + "."]
+                    f"{p['lr']:g} → {-p['validation'] if by_loss else p['validation']:.3f}" for p in pts) + "."]
+        if d.get("diagnostics"):
+            lines += ["", "GPart diagnostics (seed 0; the first two rows are GPart's and LoRA's seed-0 runs above):", "",
+                      "| method | targets | d | D | lr | trainable | validation loss | test " + d["metric"] + " |",
+                      "|---|---|---|---|---|---|---|---|"]
+            for r in d["diagnostics"]:
+                targets = "all linear" if r["targets"] == ALL_LINEAR else r["targets"].replace("_proj", "")
+                dd = "–" if r["d"] is None else f"{r['d']:,}"
+                big_d = "–" if not r["D"] else f"{r['D']:,}"
+                lines.append(f"| {LABEL[r['method']]} | {targets} | {dd} | {big_d} | {r['lr']:g} | {r['trainable']:,} | "
+                             f"{r['val_loss']:.3f} | {r['test']:.3f} |")
         if d["d_sweep"]:
             lines += ["", "GPart d sweep (same lr, seeds 0–2):", "", "| d | D | saved | test accuracy mean ± sd |",
                       "|---|---|---|---|"]
@@ -387,8 +458,9 @@ def render(result: dict) -> str:
 
 def cmd_report(args) -> int:
     runs = Path(args.runs_dir)
-    result = collect(runs)
     out = ROOT / "docs" / "quality"
+    previous = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else None
+    result = collect(runs, previous)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "results.json.tmp"
     tmp.write_text(json.dumps(result, indent=1))
@@ -414,8 +486,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
-    r.add_argument("--phase", choices=("sweep", "grid", "dsweep", "all"), default="all")
-    r.add_argument("--domains", default="text,vision,math")
+    r.add_argument("--phase", choices=("sweep", "grid", "dsweep", "diag", "all"), default="all")
+    r.add_argument("--domains", default="text,vision,llm")
     r.add_argument("--seeds", default="0,1,2", help="seeds of the grid and d-sweep phases")
     r.add_argument("--jobs", type=int, default=2, help="runs at once")
     r.add_argument("--threads", type=int, default=1, help="torch threads per run")

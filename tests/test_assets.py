@@ -164,7 +164,8 @@ def test_unknown_builtin_lists_the_known_ones(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(DatasetError) as err:
         load_dataset("spamm")
-    for name in ["spam", "fine-foods", "multiemo", "vitaminc", "fashion-mnist", "cifar10", "gsm-symbolic"]:
+    for name in ["spam", "fine-foods", "multiemo", "vitaminc", "fashion-mnist", "cifar10", "gsm-symbolic",
+                 "word-reversal"]:
         assert name in str(err.value)
 
 
@@ -734,3 +735,22 @@ def test_gsm_symbolic_builtin():
         assert r["solution"].endswith(f"#### {r['answer']}")
     assert ds["test"] == load_dataset("gsm-symbolic")["test"]
     assert ds["test"] != load_dataset("gsm-symbolic", seed=1)["test"]
+
+
+def test_word_reversal_builtin():
+    """Chat rows whose reply reverses the question's list; seeded, deterministic, disjoint splits."""
+    ds = load_dataset("word-reversal", task="causal-lm")
+    assert ds.format == "messages"
+    assert {k: len(v) for k, v in ds.splits.items()} == {"train": 2000, "validation": 200, "test": 200}
+    questions = [r["messages"][0]["content"] for split in ds.splits.values() for r in split]
+    assert len(set(questions)) == 2400  # unique, so the splits are disjoint
+    for r in ds["train"][:50] + ds["test"]:
+        user, assistant = r["messages"]
+        assert (user["role"], assistant["role"]) == ("user", "assistant")
+        words = user["content"].strip().split("Reverse this list of words: ")[1].split(", ")
+        assert 3 <= len(words) <= 5
+        assert assistant["content"] == r["answer"] == ", ".join(reversed(words))
+    assert ds["test"] == load_dataset("word-reversal")["test"]
+    assert ds["test"] != load_dataset("word-reversal", seed=1)["test"]
+    with pytest.raises(DatasetError, match="'word-reversal' is for chat, not math"):
+        load_dataset("word-reversal", task="math")
