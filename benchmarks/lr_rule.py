@@ -304,7 +304,21 @@ def validate_summary(runs: Path) -> dict:
         out["d"][str(d)] = {"lr": ms[0][1]["run"]["lr"], "weight_decay": ms[0][1]["run"]["lr_rule"]["weight_decay"],
                             "seeds": [s for s, _ in ms], "test": tests, "validation": [_val(m) for _, m in ms],
                             "mean": mean, "sd": sd, "fixed_lr_test": fixed.get("test"),
-                            "fixed_lr_mean": fixed.get("mean"), "fixed_lr_sd": fixed.get("sd")}
+                            "fixed_lr_mean": fixed.get("mean"), "fixed_lr_sd": fixed.get("sd"),
+                            "trainable": ms[0][1]["params"]["trainable"]}
+    # GPart at <= 1/10 of LoRA r=8's trainable floats (lr from the rule, untuned) against LoRA r=8 (lr tuned in
+    # the quality study, same budget and seeds): per-seed differences, paired by seed
+    lora = study["methods"]["lora"]
+    out["lora"] = {"lr": lora["lr"], "trainable": lora["trainable"], "test": lora["test"], "mean": lora["mean"],
+                   "sd": lora["sd"], "vs": {}}
+    for d, r in out["d"].items():
+        if r["trainable"] * 10 > lora["trainable"]:
+            continue
+        by_seed = dict(zip(lora["seeds"], lora["test"]))
+        diffs = [t - by_seed[s] for s, t in zip(r["seeds"], r["test"]) if s in by_seed]
+        mean, sd = quality._mean_sd(diffs)
+        out["lora"]["vs"][d] = {"trainable": r["trainable"], "ratio": r["trainable"] / lora["trainable"],
+                                "diffs": diffs, "mean": mean, "sd": sd}
     return out
 
 
@@ -368,6 +382,16 @@ def render(result: dict) -> str:
             L.append(f"| {int(d):,} | {r['lr']:.3g} | {r['mean']:.3f} ± {r['sd']:.3f} ({len(r['test'])}) | "
                      f"{', '.join(f'{x:.3f}' for x in r['test'])} | {fixed} | "
                      f"{', '.join(f'{x:.3f}' for x in r['fixed_lr_test'] or [])} |")
+        lo = val.get("lora") or {}
+        if lo.get("vs"):
+            L += ["", f"GPart at under 1/10 of LoRA r=8's trainable floats (lr from the rule, untuned) against LoRA r=8 "
+                  f"({lo['trainable']:,} trainable, lr {lo['lr']:g} tuned in the quality study; test "
+                  f"{lo['mean']:.3f} ± {lo['sd']:.3f}), paired by seed:", "",
+                  "| d | GPart trainable (with the head) | share of LoRA's | GPart − LoRA per seed | mean ± sd |",
+                  "|---|---|---|---|---|"]
+            for d, v in lo["vs"].items():
+                L.append(f"| {int(d):,} | {v['trainable']:,} | {100 * v['ratio']:.1f}% | "
+                         f"{', '.join(f'{x:+.3f}' for x in v['diffs'])} | {v['mean']:+.3f} ± {v['sd']:.3f} |")
         L.append("")
     if abl:
         L += ["### Isometry ablations at matched d", "",
