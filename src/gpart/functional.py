@@ -236,10 +236,6 @@ def _merged(theta_s, spec: _Spec, weight: torch.Tensor, cdt: torch.dtype) -> tor
     return kernels.merged_weight(theta_s, sl.partition, sl.start, weight, spec.drop, out_dtype=cdt)
 
 
-def _apply(x, w, b, spec: _Spec):
-    return _apply_kind(x, w, b, spec.kind, spec.conv_args)
-
-
 def _apply_kind(x, w, b, kind: str, conv_args=None):
     if kind == "conv":
         return _conv(x, w, b, conv_args)
