@@ -1,24 +1,27 @@
 #!/usr/bin/env python
-"""GPart's learning-rate rule, by measurement, and the isometry ablations (issue 11).
+"""GPart's learning-rate rule, by measurement, and the isometry ablations (issue 11), per domain.
 
-    python benchmarks/lr_rule.py run --phase rule|ablation|validate [--jobs 1 --threads 1]
+    python benchmarks/lr_rule.py run --domain text|vision|llm --phase rule|ablation|validate|tuned [--jobs 1 --threads 1]
     python benchmarks/lr_rule.py report   # docs/quality/lr_rule.{json,md}, lr_rule.png, ablation.png
 
-Same runner, budget and data as benchmarks/quality.py (one `gpart train` process per run, resumable:
-a run whose metrics.json exists is skipped). Phases:
+Same runner, budgets and data as benchmarks/quality.py (one `gpart train` process per run, resumable: a
+run whose metrics.json exists is skipped). Learning rates are chosen on validation (seed 0), never on
+test. Phases, each for one domain (its Study below):
 
-rule      - for two target sets of the text model whose D differ 12x (query only: D = 884,736; every
-            linear layer: D = 10,764,288) and d from about D/600 to D/5, an lr sweep (seed 0, factor 2,
-            chosen on validation). A cell's sweep is extended by one factor of 2 while its best lr is at
-            an end of what was tried. Each candidate rule implies a base value per cell; the report
-            shows how much validation accuracy one base value loses in each cell.
-ablation  - at the quality study's text setting (q,v targets, d = 23,040): Fastfood and the partition
-            with column gains 4:1 and 16:1, each with its own lr sweep (seed 0, on validation) and then
-            seeds 1, 2 at its best lr. The balanced partition and Uni-LoRA come from the quality study
-            (docs/quality/results.json: same budget, same d, same seeds).
-validate  - the quality study's text d sweep (q,v targets) at d = 2,880, 5,760 and 368,640, with theta's
-            lr from the rule and the text task's base value (what `gpart train` now does by default), seeds
-            0, 1, 2: against the same d at the one lr tuned at d = 23,040 (docs/quality/results.json).
+rule      - for two target sets whose D differ 10x or more and d from about D/600 to D/5, an lr sweep
+            (seed 0, factor 2). A cell's sweep is extended by one factor of 2 while its best lr is at an
+            end of what was tried. Each candidate rule implies a base value per cell; the report shows
+            how much validation score one base value loses in each cell.
+ablation  - at the quality study's d and default targets: Fastfood and the partition with column gains
+            4:1 and 16:1, each with its own lr sweep (seed 0) and then seeds 1, 2 at its best lr. The
+            balanced partition and Uni-LoRA come from the quality study (docs/quality/results.json:
+            same budget, d and seeds).
+validate  - the default targets at several d with theta's lr from the rule and the task's base value
+            (what `gpart train` does by default), seeds 0, 1, 2.
+sgd       - the ablation's maps (and the balanced partition) under SGD with momentum 0.9, where column gains
+            act squared: one lr for theta and the head, swept per arm, then seeds 1, 2 at its best.
+tuned     - the per-d tuned best that `validate` is held against: at the same d, an lr sweep (seed 0),
+            then seeds 1, 2 at its best lr.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ import json
 import math
 import statistics
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -49,64 +53,109 @@ quality = _load_quality()
 ROOT = quality.ROOT
 RUNS = ROOT / "runs" / "lr_rule"
 DOCS = ROOT / "docs" / "quality"
-LADDER = [1e-2 * 2.0 ** k for k in range(-5, 7)]  # 3.125e-4 ... 0.64, a factor 2 apart
+LADDER = [1e-2 * 2.0 ** k for k in range(-6, 12)]  # 1.5625e-4 ... 20.48, a factor 2 apart (SGD needs the top)
 MAX_POINTS = 7
-
-# Target sets of MiniLM (every run: the quality study's text budget). D from `gpart info --targets ...`;
-# fan_in: the D-weighted mean fan-in of the adapted matrices (for the muP-style rule).
-TARGETS = {
-    "q": dict(targets="query", D=884_736, fan_in=384.0),
-    "all": dict(targets="query,key,value,dense", D=10_764_288, fan_in=762.65),
-}
-# (target set, d) -> the first lrs tried: three points around the geometric mean of what the
-# per-weight and per-norm rules predict from the quality study's optimum (4e-2 at q,v, d = 23,040).
-# Both ends of d/D for both D: at matched D/d (1440 vs 23040, 184320 vs 2211840) the per-weight rule
-# predicts the same lr and the per-norm rule 3.5x apart; along d at fixed D, constant vs 1/sqrt(d).
-# The cells between the ends come last (run after the ablations).
-RULE_CELLS = {
-    ("q", 1440): (4e-2, 8e-2, 1.6e-1),
-    ("q", 184320): (5e-3, 1e-2, 2e-2),
-    ("all", 23040): (2e-2, 4e-2, 8e-2),
-    ("all", 2211840): (2.5e-3, 5e-3, 1e-2),
-    ("q", 11520): (4e-2, 8e-2, 1.6e-1),
-    ("all", 184320): (1e-2, 2e-2, 4e-2),
-}
-ABLATION_D = 23040
-ABLATION_ARMS = {  # arm -> (gpart train flags, first lrs)
-    "fastfood": (("--projection", "fastfood"), (2e-2, 4e-2, 8e-2)),
-    "gain16": (("--column-gain-ratio", "16"), (2e-2, 4e-2, 8e-2)),
-    "gain4": (("--column-gain-ratio", "4"), (2e-2, 4e-2, 8e-2)),
-}
 SEEDS_MORE = (1, 2)
-# The text task's base learning rate (src/gpart/recipes/text_classification.py defaults["lr"]), chosen from
-# the rule phase; the validate runs pass it as --base-lr so that they are what the CLI's default does.
-TEXT_BASE_LR = 6e-2
-VALIDATE_D = (2880, 5760, 368640)  # 5,760 (+ the head): under 1/10 of LoRA r=8's trainable floats
+
+ARMS = {  # ablation arm -> its `gpart train` flags
+    "fastfood": ("--projection", "fastfood"),
+    "gain16": ("--column-gain-ratio", "16"),
+    "gain4": ("--column-gain-ratio", "4"),
+}
+# Under SGD (momentum 0.9) column gains act squared and nothing normalises them away, so the maps are run
+# again there, the balanced partition included. One lr for theta and the head (no AdamW-tuned head lr
+# carries over); the first lrs are a factor 4 apart because SGD's scale is not known beforehand.
+SGD_ARMS = {"sgd-partition": (), "sgd-gain16": ARMS["gain16"], "sgd-fastfood": ARMS["fastfood"]}
+SGD_FIRST = (0.16, 0.64, 2.56)
 
 
-def rule_run(tset: str, d: int, lr: float, seed: int = 0) -> quality.Run:
-    return quality.Run("text", "gpart", seed, lr, d, variant=tset, extra=("--targets", TARGETS[tset]["targets"]))
+@dataclass(frozen=True)
+class Study:
+    """One domain's cells. D and fan_in from `gpart info --targets ...`; fan_in is the D-weighted mean
+    fan-in of the adapted matrices (for the muP-style rule). First lrs: three ladder points around the
+    geometric mean of what the per-weight and per-norm rules predict from the quality study's optimum."""
+    domain: str
+    base_lr: float  # the task's shipped base value (its recipe's defaults["lr"]); validate passes it as --base-lr
+    targets: dict  # target set -> dict(targets=..., D=..., fan_in=...)
+    rule_cells: dict = field(default_factory=dict)  # (target set, d) -> first lrs
+    arms_first: tuple = ()  # first lrs of every ablation arm, at the quality study's d
+    validate_d: tuple = ()
+    tuned_first: dict = field(default_factory=dict)  # d -> first lrs of the per-d tuned sweep (default targets)
+    default_D: int = 0  # D of the default targets (validate, tuned, ablation)
+
+    @property
+    def d(self) -> int:  # the quality study's d
+        return quality.DOMAINS[self.domain]["d"]
 
 
-def arm_run(arm: str, lr: float, seed: int = 0) -> quality.Run:
-    return quality.Run("text", "gpart", seed, lr, ABLATION_D, variant=arm, extra=ABLATION_ARMS[arm][0])
+STUDIES = {
+    # MiniLM: query only vs every linear layer (12x in D). The middle cells ran last.
+    "text": Study(
+        "text", 6e-2,
+        targets={"q": dict(targets="query", D=884_736, fan_in=384.0),
+                 "all": dict(targets="query,key,value,dense", D=10_764_288, fan_in=762.65)},
+        rule_cells={("q", 1440): (4e-2, 8e-2, 1.6e-1), ("q", 184320): (5e-3, 1e-2, 2e-2),
+                    ("all", 23040): (2e-2, 4e-2, 8e-2), ("all", 2211840): (2.5e-3, 5e-3, 1e-2),
+                    ("q", 11520): (4e-2, 8e-2, 1.6e-1), ("all", 184320): (1e-2, 2e-2, 4e-2)},
+        arms_first=(2e-2, 4e-2, 8e-2),
+        validate_d=(2880, 5760, 368640),  # 5,760 (+ the head): under 1/10 of LoRA r=8's trainable floats
+        tuned_first={2880: (4e-2, 8e-2, 1.6e-1), 368640: (5e-3, 1e-2, 2e-2)},
+        default_D=1_769_472),
+    # DINOv2-small: q_proj vs every linear layer of the blocks (12x in D)
+    "vision": Study(
+        "vision", 2e-2,
+        targets={"q": dict(targets="q_proj", D=1_769_472, fan_in=384.0),
+                 "all": dict(targets="q_proj,k_proj,v_proj,o_proj,fc1,fc2", D=21_233_664, fan_in=768.0)},
+        rule_cells={("q", 2880): (2e-2, 4e-2, 8e-2), ("q", 368640): (1.25e-3, 2.5e-3, 5e-3),
+                    ("all", 34560): (1e-2, 2e-2, 4e-2), ("all", 4423680): (6.25e-4, 1.25e-3, 2.5e-3)},
+        arms_first=(5e-3, 1e-2, 2e-2),
+        validate_d=(5760, 18000, 737280),  # 5,760 (+ the head): under 1/10 of LoRA r=8's trainable floats
+        tuned_first={5760: (1e-2, 2e-2, 4e-2), 737280: (1.25e-3, 2.5e-3, 5e-3)},
+        default_D=3_538_944),
+    # SmolLM2-135M-Instruct: q_proj vs every linear layer (10.7x in D), minus the validation loss. The
+    # quality study's optimum: 3e-2 at q,k,v,o (D = 26,542,080), d = 131,072. Validate: GPart at 1/10 of
+    # LoRA r=8's trainable floats under the rule's default.
+    "llm": Study(
+        "llm", 1.1e-1,
+        targets={"q": dict(targets="q_proj", D=9_953_280, fan_in=576.0),
+                 "all": dict(targets=quality.ALL_LINEAR, D=106_168_320, fan_in=816.0)},
+        rule_cells={("q", 16384): (4e-2, 8e-2, 1.6e-1), ("q", 1990656): (2.5e-3, 5e-3, 1e-2),
+                    ("all", 172032): (2e-2, 4e-2, 8e-2), ("all", 21233664): (1.25e-3, 2.5e-3, 5e-3)},
+        validate_d=(92160,),
+        default_D=26_542_080),
+}
 
 
-def rule_default_run(d: int, seed: int) -> quality.Run:
-    return quality.Run("text", "gpart", seed, None, d, variant="rule", extra=("--base-lr", f"{TEXT_BASE_LR:g}"))
+def rule_run(study: Study, tset: str, d: int, lr: float, seed: int = 0) -> quality.Run:
+    return quality.Run(study.domain, "gpart", seed, lr, d, variant=tset, extra=("--targets", study.targets[tset]["targets"]))
 
 
-def _val(m: dict) -> float:
-    return quality.selection_score("text", m)
+def arm_run(study: Study, arm: str, lr: float, seed: int = 0) -> quality.Run:
+    if arm in SGD_ARMS:
+        extra = (*SGD_ARMS[arm], "--optimizer", "sgd", "--head-lr", f"{lr:g}")
+        return quality.Run(study.domain, "gpart", seed, lr, study.d, variant=arm, extra=extra)
+    return quality.Run(study.domain, "gpart", seed, lr, study.d, variant=arm, extra=ARMS[arm])
 
 
-def curve(runs: Path, make, lrs) -> list[tuple[float, float, float]]:
+def rule_default_run(study: Study, d: int, seed: int) -> quality.Run:
+    return quality.Run(study.domain, "gpart", seed, None, d, variant="rule", extra=("--base-lr", f"{study.base_lr:g}"))
+
+
+def tuned_run(study: Study, d: int, lr: float, seed: int = 0) -> quality.Run:
+    return quality.Run(study.domain, "gpart", seed, lr, d)
+
+
+def score(domain: str, m: dict) -> float:
+    return quality.selection_score(domain, m)
+
+
+def curve(runs: Path, domain: str, make, lrs) -> list[tuple[float, float, float]]:
     """(lr, validation, test) of the runs done among make(lr) for lr in lrs, by lr."""
     out = []
     for lr in sorted(lrs):
         m = quality.load_metrics(runs, make(lr))
         if m:
-            out.append((lr, _val(m), quality.test_metric("text", m)))
+            out.append((lr, score(domain, m), quality.test_metric(domain, m)))
     return out
 
 
@@ -115,10 +164,10 @@ def tried(runs: Path, make, first) -> list[float]:
     return sorted({*first, *(lr for lr in LADDER if quality.load_metrics(runs, make(lr)))})
 
 
-def extension(runs: Path, make, first) -> float | None:
+def extension(runs: Path, domain: str, make, first) -> float | None:
     """The next lr to try when the best so far is at an end of the sweep (None: bracketed or capped)."""
     lrs = tried(runs, make, first)
-    pts = curve(runs, make, lrs)
+    pts = curve(runs, domain, make, lrs)
     if len(pts) < len(lrs) or len(lrs) >= MAX_POINTS:
         return None
     best = max(pts, key=lambda p: p[1])[0]
@@ -130,45 +179,69 @@ def extension(runs: Path, make, first) -> float | None:
     return LADDER[j] if 0 <= j < len(LADDER) else None
 
 
-def best_lr(runs: Path, make, first) -> float | None:
-    pts = curve(runs, make, tried(runs, make, first))
+def best_lr(runs: Path, domain: str, make, first) -> float | None:
+    pts = curve(runs, domain, make, tried(runs, make, first))
     return max(pts, key=lambda p: p[1])[0] if pts else None
 
 
-def sweep(runs: Path, cells: dict, jobs: int, threads: int) -> None:
+def sweep(runs: Path, domain: str, cells: dict, jobs: int, threads: int) -> None:
     """First lrs of every cell, then rounds of extensions until every best lr is bracketed."""
     # the middle lr of every cell first, so an interrupted phase has every cell started
     order = sorted((((i != 1, i), make(lr)) for make, first in cells.values() for i, lr in enumerate(first)),
                    key=lambda x: x[0])
     quality.execute(runs, [run for _, run in order], jobs, threads)
     while True:
-        more = [make(lr) for make, first in cells.values() if (lr := extension(runs, make, first)) is not None]
+        more = [make(lr) for make, first in cells.values() if (lr := extension(runs, domain, make, first)) is not None]
         if not more:
             return
         quality.execute(runs, more, jobs, threads)
 
 
-def rule_cells() -> dict:
-    return {key: ((lambda lr, t=key[0], d=key[1]: rule_run(t, d, lr)), first) for key, first in RULE_CELLS.items()}
+def rule_cells(study: Study) -> dict:
+    return {key: ((lambda lr, t=key[0], d=key[1]: rule_run(study, t, d, lr)), first)
+            for key, first in study.rule_cells.items()}
 
 
-def arm_cells() -> dict:
-    return {arm: ((lambda lr, a=arm: arm_run(a, lr)), first) for arm, (_, first) in ABLATION_ARMS.items()}
+def arm_cells(study: Study, sgd: bool = False) -> dict:
+    if not study.arms_first:
+        return {}
+    arms = {arm: SGD_FIRST for arm in SGD_ARMS} if sgd else {arm: study.arms_first for arm in ARMS}
+    return {arm: ((lambda lr, a=arm: arm_run(study, a, lr)), first) for arm, first in arms.items()}
+
+
+def tuned_cells(study: Study) -> dict:
+    return {d: ((lambda lr, d=d: tuned_run(study, d, lr)), first) for d, first in study.tuned_first.items()}
+
+
+def more_seeds(runs: Path, study: Study, cells: dict) -> list[quality.Run]:
+    """Seeds 1, 2 at each cell's best lr (make(lr) is seed 0; the same run with another seed)."""
+    out = []
+    for make, first in cells.values():
+        lr = best_lr(runs, study.domain, make, first)
+        if lr is not None:
+            out += [_with_seed(make(lr), s) for s in SEEDS_MORE]
+    return sorted(out, key=lambda r: r.seed)
+
+
+def _with_seed(run: quality.Run, seed: int) -> quality.Run:
+    from dataclasses import replace
+
+    return replace(run, seed=seed)
 
 
 def cmd_run(args) -> int:
-    runs = Path(args.runs_dir)
+    runs, study = Path(args.runs_dir), STUDIES[args.domain]
     if args.phase == "rule":
-        sweep(runs, rule_cells(), args.jobs, args.threads)
-    elif args.phase == "ablation":
-        sweep(runs, arm_cells(), args.jobs, args.threads)
+        sweep(runs, study.domain, rule_cells(study), args.jobs, args.threads)
+    elif args.phase in ("ablation", "sgd", "tuned"):
+        cells = tuned_cells(study) if args.phase == "tuned" else arm_cells(study, sgd=args.phase == "sgd")
+        sweep(runs, study.domain, cells, args.jobs, args.threads)
         if not args.sweep_only:
-            todo = [arm_run(arm, best_lr(runs, make, first), s) for arm, (make, first) in arm_cells().items()
-                    for s in SEEDS_MORE]
-            quality.execute(runs, sorted(todo, key=lambda r: r.seed), args.jobs, args.threads)
+            quality.execute(runs, more_seeds(runs, study, cells), args.jobs, args.threads)
     elif args.phase == "validate":
         seeds = [int(x) for x in args.seeds.split(",")]
-        quality.execute(runs, [rule_default_run(d, s) for s in seeds for d in VALIDATE_D], args.jobs, args.threads)
+        quality.execute(runs, [rule_default_run(study, d, s) for s in seeds for d in study.validate_d],
+                        args.jobs, args.threads)
     return 0
 
 
@@ -181,10 +254,11 @@ RULES = {
     "R-norm": lambda D, d, f: math.sqrt(10_000 / d),
     "muP-style": lambda D, d, f: math.sqrt(D / d) * 384.0 / f,  # per-weight step ~ 1 / fan_in
 }
+RULE_NAME = "R-norm"  # the rule the library ships (gpart.lr); the report checks it against the others
 
 
 def interp(pts: list[tuple[float, float, float]], lr: float) -> tuple[float, bool]:
-    """Validation accuracy at `lr`, linear in log lr between measured points; (value, extrapolated)."""
+    """Validation score at `lr`, linear in log lr between measured points; (value, extrapolated)."""
     if lr <= pts[0][0]:
         return pts[0][1], lr < pts[0][0] / 1.001
     if lr >= pts[-1][0]:
@@ -196,14 +270,27 @@ def interp(pts: list[tuple[float, float, float]], lr: float) -> tuple[float, boo
     raise AssertionError
 
 
-def rule_summary(runs: Path) -> dict:
+def _factor(name: str, study: Study, cell: dict) -> float:
+    return RULES[name](cell["D"], cell["d"], study.targets[cell["targets"]]["fan_in"])
+
+
+def _losses(study: Study, cells: list[dict], name: str, base: float) -> list[dict]:
+    out = []
+    for c in cells:
+        lr = base * _factor(name, study, c)
+        v, extrap = interp(c["points"], lr)
+        out.append({"targets": c["targets"], "d": c["d"], "lr": lr, "loss": c["best_validation"] - v, "extrapolated": extrap})
+    return out
+
+
+def rule_summary(runs: Path, study: Study) -> dict:
     cells = []
-    for (tset, d), (make, first) in rule_cells().items():
-        pts = curve(runs, make, tried(runs, make, first))
+    for (tset, d), (make, first) in rule_cells(study).items():
+        pts = curve(runs, study.domain, make, tried(runs, make, first))
         if not pts:
             continue
         best = max(pts, key=lambda p: p[1])
-        spec = TARGETS[tset]
+        spec = study.targets[tset]
         cells.append({"targets": tset, "target_modules": spec["targets"], "D": spec["D"], "d": d,
                       "D_over_d": spec["D"] / d, "curve": [{"lr": a, "validation": v, "test": t} for a, v, t in pts],
                       "best_lr": best[0], "best_validation": best[1], "points": pts})
@@ -211,119 +298,142 @@ def rule_summary(runs: Path) -> dict:
     if not cells:
         return out
     grid = [10 ** (k / 40) for k in range(-40 * 6, 40 * 3)]  # candidate base values, 1e-6 ... 1e3
-    for name, factor in RULES.items():
-        implied = [c["best_lr"] / factor(c["D"], c["d"], TARGETS[c["targets"]]["fan_in"]) for c in cells]
-        best_base, best_loss = None, None
+    for name in RULES:
+        implied = [c["best_lr"] / _factor(name, study, c) for c in cells]
+        best_base, best_key = None, None
         for base in grid:
             if not min(implied) / 4 <= base <= max(implied) * 4:
                 continue
-            losses = [c["best_validation"] - interp(c["points"], base * factor(c["D"], c["d"], TARGETS[c["targets"]]["fan_in"]))[0]
-                      for c in cells]
+            losses = [p["loss"] for p in _losses(study, cells, name, base)]
             # ties (flat curves): the base nearest the implied ones' geometric mean
             centre = abs(math.log(base) - statistics.mean(math.log(x) for x in implied))
             key = (round(max(losses), 6), round(statistics.mean(losses), 6), centre)
-            if best_loss is None or key < best_loss:
-                best_base, best_loss = base, key
-        per_cell = []
-        for c in cells:
-            lr = best_base * factor(c["D"], c["d"], TARGETS[c["targets"]]["fan_in"])
-            v, extrap = interp(c["points"], lr)
-            per_cell.append({"targets": c["targets"], "d": c["d"], "lr": lr, "loss": c["best_validation"] - v,
-                             "extrapolated": extrap})
-        spread = max(implied) / min(implied)
-        out["rules"][name] = {"implied_base": implied, "implied_spread": spread, "base": best_base,
-                              "max_loss": best_loss[0], "mean_loss": best_loss[1], "per_cell": per_cell}
+            if best_key is None or key < best_key:
+                best_base, best_key = base, key
+        out["rules"][name] = {"implied_base": implied, "implied_spread": max(implied) / min(implied), "base": best_base,
+                              "max_loss": best_key[0], "mean_loss": best_key[1],
+                              "per_cell": _losses(study, cells, name, best_base)}
     # a free power law: log lr* = a + b log d + c log D (least squares)
-    xs = [(1.0, math.log(c["d"]), math.log(c["D"])) for c in cells]
-    ys = [math.log(c["best_lr"]) for c in cells]
-    out["power_law"] = _lstsq(xs, ys)
-    # the shipped base value (the text task's default, tuned on q,v at d = 23,040) under the shipped rule
-    shipped = []
-    for c in cells:
-        lr = TEXT_BASE_LR * RULES[RULE_NAME](c["D"], c["d"], TARGETS[c["targets"]]["fan_in"])
-        v, extrap = interp(c["points"], lr)
-        shipped.append({"targets": c["targets"], "d": c["d"], "lr": lr, "loss": c["best_validation"] - v,
-                        "extrapolated": extrap})
-    out["shipped"] = {"rule": RULE_NAME, "base": TEXT_BASE_LR, "per_cell": shipped}
+    out["power_law"] = _lstsq([(1.0, math.log(c["d"]), math.log(c["D"])) for c in cells],
+                              [math.log(c["best_lr"]) for c in cells])
+    # the task's shipped base value under the shipped rule
+    out["shipped"] = {"rule": RULE_NAME, "base": study.base_lr, "per_cell": _losses(study, cells, RULE_NAME, study.base_lr)}
     for c in cells:
         del c["points"]
-    chosen = RULE_NAME
-    if chosen in out["rules"]:
-        base = out["rules"][chosen]["base"]
-        for c, pc in zip(cells, out["rules"][chosen]["per_cell"]):
-            c["rule_lr"] = pc["lr"]
-            c["rule_lr_on_ladder"] = min(LADDER, key=lambda x: abs(math.log(x / pc["lr"])))
-        out["chosen"] = {"rule": chosen, "base": base}
     return out
-
-
-RULE_NAME = "R-norm"  # the rule the library ships (gpart.lr); the report checks it against the others
 
 
 def _lstsq(xs, ys):
     import numpy as np
 
-    if len(xs) < 3:
+    if len(xs) < 3 or len({x[1] for x in xs}) < 2 or len({x[2] for x in xs}) < 2:
         return None
     coef, *_ = np.linalg.lstsq(np.array(xs), np.array(ys), rcond=None)
     return {"log_lr": "a + b*log(d) + c*log(D)", "a": float(coef[0]), "b_d": float(coef[1]), "c_D": float(coef[2])}
 
 
-def ablation_summary(runs: Path) -> dict:
+def _study_results(domain: str) -> dict | None:
+    return json.loads((DOCS / "results.json").read_text())["domains"].get(domain)
+
+
+def _seeds_at(runs: Path, domain: str, make, lr: float) -> list[tuple[int, dict]]:
+    return [(s, m) for s in quality.SEEDS if (m := quality.load_metrics(runs, _with_seed(make(lr), s)))]
+
+
+def ablation_summary(runs: Path, study: Study) -> dict:
     arms = {}
-    for arm, (make, first) in arm_cells().items():
-        pts = curve(runs, make, tried(runs, make, first))
+    for arm, (make, first) in (arm_cells(study) | arm_cells(study, sgd=True)).items():
+        pts = curve(runs, study.domain, make, tried(runs, make, first))
         if not pts:
             continue
         lr = max(pts, key=lambda p: p[1])[0]
-        tests = [quality.test_metric("text", m) for s in (0, *SEEDS_MORE) if (m := quality.load_metrics(runs, arm_run(arm, lr, s)))]
+        ms = _seeds_at(runs, study.domain, make, lr)
+        tests = [quality.test_metric(study.domain, m) for _, m in ms]
         mean, sd = quality._mean_sd(tests)
         arms[arm] = {"curve": [{"lr": a, "validation": v, "test": t} for a, v, t in pts], "lr": lr,
-                     "test": tests, "mean": mean, "sd": sd}
-    study = json.loads((DOCS / "results.json").read_text())["domains"]["text"]
-    for arm, method in (("partition", "gpart"), ("uni-lora", "unilora")):
-        r = study["methods"][method]
-        arms[arm] = {"curve": [{"lr": p["lr"], "validation": p["validation"], "test": p["test"]}
-                               for p in study["lr_sweep"][method]],
-                     "lr": r["lr"], "test": r["test"], "mean": r["mean"], "sd": r["sd"], "from": "quality study"}
+                     "seeds": [s for s, _ in ms], "test": tests, "mean": mean, "sd": sd}
+    res = _study_results(study.domain)
+    if arms and res:
+        for arm, method in (("partition", "gpart"), ("uni-lora", "unilora")):
+            r = res["methods"][method]
+            arms[arm] = {"curve": [{"lr": p["lr"], "validation": p["validation"], "test": p["test"]}
+                                   for p in res["lr_sweep"][method]],
+                         "lr": r["lr"], "seeds": r["seeds"], "test": r["test"], "mean": r["mean"], "sd": r["sd"],
+                         "from": "quality study"}
     return arms
 
 
-def validate_summary(runs: Path) -> dict:
-    """The rule's default at the d sweep's ends, beside the quality study's fixed-lr numbers (same seeds)."""
-    study = json.loads((DOCS / "results.json").read_text())["domains"]["text"]
-    fixed_lr = study["methods"]["gpart"]["lr"]
-    out = {"base_lr": TEXT_BASE_LR, "fixed_lr": fixed_lr, "d": {}}
-    for d in VALIDATE_D:
-        ms = [(s, m) for s in quality.SEEDS if (m := quality.load_metrics(runs, rule_default_run(d, s)))]
-        if not ms:
+def _paired(a: dict, b: dict) -> dict:
+    """a - b per seed (seeds both have), with mean and sd."""
+    by_seed = dict(zip(b["seeds"], b["test"]))
+    diffs = [t - by_seed[s] for s, t in zip(a["seeds"], a["test"]) if s in by_seed]
+    mean, sd = quality._mean_sd(diffs)
+    return {"diffs": diffs, "mean": mean, "sd": sd}
+
+
+def tuned_summary(runs: Path, study: Study) -> dict:
+    """Per d: the sweep (seed 0, validation) and the test scores at its best lr over the seeds done. The
+    quality study's d comes from its own sweep (docs/quality/results.json)."""
+    out = {}
+    for d, (make, first) in tuned_cells(study).items():
+        pts = curve(runs, study.domain, make, tried(runs, make, first))
+        if not pts:
             continue
-        tests = [quality.test_metric("text", m) for _, m in ms]
+        lr = max(pts, key=lambda p: p[1])[0]
+        ms = _seeds_at(runs, study.domain, make, lr)
+        tests = [quality.test_metric(study.domain, m) for _, m in ms]
         mean, sd = quality._mean_sd(tests)
-        fixed = study["d_sweep"].get(str(d), {})
-        out["d"][str(d)] = {"lr": ms[0][1]["run"]["lr"], "weight_decay": ms[0][1]["run"]["lr_rule"]["weight_decay"],
-                            "seeds": [s for s, _ in ms], "test": tests, "validation": [_val(m) for _, m in ms],
-                            "mean": mean, "sd": sd, "fixed_lr_test": fixed.get("test"),
-                            "fixed_lr_mean": fixed.get("mean"), "fixed_lr_sd": fixed.get("sd"),
-                            "trainable": ms[0][1]["params"]["trainable"]}
-    # GPart at <= 1/10 of LoRA r=8's trainable floats (lr from the rule, untuned) against LoRA r=8 (lr tuned in
-    # the quality study, same budget and seeds): per-seed differences, paired by seed
-    lora = study["methods"]["lora"]
-    out["lora"] = {"lr": lora["lr"], "trainable": lora["trainable"], "test": lora["test"], "mean": lora["mean"],
-                   "sd": lora["sd"], "vs": {}}
-    for d, r in out["d"].items():
-        if r["trainable"] * 10 > lora["trainable"]:
-            continue
-        by_seed = dict(zip(lora["seeds"], lora["test"]))
-        diffs = [t - by_seed[s] for s, t in zip(r["seeds"], r["test"]) if s in by_seed]
-        mean, sd = quality._mean_sd(diffs)
-        out["lora"]["vs"][d] = {"trainable": r["trainable"], "ratio": r["trainable"] / lora["trainable"],
-                                "diffs": diffs, "mean": mean, "sd": sd}
+        out[str(d)] = {"curve": [{"lr": a, "validation": v, "test": t} for a, v, t in pts], "lr": lr,
+                       "seeds": [s for s, _ in ms], "test": tests, "mean": mean, "sd": sd}
+    res = _study_results(study.domain)
+    if res and study.d in study.validate_d:
+        r = res["methods"]["gpart"]
+        out[str(study.d)] = {"curve": res["lr_sweep"]["gpart"], "lr": r["lr"], "seeds": r["seeds"], "test": r["test"],
+                             "mean": r["mean"], "sd": r["sd"], "from": "quality study"}
     return out
 
 
-COMMAND = ("python benchmarks/lr_rule.py run --phase rule && python benchmarks/lr_rule.py run --phase validate && "
-           "python benchmarks/lr_rule.py run --phase ablation && python benchmarks/lr_rule.py report")
+def validate_summary(runs: Path, study: Study) -> dict:
+    """The rule's default across d, beside the per-d tuned best and the quality study's one fixed lr (same
+    seeds); and GPart at <= 1/10 of LoRA r=8's trainable floats against LoRA r=8 (tuned), paired by seed."""
+    res = _study_results(study.domain) or {"methods": {}, "d_sweep": {}}
+    gp = res["methods"].get("gpart", {})
+    tuned = tuned_summary(runs, study)
+    out = {"base_lr": study.base_lr, "fixed_lr": gp.get("lr"), "d": {}}
+    for d in study.validate_d:
+        ms = [(s, m) for s in quality.SEEDS if (m := quality.load_metrics(runs, rule_default_run(study, d, s)))]
+        if not ms:
+            continue
+        tests = [quality.test_metric(study.domain, m) for _, m in ms]
+        mean, sd = quality._mean_sd(tests)
+        r = {"lr": ms[0][1]["run"]["lr"], "weight_decay": ms[0][1]["run"]["lr_rule"]["weight_decay"],
+             "seeds": [s for s, _ in ms], "test": tests, "validation": [score(study.domain, m) for _, m in ms],
+             "mean": mean, "sd": sd, "trainable": ms[0][1]["params"]["trainable"]}
+        fixed = res["d_sweep"].get(str(d))
+        if fixed:
+            r["fixed_lr"] = {"test": fixed["test"], "mean": fixed["mean"], "sd": fixed["sd"]}
+        t = tuned.get(str(d))
+        if t:
+            gap = mean - t["mean"]
+            r["tuned"] = t | {"rule_minus_tuned": gap, "within_one_sd": abs(gap) <= (t["sd"] or 0.0) or gap >= 0,
+                              "paired": _paired(r, t)}
+        out["d"][str(d)] = r
+    lora = res["methods"].get("lora")
+    if lora:
+        out["lora"] = {"lr": lora["lr"], "trainable": lora["trainable"], "seeds": lora["seeds"], "test": lora["test"],
+                       "mean": lora["mean"], "sd": lora["sd"], "vs": {}}
+        for d, r in out["d"].items():
+            if r["trainable"] * 10 <= lora["trainable"]:
+                out["lora"]["vs"][d] = {"trainable": r["trainable"], "ratio": r["trainable"] / lora["trainable"]} | _paired(r, lora)
+    return out
+
+
+COMMAND = ("for dom in text vision llm; do for ph in rule validate tuned ablation sgd; do "
+           "python benchmarks/lr_rule.py run --domain $dom --phase $ph; done; done && python benchmarks/lr_rule.py report")
+FACTORS = {"constant": "1", "R-weight": "√(D/d)", "R-norm": "√(10⁴/d)", "muP-style": "√(D/d)·384/fan_in"}
+MAPS = {"partition": "P^T P = I exactly", "fastfood": "isometric in expectation (Fastfood)",
+        "gain16": "P^T P = diag(g²), gains 16:1", "gain4": "P^T P = diag(g²), gains 4:1",
+        "uni-lora": "isometric into LoRA's factors, not end to end"}
 
 
 def _curve_text(curve: list[dict], best: float | None = None) -> str:
@@ -331,81 +441,115 @@ def _curve_text(curve: list[dict], best: float | None = None) -> str:
                      ("**" if p["lr"] == best else "") for p in curve)
 
 
+def _seeds_text(xs) -> str:
+    return ", ".join(f"{x:.3f}" for x in xs or [])
+
+
+def _ms(r: dict) -> str:
+    return f"{r['mean']:.3f} ± {r['sd']:.3f} ({len(r['test'])})"
+
+
+def render_rule(study: Study, rule: dict, val_name: str) -> list[str]:
+    sets = " and ".join(f"`--targets {s['targets']}` (D = {s['D']:,})" for s in study.targets.values())
+    L = ["#### Which lr is best, by d and D", "",
+         f"Target sets {sets}. {val_name} by theta's lr (best in bold):", "",
+         "| targets | D | d | D/d | lr → validation | best lr | implied base: R-weight lr·√(d/D) | R-norm lr·√(d/10⁴) |",
+         "|---|---|---|---|---|---|---|---|"]
+    for c in rule["cells"]:
+        L.append(f"| {c['target_modules']} | {c['D']:,} | {c['d']:,} | {c['D_over_d']:.0f} | "
+                 f"{_curve_text(c['curve'], c['best_lr'])} | {c['best_lr']:g} | "
+                 f"{c['best_lr'] * math.sqrt(c['d'] / c['D']):.2e} | {c['best_lr'] * math.sqrt(c['d'] / 1e4):.3f} |")
+    L += ["", "Each candidate rule, lr = base × factor(D, d), with the one base value that loses least in the worst "
+          "cell (the score at an lr between two measured ones is interpolated in log lr; outside the measured range, "
+          "the nearest end's value, so the loss shown is a lower bound, marked *):", "",
+          "| rule | factor | base | spread of the implied bases (max/min) | validation lost per cell | worst | mean |",
+          "|---|---|---|---|---|---|---|"]
+    for name, r in rule["rules"].items():
+        per = ", ".join(f"{p['loss']:.3f}" + ("*" if p["extrapolated"] else "") for p in r["per_cell"])
+        L.append(f"| {name} | {FACTORS[name]} | {r['base']:.3g} | {r['implied_spread']:.1f}x | {per} | "
+                 f"{r['max_loss']:.3f} | {r['mean_loss']:.3f} |")
+    sh = rule["shipped"]
+    per = ", ".join(f"{p['loss']:.3f}" + ("*" if p["extrapolated"] else "") for p in sh["per_cell"])
+    L.append(f"| {sh['rule']}, the task's default base | {FACTORS[sh['rule']]} | {sh['base']:.3g} | – | {per} | "
+             f"{max(p['loss'] for p in sh['per_cell']):.3f} | {statistics.mean(p['loss'] for p in sh['per_cell']):.3f} |")
+    if rule.get("power_law"):
+        pl = rule["power_law"]
+        L += ["", f"A free fit log lr* = a + b·log d + c·log D over the cells gives b = {pl['b_d']:.2f} and "
+              f"c = {pl['c_D']:.2f} (R-weight: -0.5 and +0.5; R-norm: -0.5 and 0; constant: 0 and 0)."]
+    return L + [""]
+
+
+def render_validate(study: Study, val: dict, metric: str) -> list[str]:
+    L = ["#### The rule's default across d, against the per-d tuned best", "",
+         f"Default targets (D = {study.default_D:,}), theta's lr from the rule with the task's base {val['base_lr']:g} "
+         f"(what `gpart train` does without `--lr`; theta's weight decay scaled by the same factor). The tuned best: "
+         f"an lr sweep at that d (seed 0, validation), then its best lr on every seed. Test {metric}:", "",
+         "| d | rule's lr | rule: test | per seed | tuned: lr sweep → validation | tuned: test | per seed | rule − tuned | "
+         "fixed lr " + (f"{val['fixed_lr']:g} " if val["fixed_lr"] else "") + "(quality study) |",
+         "|---|---|---|---|---|---|---|---|---|"]
+    for d, r in val["d"].items():
+        t = r.get("tuned")
+        fixed = r.get("fixed_lr")
+        L.append(f"| {int(d):,} | {r['lr']:.3g} | {_ms(r)} | {_seeds_text(r['test'])} | "
+                 + (f"{_curve_text(t['curve'], t['lr'])}{' (quality study)' if t.get('from') else ''} | {_ms(t)} | "
+                    f"{_seeds_text(t['test'])} | {t['rule_minus_tuned']:+.3f} (tuned sd {t['sd']:.3f}) | " if t else "– | – | – | – | ")
+                 + (f"{fixed['mean']:.3f} ± {fixed['sd']:.3f} |" if fixed else "– |"))
+    lo = val.get("lora") or {}
+    if lo.get("vs"):
+        L += ["", f"GPart at no more than 1/10 of LoRA r=8's trainable floats (lr from the rule, untuned) against LoRA "
+              f"r=8 ({lo['trainable']:,} trainable, lr {lo['lr']:g} tuned in the quality study; test "
+              f"{lo['mean']:.3f} ± {lo['sd']:.3f}), paired by seed:", "",
+              "| d | GPart trainable (with the head) | share of LoRA's | GPart − LoRA per seed | mean ± sd |",
+              "|---|---|---|---|---|"]
+        for d, v in lo["vs"].items():
+            L.append(f"| {int(d):,} | {v['trainable']:,} | {100 * v['ratio']:.1f}% | "
+                     f"{', '.join(f'{x:+.3f}' for x in v['diffs'])} | {v['mean']:+.3f} ± {v['sd']:.3f} |")
+    return L + [""]
+
+
+def _arm_table(arms: dict, ref: str) -> list[str]:
+    L = ["| arm | map | lr → validation | best lr | test | per seed | arm − partition, paired |", "|---|---|---|---|---|---|---|"]
+    for arm, r in arms.items():
+        pair = _paired(r, arms[ref]) if ref in arms and arm != ref else None
+        L.append(f"| {arm} | {MAPS[arm.removeprefix('sgd-')]} | {_curve_text(r['curve'], r['lr'])} | {r['lr']:g} | {_ms(r)} | "
+                 f"{_seeds_text(r['test'])} | " + (f"{pair['mean']:+.3f} ± {pair['sd']:.3f}" if pair and pair["diffs"] else "–") + " |")
+    return L + [""]
+
+
+def render_ablation(study: Study, abl: dict, metric: str) -> list[str]:
+    L = ["#### Isometry ablations at matched d", "",
+         f"Default targets, d = {study.d:,}, AdamW, each arm with its own lr sweep (seed 0, validation), then test "
+         f"{metric} at its best lr on every seed. The partition (GPart) and Uni-LoRA are the quality study's runs "
+         "(same budget, d and seeds; partition version 1).", ""]
+    L += _arm_table({a: r for a, r in abl.items() if a not in SGD_ARMS}, "partition")
+    sgd = {a: r for a, r in abl.items() if a in SGD_ARMS}
+    if sgd:
+        L += ["The same maps under SGD (momentum 0.9; one lr for theta and the head, swept per arm; the balanced "
+              "partition run here too):", ""] + _arm_table(sgd, "sgd-partition")
+    return L
+
+
 def render(result: dict) -> str:
-    rule, val, abl = result["rule"], result["validate"], result["ablation"]
-    L = ["## GPart's learning-rate rule and the isometry ablations (text)", "",
-         f"Produced by `{COMMAND}` (one `gpart train` process per run, one thread, the text budget above; raw "
-         "numbers: [quality/lr_rule.json](quality/lr_rule.json)). Learning rates are chosen on validation "
-         "accuracy (seed 0), never on test.", ""]
-    if rule["cells"]:
-        L += ["### Which lr is best, by d and D", "",
-              "MiniLM with two target sets 12x apart in D (`--targets query`: D = 884,736; "
-              "`--targets query,key,value,dense`: every linear layer, D = 10,764,288). Validation accuracy by "
-              "theta's lr (best in bold):", "",
-              "| targets | D | d | D/d | lr → validation accuracy | best lr | implied base: R-weight lr·√(d/D) | R-norm lr·√(d/10⁴) |",
-              "|---|---|---|---|---|---|---|---|"]
-        for c in rule["cells"]:
-            L.append(f"| {c['target_modules']} | {c['D']:,} | {c['d']:,} | {c['D_over_d']:.0f} | "
-                     f"{_curve_text(c['curve'], c['best_lr'])} | {c['best_lr']:g} | "
-                     f"{c['best_lr'] * math.sqrt(c['d'] / c['D']):.2e} | {c['best_lr'] * math.sqrt(c['d'] / 1e4):.3f} |")
-        L += ["", "Each candidate rule, lr = base × factor(D, d), with the one base value that loses least in the "
-              "worst cell (accuracy at an lr between two measured ones is interpolated in log lr; outside the "
-              "measured range, the nearest end's value, so the loss shown is a lower bound, marked *):", "",
-              "| rule | factor | base | spread of the implied bases (max/min) | validation accuracy lost per cell | worst | mean |",
-              "|---|---|---|---|---|---|---|"]
-        factors = {"constant": "1", "R-weight": "√(D/d)", "R-norm": "√(10⁴/d)", "muP-style": "√(D/d)·384/fan_in"}
-        for name, r in rule["rules"].items():
-            per = ", ".join(f"{p['loss']:.3f}" + ("*" if p["extrapolated"] else "") for p in r["per_cell"])
-            L.append(f"| {name} | {factors[name]} | {r['base']:.3g} | {r['implied_spread']:.1f}x | {per} | "
-                     f"{r['max_loss']:.3f} | {r['mean_loss']:.3f} |")
-        sh = rule.get("shipped")
-        if sh:
-            per = ", ".join(f"{p['loss']:.3f}" + ("*" if p["extrapolated"] else "") for p in sh["per_cell"])
-            L.append(f"| {sh['rule']}, the text task's default base | {factors[sh['rule']]} | {sh['base']:.3g} | – | "
-                     f"{per} | {max(p['loss'] for p in sh['per_cell']):.3f} | "
-                     f"{statistics.mean(p['loss'] for p in sh['per_cell']):.3f} |")
-        if rule.get("power_law"):
-            pl = rule["power_law"]
-            L += ["", f"A free fit log lr* = a + b·log d + c·log D over the cells gives b = {pl['b_d']:.2f} and "
-                  f"c = {pl['c_D']:.2f} (R-weight: -0.5 and +0.5; R-norm: -0.5 and 0; constant: 0 and 0)."]
-        L += ["", "![lr_rule](quality/lr_rule.png)", ""]
-    if val["d"]:
-        L += ["### The rule's default across the d sweep", "",
-              f"q,v targets (D = 1,769,472), theta's lr from the rule with the text task's base "
-              f"{val['base_lr']:g} (what `gpart train` does without `--lr`; theta's weight decay scaled by the "
-              f"same factor), against the quality study's d sweep at the one lr tuned at d = 23,040 "
-              f"({val['fixed_lr']:g}); test accuracy, same seeds:", "",
-              "| d | rule's lr | test accuracy (rule) | per seed | fixed lr (quality study) | per seed |",
-              "|---|---|---|---|---|---|"]
-        for d, r in val["d"].items():
-            fixed = "–" if r["fixed_lr_mean"] is None else f"{r['fixed_lr_mean']:.3f} ± {r['fixed_lr_sd']:.3f}"
-            L.append(f"| {int(d):,} | {r['lr']:.3g} | {r['mean']:.3f} ± {r['sd']:.3f} ({len(r['test'])}) | "
-                     f"{', '.join(f'{x:.3f}' for x in r['test'])} | {fixed} | "
-                     f"{', '.join(f'{x:.3f}' for x in r['fixed_lr_test'] or [])} |")
-        lo = val.get("lora") or {}
-        if lo.get("vs"):
-            L += ["", f"GPart at under 1/10 of LoRA r=8's trainable floats (lr from the rule, untuned) against LoRA r=8 "
-                  f"({lo['trainable']:,} trainable, lr {lo['lr']:g} tuned in the quality study; test "
-                  f"{lo['mean']:.3f} ± {lo['sd']:.3f}), paired by seed:", "",
-                  "| d | GPart trainable (with the head) | share of LoRA's | GPart − LoRA per seed | mean ± sd |",
-                  "|---|---|---|---|---|"]
-            for d, v in lo["vs"].items():
-                L.append(f"| {int(d):,} | {v['trainable']:,} | {100 * v['ratio']:.1f}% | "
-                         f"{', '.join(f'{x:+.3f}' for x in v['diffs'])} | {v['mean']:+.3f} ± {v['sd']:.3f} |")
-        L.append("")
-    if abl:
-        L += ["### Isometry ablations at matched d", "",
-              "q,v targets, d = 23,040, AdamW, each arm with its own lr sweep (seed 0, validation), then test "
-              "accuracy at its best lr. GPart (the balanced partition) and Uni-LoRA r=4 are the quality study's "
-              "runs (same budget, d and seeds; partition version 1).", "",
-              "| arm | map | lr → validation accuracy | best lr | test accuracy | per seed |", "|---|---|---|---|---|---|"]
-        maps = {"partition": "P^T P = I exactly", "fastfood": "isometric in expectation (Fastfood)",
-                "gain16": "P^T P = diag(g²), gains 16:1", "gain4": "P^T P = diag(g²), gains 4:1",
-                "uni-lora": "isometric into LoRA's factors, not end to end"}
-        for arm, r in abl.items():
-            L.append(f"| {arm} | {maps[arm]} | {_curve_text(r['curve'], r['lr'])} | {r['lr']:g} | "
-                     f"{r['mean']:.3f} ± {r['sd']:.3f} ({len(r['test'])}) | {', '.join(f'{x:.3f}' for x in r['test'])} |")
-        L += ["", "![ablation](quality/ablation.png)", ""]
+    L = ["## GPart's learning-rate rule and the isometry ablations", "",
+         f"Produced by `{COMMAND}` (one `gpart train` process per run, one thread, each domain's budget above; raw "
+         "numbers: [quality/lr_rule.json](quality/lr_rule.json)). Learning rates are chosen on the validation "
+         "split (seed 0), never on test.", "", "![lr_rule](quality/lr_rule.png)", ""]
+    for dom, r in result["domains"].items():
+        study = STUDIES[dom]
+        exact = quality.DOMAINS[dom]["metric"] == "exact_match"
+        metric = "exact match" if exact else "accuracy"
+        val_name = "Minus the validation loss" if exact else "Validation accuracy"
+        if not (r["rule"]["cells"] or r["validate"]["d"] or r["ablation"]):
+            continue
+        L += [f"### {quality.DOMAINS[dom]['title']}", ""]
+        if r["rule"]["cells"]:
+            L += render_rule(study, r["rule"], val_name)
+        if r["validate"]["d"]:
+            L += render_validate(study, r["validate"], metric)
+        if r["ablation"]:
+            L += render_ablation(study, r["ablation"], metric)
+    if any(r["ablation"] for r in result["domains"].values()):
+        L += ["![ablation](quality/ablation.png)", ""]
     analysis = DOCS / "lr_rule_analysis.md"
     if analysis.exists():
         L += [analysis.read_text().rstrip(), ""]
@@ -418,51 +562,50 @@ def plot(result: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rule = result["rule"]
-    if rule["cells"]:
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        ds = [10 ** (k / 10) for k in range(30, 66)]
-        for tset, color in (("q", "C0"), ("all", "C3")):
-            cells = [c for c in rule["cells"] if c["targets"] == tset]
-            if not cells:
-                continue
-            D = cells[0]["D"]
-            for c in cells:  # every lr within 0.01 of the best: how flat the optimum is
-                near = [p["lr"] for p in c["curve"] if p["validation"] >= c["best_validation"] - 0.01]
-                ax.plot([c["d"]] * 2, [min(near), max(near)], color=color, alpha=0.35, lw=6)
-            ax.plot([c["d"] for c in cells], [c["best_lr"] for c in cells], "o", color=color,
-                    label=f"best lr, {cells[0]['target_modules']} (D = {D:,})")
-            r = rule["rules"]["R-weight"]
-            ax.plot(ds, [r["base"] * RULES["R-weight"](D, d, 0) for d in ds], "-", color=color, lw=1,
-                    label=f"R-weight, its best base {r['base']:.2g}, D = {D:,}")
-        val = result["validate"]["d"]
-        if val:
-            ax.plot([int(d) for d in val], [r["lr"] for r in val.values()], "kx",
-                    label="the rule's lr in the validation runs (q,v)")
-        sh = rule.get("shipped")
-        if sh:
-            ax.plot(ds, [sh["base"] * RULES[sh["rule"]](0, d, 0) for d in ds], "k--", lw=1.2,
-                    label=f"{sh['rule']} (shipped), base {sh['base']:g}: any D")
-        c = rule["rules"]["constant"]
-        ax.axhline(c["base"], color="grey", ls=":", lw=1, label=f"constant, its best value {c['base']:.2g}")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("d")
-        ax.set_ylabel("theta's learning rate")
-        ax.set_title("Text (MiniLM): best lr by d and D (bars: within 0.01 of the best), and the rules", fontsize=9)
-        ax.legend(fontsize=6.5)
+    doms = [d for d, r in result["domains"].items() if r["rule"]["cells"] or r["validate"]["d"]]
+    if doms:
+        fig, axes = plt.subplots(1, len(doms), figsize=(5.2 * len(doms), 4.2), squeeze=False)
+        ds = [10 ** (k / 10) for k in range(30, 68)]
+        for ax, dom in zip(axes[0], doms):
+            rule, study = result["domains"][dom]["rule"], STUDIES[dom]
+            for (tset, spec), color in zip(study.targets.items(), ("C0", "C3", "C2")):
+                cells = [c for c in rule["cells"] if c["targets"] == tset]
+                for c in cells:  # every lr within 0.01 of the best: how flat the optimum is
+                    near = [p["lr"] for p in c["curve"] if p["validation"] >= c["best_validation"] - 0.01]
+                    ax.plot([c["d"]] * 2, [min(near), max(near)], color=color, alpha=0.35, lw=6)
+                if cells:
+                    ax.plot([c["d"] for c in cells], [c["best_lr"] for c in cells], "o", color=color,
+                            label=f"best lr, {spec['targets']} (D = {spec['D']:,})")
+            tuned = result["domains"][dom]["validate"]["d"]
+            pts = [(int(d), r["tuned"]["lr"]) for d, r in tuned.items() if r.get("tuned")]
+            if pts:
+                ax.plot(*zip(*pts), "s", color="C1", mfc="none", label="per-d tuned best, default targets")
+            ax.plot(ds, [study.base_lr * RULES[RULE_NAME](0, d, 0) for d in ds], "k--", lw=1.2,
+                    label=f"{RULE_NAME} (shipped), base {study.base_lr:g}")
+            if tuned:
+                ax.plot([int(d) for d in tuned], [r["lr"] for r in tuned.values()], "kx", label="the rule's lr in the validation runs")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("d")
+            ax.set_ylabel("theta's learning rate")
+            ax.set_title(f"{dom}: best lr by d (bars: within 0.01 of the best)", fontsize=9)
+            ax.legend(fontsize=6.5)
         fig.tight_layout()
         fig.savefig(DOCS / "lr_rule.png", dpi=110)
         plt.close(fig)
-    if result["ablation"]:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for arm, r in result["ablation"].items():
-            ax.plot([p["lr"] for p in r["curve"]], [p["validation"] for p in r["curve"]], "o-", label=arm)
-        ax.set_xscale("log")
-        ax.set_xlabel("theta's learning rate")
-        ax.set_ylabel("validation accuracy (seed 0)")
-        ax.set_title("Text, d = 23,040: each map with its own lr sweep", fontsize=9)
-        ax.legend(fontsize=8)
+    panels = [(dom, opt, arms) for dom, r in result["domains"].items() for opt, arms in
+              (("AdamW", {a: x for a, x in r["ablation"].items() if a not in SGD_ARMS}),
+               ("SGD", {a: x for a, x in r["ablation"].items() if a in SGD_ARMS})) if arms]
+    if panels:
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4), squeeze=False)
+        for ax, (dom, opt, arms) in zip(axes[0], panels):
+            for arm, r in arms.items():
+                ax.plot([p["lr"] for p in r["curve"]], [p["validation"] for p in r["curve"]], "o-", label=arm)
+            ax.set_xscale("log")
+            ax.set_xlabel("theta's learning rate")
+            ax.set_ylabel("validation score (seed 0)")
+            ax.set_title(f"{dom}, d = {STUDIES[dom].d:,}, {opt}: each map with its own lr sweep", fontsize=8)
+            ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(DOCS / "ablation.png", dpi=110)
         plt.close(fig)
@@ -471,10 +614,14 @@ def plot(result: dict) -> None:
 MARK_BEGIN, MARK_END = "<!-- lr_rule: begin (benchmarks/lr_rule.py report) -->", "<!-- lr_rule: end -->"
 
 
+def collect(runs: Path) -> dict:
+    return {"command": COMMAND, "domains": {
+        dom: {"rule": rule_summary(runs, s), "validate": validate_summary(runs, s), "ablation": ablation_summary(runs, s)}
+        for dom, s in STUDIES.items()}}
+
+
 def cmd_report(args) -> int:
-    runs = Path(args.runs_dir)
-    result = {"command": COMMAND, "rule": rule_summary(runs), "validate": validate_summary(runs),
-              "ablation": ablation_summary(runs)}
+    result = collect(Path(args.runs_dir))
     _write(DOCS / "lr_rule.json", json.dumps(result, indent=1) + "\n")
     plot(result)
     body = render(result)
@@ -501,12 +648,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
-    r.add_argument("--phase", choices=("rule", "ablation", "validate"), required=True)
+    r.add_argument("--domain", choices=tuple(STUDIES), default="text")
+    r.add_argument("--phase", choices=("rule", "ablation", "sgd", "validate", "tuned"), required=True)
     r.add_argument("--jobs", type=int, default=1, help="runs at once")
     r.add_argument("--threads", type=int, default=1, help="torch threads per run")
     r.add_argument("--runs-dir", default=str(RUNS))
     r.add_argument("--seeds", default="0,1,2", help="validate: seeds")
-    r.add_argument("--sweep-only", action="store_true", help="ablation: the lr sweeps, not the other seeds")
+    r.add_argument("--sweep-only", action="store_true", help="ablation, sgd, tuned: the lr sweeps, not the other seeds")
     rep = sub.add_parser("report")
     rep.add_argument("--runs-dir", default=str(RUNS))
     args = p.parse_args(sys.argv[1:] if argv is None else argv)

@@ -147,3 +147,25 @@ def test_cli_projection_choice_errors(text_setup, capsys):  # noqa: F811
     rc, err = _run(info + ["--projection", "fastfood", "--column-gain-ratio", "4"], capsys)
     assert rc == 2 and "applies to projection='partition' only" in err
     assert main(info + ["--projection", "fastfood", "--json"]) == 0
+
+
+def test_cli_sgd_optimizer_for_the_ablations(text_setup, tmp_path, capsys):  # noqa: F811
+    # the isometry ablation's SGD arm: theta and the head under torch SGD with momentum 0.9, at the given lr
+    assert _train(text_setup, tmp_path / "sgd", "--optimizer", "sgd", "--lr", "0.5", "--head-lr", "0.1") == 0
+    run = json.loads((tmp_path / "sgd" / "metrics.json").read_text())["run"]
+    assert run["optimizer"] == "sgd" and run["lr"] == 0.5
+    state = torch.load(next((tmp_path / "sgd" / "checkpoints").glob("checkpoint-*/optimizer.pt")), weights_only=False)
+    groups = {g["name"]: g for g in state["param_groups"]}
+    assert groups["body_decay"]["momentum"] == 0.9 and groups["body_decay"]["initial_lr"] == 0.5
+    assert groups["head_decay"]["initial_lr"] == 0.1
+    assert all("momentum_buffer" in s and "exp_avg" not in s for s in state["state"].values())
+    # AdamW runs record no optimizer key (run.json stays as before)
+    assert _train(text_setup, tmp_path / "adam", "--lr", "0.01") == 0
+    assert "optimizer" not in json.loads((tmp_path / "adam" / "metrics.json").read_text())["run"]
+    # a run does not resume under the other optimizer (its state would not load)
+    rc, err = _run(["train", "--task", "text-classification", "--model", str(text_setup / "bert"), "--dataset",
+                    str(text_setup / "data"), "--d", "64", "--max-steps", "2", "--optimizer", "sgd", "--lr", "0.5",
+                    "--output-dir", str(tmp_path / "adam"), "--resume", "--quiet"], capsys)
+    assert rc == 2 and "holds a different run" in err and "optimizer: run has None, now 'sgd'" in err
+    rc, err = _run(["train", "--task", "text-classification", "--optimizer", "sgd", "--output-dir", str(tmp_path / "x")], capsys)
+    assert rc == 2 and "--optimizer sgd needs --lr" in err and "tuned for AdamW" in err

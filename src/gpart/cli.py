@@ -170,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="gpart: base learning rate of the rule theta lr = base * sqrt(10000/d), i.e. theta's "
                            "lr at d = 10,000 (docs/lr.md; default: per task)")
     g.add_argument("--head-lr", type=_nonneg_float, default=None, help="learning rate of the task head")
+    g.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw",
+                   help="adamw (default), or sgd with momentum 0.9 (needs --lr: the defaults and GPart's rule are for AdamW)")
     length = g.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=_positive_float, default=None, help="passes over train (default: per task)")
     length.add_argument("--max-steps", type=_positive_int, default=None, help="optimizer steps, instead of --epochs")
@@ -254,6 +256,9 @@ def fill_defaults(args, recipe, saved: dict | None = None) -> None:
         if args.base_lr is not None and args.method != "gpart":
             raise MethodError(f"--base-lr is GPart's learning-rate rule (theta lr = base * sqrt(10000/d)) and applies "
                               f"to --method gpart only; for --method {args.method} set --lr")
+        if getattr(args, "optimizer", "adamw") == "sgd" and args.lr is None:
+            raise MethodError("--optimizer sgd needs --lr: every default learning rate, and GPart's rule "
+                              "(--base-lr), is tuned for AdamW and does not carry over to SGD")
         if args.lr is None:
             args.lr = default_lr(args.method, d)
         if args.method == "gpart" and args.lr is None and args.base_lr is None:

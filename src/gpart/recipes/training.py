@@ -20,7 +20,10 @@ from .io import (RUN_MARKER, RunDirError, atomic_dir, atomic_write_json, fsync_t
 
 CHECKPOINTS = "checkpoints"
 # run.json fields that define a run: --resume refuses to continue a run whose identity differs.
-IDENTITY = ("task", "model", "dataset", "method", "d", "targets", "seed", "r", "projection", "column_gain_ratio")
+IDENTITY = ("task", "model", "dataset", "method", "d", "targets", "seed", "r", "projection", "column_gain_ratio",
+            "optimizer")
+# --optimizer sgd: momentum 0.9 (without it SGD's steps in a few-hundred-step budget are too timid to compare)
+SGD_ARGS = "momentum=0.9"
 
 
 def make_trainer_class():
@@ -302,6 +305,7 @@ def run_config(args, recipe: TaskRecipe) -> dict:
         "weight_decay": args.weight_decay, "warmup": args.warmup, "dropout": args.dropout,
         "scheduler": args.scheduler, "val_fraction": args.val_fraction, "test_fraction": args.test_fraction,
         "bf16": args.bf16, "quantization": models.quantization(args),
+        **({"optimizer": "sgd"} if getattr(args, "optimizer", "adamw") == "sgd" else {}),  # recorded when not AdamW
     }
 
 
@@ -342,6 +346,7 @@ def training_arguments(args, out: Path, has_eval: bool, recipe: TaskRecipe):
         warmup_steps=args.warmup,
         lr_scheduler_type=args.scheduler,
         max_grad_norm=args.max_grad_norm,
+        **({"optim": "sgd", "optim_args": SGD_ARGS} if getattr(args, "optimizer", "adamw") == "sgd" else {}),
         logging_strategy="steps", logging_steps=args.logging_steps, logging_first_step=True,
         eval_strategy=strategy if has_eval else "no",
         save_strategy=strategy,
