@@ -91,7 +91,7 @@ class Study:
 STUDIES = {
     # MiniLM: query only vs every linear layer (12x in D). The middle cells ran last.
     "text": Study(
-        "text", 6e-2,
+        "text", 9e-2,
         targets={"q": dict(targets="query", D=884_736, fan_in=384.0),
                  "all": dict(targets="query,key,value,dense", D=10_764_288, fan_in=762.65)},
         rule_cells={("q", 1440): (4e-2, 8e-2, 1.6e-1), ("q", 184320): (5e-3, 1e-2, 2e-2),
@@ -103,7 +103,7 @@ STUDIES = {
         default_D=1_769_472),
     # DINOv2-small: q_proj vs every linear layer of the blocks (12x in D)
     "vision": Study(
-        "vision", 2e-2,
+        "vision", 3e-2,
         targets={"q": dict(targets="q_proj", D=1_769_472, fan_in=384.0),
                  "all": dict(targets="q_proj,k_proj,v_proj,o_proj,fc1,fc2", D=21_233_664, fan_in=768.0)},
         rule_cells={("q", 2880): (2e-2, 4e-2, 8e-2), ("q", 368640): (1.25e-3, 2.5e-3, 5e-3),
@@ -116,7 +116,7 @@ STUDIES = {
     # quality study's optimum: 3e-2 at q,k,v,o (D = 26,542,080), d = 131,072. Validate: GPart at 1/10 of
     # LoRA r=8's trainable floats under the rule's default.
     "llm": Study(
-        "llm", 1.1e-1,
+        "llm", 4e-1,
         targets={"q": dict(targets="q_proj", D=9_953_280, fan_in=576.0),
                  "all": dict(targets=quality.ALL_LINEAR, D=106_168_320, fan_in=816.0)},
         rule_cells={("q", 16384): (4e-2, 8e-2, 1.6e-1), ("q", 1990656): (2.5e-3, 5e-3, 1e-2),
@@ -137,8 +137,15 @@ def arm_run(study: Study, arm: str, lr: float, seed: int = 0) -> quality.Run:
     return quality.Run(study.domain, "gpart", seed, lr, study.d, variant=arm, extra=ARMS[arm])
 
 
-def rule_default_run(study: Study, d: int, seed: int) -> quality.Run:
-    return quality.Run(study.domain, "gpart", seed, None, d, variant="rule", extra=("--base-lr", f"{study.base_lr:g}"))
+def rule_default_run(study: Study, d: int, seed: int, previous: bool = False) -> quality.Run:
+    """`gpart train` without --lr: theta's lr from the shipped rule and the task's base value. previous:
+    the runs made under the rule gpart shipped before (R-norm, PREVIOUS_BASE; read back, not re-run: the
+    same command now gets the current rule)."""
+    if previous:
+        return quality.Run(study.domain, "gpart", seed, None, d, variant="rule",
+                           extra=("--base-lr", f"{PREVIOUS_BASE[study.domain]:g}"))
+    return quality.Run(study.domain, "gpart", seed, None, d, variant="rule-linear",
+                       extra=("--base-lr", f"{study.base_lr:g}"))
 
 
 def tuned_run(study: Study, d: int, lr: float, seed: int = 0) -> quality.Run:
@@ -253,8 +260,14 @@ RULES = {
     # fixed per-step ||Delta W||_F bound lr * sqrt(d); base = theta's lr at d = 10,000 (as gpart.lr ships it)
     "R-norm": lambda D, d, f: math.sqrt(10_000 / d),
     "muP-style": lambda D, d, f: math.sqrt(D / d) * 384.0 / f,  # per-weight step ~ 1 / fan_in
+    # fixed first-order loss change per Adam step: lr * ||P^T g||_1 ~ lr * d * (rms per-weight gradient)
+    "R-linear": lambda D, d, f: 10_000 / d,
 }
-RULE_NAME = "R-norm"  # the rule the library ships (gpart.lr); the report checks it against the others
+RULE_NAME = "R-linear"  # the rule the library ships (gpart.lr); the report checks it against the others
+# The rule gpart shipped before this study's vision and LLM cells (R-norm, lr = base * sqrt(10,000/d)) and its
+# base values; its validation runs (folders gpart-rule-d*-s*) are kept beside the current rule's.
+PREVIOUS_RULE = "R-norm"
+PREVIOUS_BASE = {"text": 6e-2, "vision": 2e-2, "llm": 1.1e-1}
 
 
 def interp(pts: list[tuple[float, float, float]], lr: float) -> tuple[float, bool]:
@@ -318,6 +331,8 @@ def rule_summary(runs: Path, study: Study) -> dict:
                               [math.log(c["best_lr"]) for c in cells])
     # the task's shipped base value under the shipped rule
     out["shipped"] = {"rule": RULE_NAME, "base": study.base_lr, "per_cell": _losses(study, cells, RULE_NAME, study.base_lr)}
+    base = PREVIOUS_BASE[study.domain]
+    out["previous"] = {"rule": PREVIOUS_RULE, "base": base, "per_cell": _losses(study, cells, PREVIOUS_RULE, base)}
     for c in cells:
         del c["points"]
     return out
@@ -393,44 +408,59 @@ def tuned_summary(runs: Path, study: Study) -> dict:
     return out
 
 
+def _rule_default(runs: Path, study: Study, d: int, previous: bool) -> dict | None:
+    ms = [(s, m) for s in quality.SEEDS if (m := quality.load_metrics(runs, rule_default_run(study, d, s, previous)))]
+    if not ms:
+        return None
+    tests = [quality.test_metric(study.domain, m) for _, m in ms]
+    mean, sd = quality._mean_sd(tests)
+    return {"rule": PREVIOUS_RULE if previous else RULE_NAME,
+            "base_lr": PREVIOUS_BASE[study.domain] if previous else study.base_lr,
+            "lr": ms[0][1]["run"]["lr"], "weight_decay": ms[0][1]["run"]["lr_rule"]["weight_decay"],
+            "seeds": [s for s, _ in ms], "test": tests, "validation": [score(study.domain, m) for _, m in ms],
+            "mean": mean, "sd": sd, "trainable": ms[0][1]["params"]["trainable"]}
+
+
 def validate_summary(runs: Path, study: Study) -> dict:
-    """The rule's default across d, beside the per-d tuned best and the quality study's one fixed lr (same
-    seeds); and GPart at <= 1/10 of LoRA r=8's trainable floats against LoRA r=8 (tuned), paired by seed."""
+    """The shipped rule's default across d (and the previous rule's), beside the per-d tuned best and the
+    quality study's one fixed lr (same seeds); and GPart at <= 1/10 of LoRA r=8's trainable floats against
+    LoRA r=8 (tuned), paired by seed."""
     res = _study_results(study.domain) or {"methods": {}, "d_sweep": {}}
-    gp = res["methods"].get("gpart", {})
     tuned = tuned_summary(runs, study)
-    out = {"base_lr": study.base_lr, "fixed_lr": gp.get("lr"), "d": {}}
+    out = {"base_lr": study.base_lr, "fixed_lr": res["methods"].get("gpart", {}).get("lr"), "d": {}}
     for d in study.validate_d:
-        ms = [(s, m) for s in quality.SEEDS if (m := quality.load_metrics(runs, rule_default_run(study, d, s)))]
-        if not ms:
+        row = {k: v for k, v in (("rule", _rule_default(runs, study, d, False)),
+                                 ("previous", _rule_default(runs, study, d, True))) if v}
+        if not row:
             continue
-        tests = [quality.test_metric(study.domain, m) for _, m in ms]
-        mean, sd = quality._mean_sd(tests)
-        r = {"lr": ms[0][1]["run"]["lr"], "weight_decay": ms[0][1]["run"]["lr_rule"]["weight_decay"],
-             "seeds": [s for s, _ in ms], "test": tests, "validation": [score(study.domain, m) for _, m in ms],
-             "mean": mean, "sd": sd, "trainable": ms[0][1]["params"]["trainable"]}
         fixed = res["d_sweep"].get(str(d))
         if fixed:
-            r["fixed_lr"] = {"test": fixed["test"], "mean": fixed["mean"], "sd": fixed["sd"]}
+            row["fixed_lr"] = {"test": fixed["test"], "mean": fixed["mean"], "sd": fixed["sd"]}
         t = tuned.get(str(d))
         if t:
-            gap = mean - t["mean"]
-            r["tuned"] = t | {"rule_minus_tuned": gap, "within_one_sd": abs(gap) <= (t["sd"] or 0.0) or gap >= 0,
-                              "paired": _paired(r, t)}
-        out["d"][str(d)] = r
+            row["tuned"] = t
+            for key in ("rule", "previous"):
+                if key in row:
+                    gap = row[key]["mean"] - t["mean"]
+                    row[key]["minus_tuned"] = {"mean": gap, "within_one_sd": gap >= 0 or -gap <= (t["sd"] or 0.0),
+                                               "paired": _paired(row[key], t)}
+        out["d"][str(d)] = row
     lora = res["methods"].get("lora")
     if lora:
         out["lora"] = {"lr": lora["lr"], "trainable": lora["trainable"], "seeds": lora["seeds"], "test": lora["test"],
-                       "mean": lora["mean"], "sd": lora["sd"], "vs": {}}
-        for d, r in out["d"].items():
-            if r["trainable"] * 10 <= lora["trainable"]:
-                out["lora"]["vs"][d] = {"trainable": r["trainable"], "ratio": r["trainable"] / lora["trainable"]} | _paired(r, lora)
+                       "mean": lora["mean"], "sd": lora["sd"], "vs": []}
+        for d, row in out["d"].items():
+            for key in ("rule", "previous"):
+                r = row.get(key)
+                if r and r["trainable"] * 10 <= lora["trainable"]:
+                    out["lora"]["vs"].append({"d": int(d), "rule": r["rule"], "lr": r["lr"], "trainable": r["trainable"],
+                                              "ratio": r["trainable"] / lora["trainable"]} | _paired(r, lora))
     return out
-
 
 COMMAND = ("for dom in text vision llm; do for ph in rule validate tuned ablation sgd; do "
            "python benchmarks/lr_rule.py run --domain $dom --phase $ph; done; done && python benchmarks/lr_rule.py report")
-FACTORS = {"constant": "1", "R-weight": "√(D/d)", "R-norm": "√(10⁴/d)", "muP-style": "√(D/d)·384/fan_in"}
+FACTORS = {"constant": "1", "R-weight": "√(D/d)", "R-norm": "√(10⁴/d)", "muP-style": "√(D/d)·384/fan_in",
+           "R-linear": "10⁴/d"}
 MAPS = {"partition": "P^T P = I exactly", "fastfood": "isometric in expectation (Fastfood)",
         "gain16": "P^T P = diag(g²), gains 16:1", "gain4": "P^T P = diag(g²), gains 4:1",
         "uni-lora": "isometric into LoRA's factors, not end to end"}
@@ -468,10 +498,11 @@ def render_rule(study: Study, rule: dict, val_name: str) -> list[str]:
         per = ", ".join(f"{p['loss']:.3f}" + ("*" if p["extrapolated"] else "") for p in r["per_cell"])
         L.append(f"| {name} | {FACTORS[name]} | {r['base']:.3g} | {r['implied_spread']:.1f}x | {per} | "
                  f"{r['max_loss']:.3f} | {r['mean_loss']:.3f} |")
-    sh = rule["shipped"]
-    per = ", ".join(f"{p['loss']:.3f}" + ("*" if p["extrapolated"] else "") for p in sh["per_cell"])
-    L.append(f"| {sh['rule']}, the task's default base | {FACTORS[sh['rule']]} | {sh['base']:.3g} | – | {per} | "
-             f"{max(p['loss'] for p in sh['per_cell']):.3f} | {statistics.mean(p['loss'] for p in sh['per_cell']):.3f} |")
+    for key, label in (("shipped", "shipped, the task's default base"), ("previous", "shipped before, its base")):
+        sh = rule[key]
+        per = ", ".join(f"{p['loss']:.3f}" + ("*" if p["extrapolated"] else "") for p in sh["per_cell"])
+        L.append(f"| {sh['rule']}, {label} | {FACTORS[sh['rule']]} | {sh['base']:.3g} | – | {per} | "
+                 f"{max(p['loss'] for p in sh['per_cell']):.3f} | {statistics.mean(p['loss'] for p in sh['per_cell']):.3f} |")
     if rule.get("power_law"):
         pl = rule["power_law"]
         L += ["", f"A free fit log lr* = a + b·log d + c·log D over the cells gives b = {pl['b_d']:.2f} and "
@@ -481,28 +512,38 @@ def render_rule(study: Study, rule: dict, val_name: str) -> list[str]:
 
 def render_validate(study: Study, val: dict, metric: str) -> list[str]:
     L = ["#### The rule's default across d, against the per-d tuned best", "",
-         f"Default targets (D = {study.default_D:,}), theta's lr from the rule with the task's base {val['base_lr']:g} "
-         f"(what `gpart train` does without `--lr`; theta's weight decay scaled by the same factor). The tuned best: "
-         f"an lr sweep at that d (seed 0, validation), then its best lr on every seed. Test {metric}:", "",
-         "| d | rule's lr | rule: test | per seed | tuned: lr sweep → validation | tuned: test | per seed | rule − tuned | "
-         "fixed lr " + (f"{val['fixed_lr']:g} " if val["fixed_lr"] else "") + "(quality study) |",
-         "|---|---|---|---|---|---|---|---|---|"]
-    for d, r in val["d"].items():
-        t = r.get("tuned")
-        fixed = r.get("fixed_lr")
-        L.append(f"| {int(d):,} | {r['lr']:.3g} | {_ms(r)} | {_seeds_text(r['test'])} | "
-                 + (f"{_curve_text(t['curve'], t['lr'])}{' (quality study)' if t.get('from') else ''} | {_ms(t)} | "
-                    f"{_seeds_text(t['test'])} | {t['rule_minus_tuned']:+.3f} (tuned sd {t['sd']:.3f}) | " if t else "– | – | – | – | ")
-                 + (f"{fixed['mean']:.3f} ± {fixed['sd']:.3f} |" if fixed else "– |"))
+         f"Default targets (D = {study.default_D:,}). *Rule*: theta's lr from the shipped rule ({RULE_NAME}, "
+         f"{FACTORS[RULE_NAME]}) with the task's base {val['base_lr']:g}, what `gpart train` does without `--lr` "
+         f"(theta's weight decay scaled by the inverse factor). *Previous*: the same with the rule shipped before "
+         f"({PREVIOUS_RULE}, {FACTORS[PREVIOUS_RULE]}, base {PREVIOUS_BASE[study.domain]:g}). *Tuned*: an lr sweep at "
+         f"that d (seed 0, validation), then its best lr on every seed. Test {metric}, mean ± sd (seeds):", "",
+         "| d | rule: lr → test | per seed | previous: lr → test | per seed | tuned: lr sweep → validation | tuned: test "
+         "| per seed | rule − tuned | fixed lr " + (f"{val['fixed_lr']:g} " if val["fixed_lr"] else "") + "(quality study) |",
+         "|---|---|---|---|---|---|---|---|---|---|"]
+    for d, row in val["d"].items():
+        cells = []
+        for key in ("rule", "previous"):
+            r = row.get(key)
+            cells += [f"{r['lr']:.3g} → {_ms(r)}", _seeds_text(r["test"])] if r else ["–", "–"]
+        t = row.get("tuned")
+        if t:
+            gap = row.get("rule", {}).get("minus_tuned")
+            cells += [_curve_text(t["curve"], t["lr"]) + (" (quality study)" if t.get("from") else ""), _ms(t),
+                      _seeds_text(t["test"]), f"{gap['mean']:+.3f} (tuned sd {t['sd']:.3f})" if gap else "–"]
+        else:
+            cells += ["–"] * 4
+        fixed = row.get("fixed_lr")
+        cells.append(f"{fixed['mean']:.3f} ± {fixed['sd']:.3f}" if fixed else "–")
+        L.append(f"| {int(d):,} | " + " | ".join(cells) + " |")
     lo = val.get("lora") or {}
     if lo.get("vs"):
-        L += ["", f"GPart at no more than 1/10 of LoRA r=8's trainable floats (lr from the rule, untuned) against LoRA "
+        L += ["", f"GPart at no more than 1/10 of LoRA r=8's trainable floats (lr from a rule, untuned) against LoRA "
               f"r=8 ({lo['trainable']:,} trainable, lr {lo['lr']:g} tuned in the quality study; test "
               f"{lo['mean']:.3f} ± {lo['sd']:.3f}), paired by seed:", "",
-              "| d | GPart trainable (with the head) | share of LoRA's | GPart − LoRA per seed | mean ± sd |",
-              "|---|---|---|---|---|"]
-        for d, v in lo["vs"].items():
-            L.append(f"| {int(d):,} | {v['trainable']:,} | {100 * v['ratio']:.1f}% | "
+              "| d | rule | theta's lr | GPart trainable (with the head) | share of LoRA's | GPart − LoRA per seed | mean ± sd |",
+              "|---|---|---|---|---|---|---|"]
+        for v in lo["vs"]:
+            L.append(f"| {v['d']:,} | {v['rule']} | {v['lr']:.3g} | {v['trainable']:,} | {100 * v['ratio']:.1f}% | "
                      f"{', '.join(f'{x:+.3f}' for x in v['diffs'])} | {v['mean']:+.3f} ± {v['sd']:.3f} |")
     return L + [""]
 
@@ -576,14 +617,14 @@ def plot(result: dict) -> None:
                 if cells:
                     ax.plot([c["d"] for c in cells], [c["best_lr"] for c in cells], "o", color=color,
                             label=f"best lr, {spec['targets']} (D = {spec['D']:,})")
-            tuned = result["domains"][dom]["validate"]["d"]
-            pts = [(int(d), r["tuned"]["lr"]) for d, r in tuned.items() if r.get("tuned")]
+            rows = result["domains"][dom]["validate"]["d"]
+            pts = [(int(d), r["tuned"]["lr"]) for d, r in rows.items() if r.get("tuned")]
             if pts:
                 ax.plot(*zip(*pts), "s", color="C1", mfc="none", label="per-d tuned best, default targets")
             ax.plot(ds, [study.base_lr * RULES[RULE_NAME](0, d, 0) for d in ds], "k--", lw=1.2,
                     label=f"{RULE_NAME} (shipped), base {study.base_lr:g}")
-            if tuned:
-                ax.plot([int(d) for d in tuned], [r["lr"] for r in tuned.values()], "kx", label="the rule's lr in the validation runs")
+            ax.plot(ds, [PREVIOUS_BASE[dom] * RULES[PREVIOUS_RULE](0, d, 0) for d in ds], ":", color="grey", lw=1.2,
+                    label=f"{PREVIOUS_RULE} (shipped before), base {PREVIOUS_BASE[dom]:g}")
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_xlabel("d")

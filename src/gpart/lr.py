@@ -1,29 +1,32 @@
 """GPart's learning-rate rule: one base value that transfers across d and across models (D).
 
-With an isometric map, ||Delta W||_F = ||theta|| exactly. Under Adam each theta entry moves by about
-the learning rate per step, so one step changes ||Delta W||_F by at most lr * sqrt(d), whatever the
-number D of adapted weights. The rule holds that per-step update norm fixed:
+    theta's lr = base_lr * REFERENCE_LENGTH / d        (REFERENCE_LENGTH = 10,000)
 
-    theta's lr = base_lr * sqrt(REFERENCE_LENGTH / d)        (REFERENCE_LENGTH = 10,000)
+Why 1/d. Adam moves every theta entry by about the learning rate per step, in the direction of its
+gradient's sign: a step's first-order loss change is lr * ||P^T g||_1 = lr * d * (the mean size of one
+theta-gradient entry). With a balanced random partition an entry sums about D/d weight gradients with
+weights 1/sqrt(D/d), so its size is that of one weight's gradient whatever d and D are: the gain per
+step grows as lr * d. The curvature that limits the step lies along the gradient (Gauss-Newton), so
+its cost grows as (lr * d)^2, and the best lr falls as 1/d, with no D in it. This was measured against
+the other candidate rules (a constant lr, lr proportional to 1/sqrt(d), a fixed per-weight step, a
+muP-style per-fan-in step) on the text and image tasks across d from D/600 to D/5 and a 12x change
+of D, and checked on the LLM task (docs/lr.md).
 
-`base_lr` is theta's learning rate at d = 10,000, the one number to tune; the per-step bound on
-||Delta W||_F is 100 * base_lr at every d. D does not enter: it was measured on the text task across
-d from D/600 to D/5 and a 12x change of D, against the rules that hold the per-weight step fixed or
-keep the lr constant (docs/lr.md). Weight decay is scaled by the inverse factor (as muP's MuAdam does),
-so lr * weight_decay, AdamW's per-step shrink of theta, does not change with d either.
+`base_lr` is theta's learning rate at d = 10,000, the one number to tune. Weight decay is scaled by the
+inverse factor (as muP's MuAdam does), so lr * weight_decay, AdamW's per-step shrink of theta, does not
+change with d either.
 
 The rule lives on the optimizer side: the map itself is unchanged, so saved adapters are unaffected.
 """
 from __future__ import annotations
-
-import math
 
 import torch.nn as nn
 
 from .config import PEFT_TYPE, GPartConfig
 
 REFERENCE_LENGTH = 10_000  # a reference theta length d: base_lr is theta's lr there
-RULE = "per-step update norm: lr = base_lr * sqrt(10000 / d)"
+FORMULA = "base * 10,000 / d"  # for messages and reports
+RULE = "per-step loss change under Adam: lr = base_lr * 10000 / d"
 
 
 class LearningRateRuleError(ValueError):
@@ -66,13 +69,13 @@ def gpart_config(model_or_config, adapter_name: str | None = None) -> GPartConfi
 
 
 def lr_factor(model_or_config, adapter_name: str | None = None) -> float:
-    """sqrt(REFERENCE_LENGTH / d): theta's learning rate per unit of base learning rate."""
+    """REFERENCE_LENGTH / d: theta's learning rate per unit of base learning rate."""
     config = gpart_config(model_or_config, adapter_name)
-    return math.sqrt(REFERENCE_LENGTH / config.d)
+    return REFERENCE_LENGTH / config.d
 
 
 def gpart_lr(model_or_config, base_lr: float, adapter_name: str | None = None) -> float:
-    """theta's learning rate under the rule: base_lr * sqrt(10,000 / d)."""
+    """theta's learning rate under the rule: base_lr * 10,000 / d."""
     if not base_lr >= 0:
         raise LearningRateRuleError(f"base_lr must be a number >= 0, got {base_lr!r}")
     return base_lr * lr_factor(model_or_config, adapter_name)
@@ -83,7 +86,7 @@ def gpart_param_groups(model: nn.Module, base_lr: float, *, weight_decay: float 
                        adapter_name: str | None = None) -> list[dict]:
     """Optimizer parameter groups for a model with a GPart adapter, under the rule.
 
-    theta: lr = base_lr * sqrt(10,000/d), weight decay = weight_decay * sqrt(d/10,000) (lr * wd unchanged:
+    theta: lr = base_lr * 10,000/d, weight decay = weight_decay * d/10,000 (lr * wd unchanged:
     base_lr * weight_decay).
     Every other trainable parameter (a task head or other modules_to_save) at `head_lr` (default:
     base_lr), decayed by `head_weight_decay` (default: weight_decay) when it is a matrix, not when it
