@@ -91,7 +91,7 @@ class Study:
 STUDIES = {
     # MiniLM: query only vs every linear layer (12x in D). The middle cells ran last.
     "text": Study(
-        "text", 9e-2,
+        "text", 1e-1,
         targets={"q": dict(targets="query", D=884_736, fan_in=384.0),
                  "all": dict(targets="query,key,value,dense", D=10_764_288, fan_in=762.65)},
         rule_cells={("q", 1440): (4e-2, 8e-2, 1.6e-1), ("q", 184320): (5e-3, 1e-2, 2e-2),
@@ -103,7 +103,7 @@ STUDIES = {
         default_D=1_769_472),
     # DINOv2-small: q_proj vs every linear layer of the blocks (12x in D)
     "vision": Study(
-        "vision", 3e-2,
+        "vision", 2.5e-2,
         targets={"q": dict(targets="q_proj", D=1_769_472, fan_in=384.0),
                  "all": dict(targets="q_proj,k_proj,v_proj,o_proj,fc1,fc2", D=21_233_664, fan_in=768.0)},
         rule_cells={("q", 2880): (2e-2, 4e-2, 8e-2), ("q", 368640): (1.25e-3, 2.5e-3, 5e-3),
@@ -116,11 +116,12 @@ STUDIES = {
     # quality study's optimum: 3e-2 at q,k,v,o (D = 26,542,080), d = 131,072. Validate: GPart at 1/10 of
     # LoRA r=8's trainable floats under the rule's default.
     "llm": Study(
-        "llm", 4e-1,
+        "llm", 2e-1,
         targets={"q": dict(targets="q_proj", D=9_953_280, fan_in=576.0),
                  "all": dict(targets=quality.ALL_LINEAR, D=106_168_320, fan_in=816.0)},
         rule_cells={("q", 16384): (4e-2, 8e-2, 1.6e-1), ("q", 1990656): (2.5e-3, 5e-3, 1e-2),
-                    ("all", 172032): (2e-2, 4e-2, 8e-2), ("all", 21233664): (1.25e-3, 2.5e-3, 5e-3)},
+                    # one run only at every linear layer and d = D/5: it took 22 minutes on one core
+                    ("all", 172032): (2e-2, 4e-2, 8e-2), ("all", 21233664): (2.5e-3,)},
         validate_d=(92160,),
         default_D=26_542_080),
 }
@@ -137,15 +138,12 @@ def arm_run(study: Study, arm: str, lr: float, seed: int = 0) -> quality.Run:
     return quality.Run(study.domain, "gpart", seed, lr, study.d, variant=arm, extra=ARMS[arm])
 
 
-def rule_default_run(study: Study, d: int, seed: int, previous: bool = False) -> quality.Run:
-    """`gpart train` without --lr: theta's lr from the shipped rule and the task's base value. previous:
-    the runs made under the rule gpart shipped before (R-norm, PREVIOUS_BASE; read back, not re-run: the
-    same command now gets the current rule)."""
-    if previous:
-        return quality.Run(study.domain, "gpart", seed, None, d, variant="rule",
-                           extra=("--base-lr", f"{PREVIOUS_BASE[study.domain]:g}"))
-    return quality.Run(study.domain, "gpart", seed, None, d, variant="rule-linear",
-                       extra=("--base-lr", f"{study.base_lr:g}"))
+def rule_default_run(study: Study, d: int, seed: int, rule: str | None = None) -> quality.Run:
+    """`gpart train` without --lr: theta's lr from the shipped rule and the task's base value. Another rule
+    of VALIDATED: the runs made while gpart shipped it (read back; the same command now gets the shipped rule)."""
+    label, bases = VALIDATED[rule or RULE_NAME]
+    base = study.base_lr if bases is None else bases[study.domain]
+    return quality.Run(study.domain, "gpart", seed, None, d, variant=label, extra=("--base-lr", f"{base:g}"))
 
 
 def tuned_run(study: Study, d: int, lr: float, seed: int = 0) -> quality.Run:
@@ -175,7 +173,7 @@ def extension(runs: Path, domain: str, make, first) -> float | None:
     """The next lr to try when the best so far is at an end of the sweep (None: bracketed or capped)."""
     lrs = tried(runs, make, first)
     pts = curve(runs, domain, make, lrs)
-    if len(pts) < len(lrs) or len(lrs) >= MAX_POINTS:
+    if len(first) < 2 or len(pts) < len(lrs) or len(lrs) >= MAX_POINTS:  # a one-point cell is not swept
         return None
     best = max(pts, key=lambda p: p[1])[0]
     step = -1 if best == lrs[0] else (1 if best == lrs[-1] else 0)
@@ -262,12 +260,22 @@ RULES = {
     "muP-style": lambda D, d, f: math.sqrt(D / d) * 384.0 / f,  # per-weight step ~ 1 / fan_in
     # fixed first-order loss change per Adam step: lr * ||P^T g||_1 ~ lr * d * (rms per-weight gradient)
     "R-linear": lambda D, d, f: 10_000 / d,
+    "R-3/4": lambda D, d, f: (10_000 / d) ** 0.75,  # between R-norm and R-linear
 }
-RULE_NAME = "R-linear"  # the rule the library ships (gpart.lr); the report checks it against the others
-# The rule gpart shipped before this study's vision and LLM cells (R-norm, lr = base * sqrt(10,000/d)) and its
-# base values; its validation runs (folders gpart-rule-d*-s*) are kept beside the current rule's.
-PREVIOUS_RULE = "R-norm"
-PREVIOUS_BASE = {"text": 6e-2, "vision": 2e-2, "llm": 1.1e-1}
+RULE_NAME = "R-3/4"  # the rule the library ships (gpart.lr); the report checks it against the others
+# Every rule gpart has shipped, with its validate runs' folder label and base values (None: the Study's, i.e.
+# the shipped rule's). R-norm shipped first (text cells only); R-linear was the text cells' best and was
+# validated on text and vision; the LLM cells then pointed to a slope between the two, R-3/4.
+VALIDATED = {
+    "R-3/4": ("rule-34", None),
+    "R-linear": ("rule-linear", {"text": 9e-2, "vision": 3e-2, "llm": 4e-1}),
+    "R-norm": ("rule", {"text": 6e-2, "vision": 2e-2, "llm": 1.1e-1}),
+}
+
+
+def _base(study: Study, rule: str) -> float:
+    bases = VALIDATED[rule][1]
+    return study.base_lr if bases is None else bases[study.domain]
 
 
 def interp(pts: list[tuple[float, float, float]], lr: float) -> tuple[float, bool]:
@@ -306,9 +314,13 @@ def rule_summary(runs: Path, study: Study) -> dict:
         spec = study.targets[tset]
         cells.append({"targets": tset, "target_modules": spec["targets"], "D": spec["D"], "d": d,
                       "D_over_d": spec["D"] / d, "curve": [{"lr": a, "validation": v, "test": t} for a, v, t in pts],
-                      "best_lr": best[0], "best_validation": best[1], "points": pts})
+                      "best_lr": best[0], "best_validation": best[1], "points": pts, "scored": len(pts) >= 3})
     out = {"cells": cells, "rules": {}}
+    every = cells
+    cells = [c for c in cells if c["scored"]]  # a cell of fewer than 3 lrs has no located optimum
     if not cells:
+        for c in every:
+            del c["points"]
         return out
     grid = [10 ** (k / 40) for k in range(-40 * 6, 40 * 3)]  # candidate base values, 1e-6 ... 1e3
     for name in RULES:
@@ -330,10 +342,10 @@ def rule_summary(runs: Path, study: Study) -> dict:
     out["power_law"] = _lstsq([(1.0, math.log(c["d"]), math.log(c["D"])) for c in cells],
                               [math.log(c["best_lr"]) for c in cells])
     # the task's shipped base value under the shipped rule
-    out["shipped"] = {"rule": RULE_NAME, "base": study.base_lr, "per_cell": _losses(study, cells, RULE_NAME, study.base_lr)}
-    base = PREVIOUS_BASE[study.domain]
-    out["previous"] = {"rule": PREVIOUS_RULE, "base": base, "per_cell": _losses(study, cells, PREVIOUS_RULE, base)}
-    for c in cells:
+    # every rule gpart has shipped, at its task's base value (the first is the shipped one)
+    out["defaults"] = [{"rule": r, "base": _base(study, r), "per_cell": _losses(study, cells, r, _base(study, r))}
+                       for r in VALIDATED]
+    for c in every:
         del c["points"]
     return out
 
@@ -408,51 +420,47 @@ def tuned_summary(runs: Path, study: Study) -> dict:
     return out
 
 
-def _rule_default(runs: Path, study: Study, d: int, previous: bool) -> dict | None:
-    ms = [(s, m) for s in quality.SEEDS if (m := quality.load_metrics(runs, rule_default_run(study, d, s, previous)))]
+def _rule_default(runs: Path, study: Study, d: int, rule: str) -> dict | None:
+    ms = [(s, m) for s in quality.SEEDS if (m := quality.load_metrics(runs, rule_default_run(study, d, s, rule)))]
     if not ms:
         return None
     tests = [quality.test_metric(study.domain, m) for _, m in ms]
     mean, sd = quality._mean_sd(tests)
-    return {"rule": PREVIOUS_RULE if previous else RULE_NAME,
-            "base_lr": PREVIOUS_BASE[study.domain] if previous else study.base_lr,
-            "lr": ms[0][1]["run"]["lr"], "weight_decay": ms[0][1]["run"]["lr_rule"]["weight_decay"],
-            "seeds": [s for s, _ in ms], "test": tests, "validation": [score(study.domain, m) for _, m in ms],
-            "mean": mean, "sd": sd, "trainable": ms[0][1]["params"]["trainable"]}
+    return {"rule": rule, "base_lr": _base(study, rule), "lr": ms[0][1]["run"]["lr"],
+            "weight_decay": ms[0][1]["run"]["lr_rule"]["weight_decay"], "seeds": [s for s, _ in ms], "test": tests,
+            "validation": [score(study.domain, m) for _, m in ms], "mean": mean, "sd": sd,
+            "trainable": ms[0][1]["params"]["trainable"]}
 
 
 def validate_summary(runs: Path, study: Study) -> dict:
-    """The shipped rule's default across d (and the previous rule's), beside the per-d tuned best and the
-    quality study's one fixed lr (same seeds); and GPart at <= 1/10 of LoRA r=8's trainable floats against
-    LoRA r=8 (tuned), paired by seed."""
+    """Each shipped rule's default across d, beside the per-d tuned best and the quality study's one fixed lr
+    (same seeds); and GPart at <= 1/10 of LoRA r=8's trainable floats against LoRA r=8 (tuned), by seed."""
     res = _study_results(study.domain) or {"methods": {}, "d_sweep": {}}
     tuned = tuned_summary(runs, study)
-    out = {"base_lr": study.base_lr, "fixed_lr": res["methods"].get("gpart", {}).get("lr"), "d": {}}
+    out = {"fixed_lr": res["methods"].get("gpart", {}).get("lr"), "d": {}}
     for d in study.validate_d:
-        row = {k: v for k, v in (("rule", _rule_default(runs, study, d, False)),
-                                 ("previous", _rule_default(runs, study, d, True))) if v}
-        if not row:
+        rules = [r for rule in VALIDATED if (r := _rule_default(runs, study, d, rule))]
+        if not rules:
             continue
+        row = {"rules": rules}
         fixed = res["d_sweep"].get(str(d))
         if fixed:
             row["fixed_lr"] = {"test": fixed["test"], "mean": fixed["mean"], "sd": fixed["sd"]}
         t = tuned.get(str(d))
         if t:
             row["tuned"] = t
-            for key in ("rule", "previous"):
-                if key in row:
-                    gap = row[key]["mean"] - t["mean"]
-                    row[key]["minus_tuned"] = {"mean": gap, "within_one_sd": gap >= 0 or -gap <= (t["sd"] or 0.0),
-                                               "paired": _paired(row[key], t)}
+            for r in rules:
+                gap = r["mean"] - t["mean"]
+                r["minus_tuned"] = {"mean": gap, "within_one_sd": gap >= 0 or -gap <= (t["sd"] or 0.0),
+                                    "paired": _paired(r, t)}
         out["d"][str(d)] = row
     lora = res["methods"].get("lora")
     if lora:
         out["lora"] = {"lr": lora["lr"], "trainable": lora["trainable"], "seeds": lora["seeds"], "test": lora["test"],
                        "mean": lora["mean"], "sd": lora["sd"], "vs": []}
         for d, row in out["d"].items():
-            for key in ("rule", "previous"):
-                r = row.get(key)
-                if r and r["trainable"] * 10 <= lora["trainable"]:
+            for r in row["rules"]:
+                if r["trainable"] * 10 <= lora["trainable"]:
                     out["lora"]["vs"].append({"d": int(d), "rule": r["rule"], "lr": r["lr"], "trainable": r["trainable"],
                                               "ratio": r["trainable"] / lora["trainable"]} | _paired(r, lora))
     return out
@@ -460,7 +468,7 @@ def validate_summary(runs: Path, study: Study) -> dict:
 COMMAND = ("for dom in text vision llm; do for ph in rule validate tuned ablation sgd; do "
            "python benchmarks/lr_rule.py run --domain $dom --phase $ph; done; done && python benchmarks/lr_rule.py report")
 FACTORS = {"constant": "1", "R-weight": "√(D/d)", "R-norm": "√(10⁴/d)", "muP-style": "√(D/d)·384/fan_in",
-           "R-linear": "10⁴/d"}
+           "R-linear": "10⁴/d", "R-3/4": "(10⁴/d)^¾"}
 MAPS = {"partition": "P^T P = I exactly", "fastfood": "isometric in expectation (Fastfood)",
         "gain16": "P^T P = diag(g²), gains 16:1", "gain4": "P^T P = diag(g²), gains 4:1",
         "uni-lora": "isometric into LoRA's factors, not end to end"}
@@ -483,12 +491,14 @@ def render_rule(study: Study, rule: dict, val_name: str) -> list[str]:
     sets = " and ".join(f"`--targets {s['targets']}` (D = {s['D']:,})" for s in study.targets.values())
     L = ["#### Which lr is best, by d and D", "",
          f"Target sets {sets}. {val_name} by theta's lr (best in bold):", "",
-         "| targets | D | d | D/d | lr → validation | best lr | implied base: R-weight lr·√(d/D) | R-norm lr·√(d/10⁴) |",
+         "| targets | D | d | D/d | lr → validation | best lr | implied base: R-linear lr·d/10⁴ | R-norm lr·√(d/10⁴) |",
          "|---|---|---|---|---|---|---|---|"]
     for c in rule["cells"]:
         L.append(f"| {c['target_modules']} | {c['D']:,} | {c['d']:,} | {c['D_over_d']:.0f} | "
-                 f"{_curve_text(c['curve'], c['best_lr'])} | {c['best_lr']:g} | "
-                 f"{c['best_lr'] * math.sqrt(c['d'] / c['D']):.2e} | {c['best_lr'] * math.sqrt(c['d'] / 1e4):.3f} |")
+                 f"{_curve_text(c['curve'], c['best_lr'])}{'' if c['scored'] else ' (fewer than 3 lrs: not scored)'} | {c['best_lr']:g} | "
+                 f"{c['best_lr'] * c['d'] / 1e4:.3f} | {c['best_lr'] * math.sqrt(c['d'] / 1e4):.3f} |")
+    if not rule["rules"]:
+        return L + [""]
     L += ["", "Each candidate rule, lr = base × factor(D, d), with the one base value that loses least in the worst "
           "cell (the score at an lr between two measured ones is interpolated in log lr; outside the measured range, "
           "the nearest end's value, so the loss shown is a lower bound, marked *):", "",
@@ -498,8 +508,8 @@ def render_rule(study: Study, rule: dict, val_name: str) -> list[str]:
         per = ", ".join(f"{p['loss']:.3f}" + ("*" if p["extrapolated"] else "") for p in r["per_cell"])
         L.append(f"| {name} | {FACTORS[name]} | {r['base']:.3g} | {r['implied_spread']:.1f}x | {per} | "
                  f"{r['max_loss']:.3f} | {r['mean_loss']:.3f} |")
-    for key, label in (("shipped", "shipped, the task's default base"), ("previous", "shipped before, its base")):
-        sh = rule[key]
+    for i, sh in enumerate(rule["defaults"]):
+        label = "shipped, the task's default base" if i == 0 else "shipped before, its base"
         per = ", ".join(f"{p['loss']:.3f}" + ("*" if p["extrapolated"] else "") for p in sh["per_cell"])
         L.append(f"| {sh['rule']}, {label} | {FACTORS[sh['rule']]} | {sh['base']:.3g} | – | {per} | "
                  f"{max(p['loss'] for p in sh['per_cell']):.3f} | {statistics.mean(p['loss'] for p in sh['per_cell']):.3f} |")
@@ -511,30 +521,26 @@ def render_rule(study: Study, rule: dict, val_name: str) -> list[str]:
 
 
 def render_validate(study: Study, val: dict, metric: str) -> list[str]:
-    L = ["#### The rule's default across d, against the per-d tuned best", "",
-         f"Default targets (D = {study.default_D:,}). *Rule*: theta's lr from the shipped rule ({RULE_NAME}, "
-         f"{FACTORS[RULE_NAME]}) with the task's base {val['base_lr']:g}, what `gpart train` does without `--lr` "
-         f"(theta's weight decay scaled by the inverse factor). *Previous*: the same with the rule shipped before "
-         f"({PREVIOUS_RULE}, {FACTORS[PREVIOUS_RULE]}, base {PREVIOUS_BASE[study.domain]:g}). *Tuned*: an lr sweep at "
-         f"that d (seed 0, validation), then its best lr on every seed. Test {metric}, mean ± sd (seeds):", "",
-         "| d | rule: lr → test | per seed | previous: lr → test | per seed | tuned: lr sweep → validation | tuned: test "
-         "| per seed | rule − tuned | fixed lr " + (f"{val['fixed_lr']:g} " if val["fixed_lr"] else "") + "(quality study) |",
-         "|---|---|---|---|---|---|---|---|---|---|"]
+    L = ["#### Each rule's default across d, against the per-d tuned best", "",
+         f"Default targets (D = {study.default_D:,}). A rule's default: theta's lr from the rule with its task base "
+         f"value, what `gpart train` does without `--lr` while gpart ships that rule (theta's weight decay scaled by "
+         f"the inverse factor; {RULE_NAME} ships now). The tuned best: an lr sweep at that d (seed 0, validation), "
+         f"then its best lr on every seed. Test {metric}, mean ± sd (seeds):", "",
+         "| d | tuned: lr sweep → validation | tuned: test | per seed | fixed lr " + (f"{val['fixed_lr']:g} " if val["fixed_lr"] else "")
+         + "(quality study) |", "|---|---|---|---|---|"]
     for d, row in val["d"].items():
-        cells = []
-        for key in ("rule", "previous"):
-            r = row.get(key)
-            cells += [f"{r['lr']:.3g} → {_ms(r)}", _seeds_text(r["test"])] if r else ["–", "–"]
-        t = row.get("tuned")
-        if t:
-            gap = row.get("rule", {}).get("minus_tuned")
-            cells += [_curve_text(t["curve"], t["lr"]) + (" (quality study)" if t.get("from") else ""), _ms(t),
-                      _seeds_text(t["test"]), f"{gap['mean']:+.3f} (tuned sd {t['sd']:.3f})" if gap else "–"]
-        else:
-            cells += ["–"] * 4
-        fixed = row.get("fixed_lr")
-        cells.append(f"{fixed['mean']:.3f} ± {fixed['sd']:.3f}" if fixed else "–")
-        L.append(f"| {int(d):,} | " + " | ".join(cells) + " |")
+        t, fixed = row.get("tuned"), row.get("fixed_lr")
+        L.append(f"| {int(d):,} | " + (f"{_curve_text(t['curve'], t['lr'])}{' (quality study)' if t.get('from') else ''} | "
+                                       f"{_ms(t)} | {_seeds_text(t['test'])}" if t else "– | – | –")
+                 + (f" | {fixed['mean']:.3f} ± {fixed['sd']:.3f} |" if fixed else " | – |"))
+    L += ["", "| d | rule | base | theta's lr | test | per seed | rule − tuned: means | paired by seed |", "|---|---|---|---|---|---|---|---|"]
+    for d, row in val["d"].items():
+        for r in row["rules"]:
+            gap = r.get("minus_tuned")
+            L.append(f"| {int(d):,} | {r['rule']}{' (shipped)' if r['rule'] == RULE_NAME else ''} | {r['base_lr']:g} | "
+                     f"{r['lr']:.3g} | {_ms(r)} | {_seeds_text(r['test'])} | "
+                     + (f"{gap['mean']:+.3f} (tuned sd {row['tuned']['sd']:.3f}) | {gap['paired']['mean']:+.3f} ± "
+                        f"{gap['paired']['sd']:.3f} ({len(gap['paired']['diffs'])}) |" if gap else "– | – |"))
     lo = val.get("lora") or {}
     if lo.get("vs"):
         L += ["", f"GPart at no more than 1/10 of LoRA r=8's trainable floats (lr from a rule, untuned) against LoRA "
@@ -623,8 +629,9 @@ def plot(result: dict) -> None:
                 ax.plot(*zip(*pts), "s", color="C1", mfc="none", label="per-d tuned best, default targets")
             ax.plot(ds, [study.base_lr * RULES[RULE_NAME](0, d, 0) for d in ds], "k--", lw=1.2,
                     label=f"{RULE_NAME} (shipped), base {study.base_lr:g}")
-            ax.plot(ds, [PREVIOUS_BASE[dom] * RULES[PREVIOUS_RULE](0, d, 0) for d in ds], ":", color="grey", lw=1.2,
-                    label=f"{PREVIOUS_RULE} (shipped before), base {PREVIOUS_BASE[dom]:g}")
+            for rule, style in zip(list(VALIDATED)[1:], (":", "-.")):
+                ax.plot(ds, [_base(study, rule) * RULES[rule](0, d, 0) for d in ds], style, color="grey", lw=1.2,
+                        label=f"{rule} (shipped before), base {_base(study, rule):g}")
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_xlabel("d")

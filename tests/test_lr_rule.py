@@ -1,4 +1,4 @@
-"""GPart's learning-rate rule (gpart.lr: theta lr = base * 10,000/d, weight decay / the same factor), its
+"""GPart's learning-rate rule (gpart.lr: theta lr = base * (10,000/d)^0.75, weight decay / the same factor), its
 use as the CLI's default, and the CLI's projection choices (--projection, --column-gain-ratio)."""
 from __future__ import annotations
 
@@ -37,22 +37,23 @@ def _gpart(d=64, targets=("query", "value")):
 def test_rule_values_for_known_D_and_d(d, targets, D):
     model = _gpart(d, targets)
     assert model.peft_config["default"].D == D
-    assert lr_factor(model) == pytest.approx(10_000 / d)  # D does not enter
-    assert gpart_lr(model, 1e-3) == pytest.approx(1e-3 * 10_000 / d)
+    assert lr_factor(model) == pytest.approx((10_000 / d) ** 0.75)  # D does not enter
+    assert gpart_lr(model, 1e-3) == pytest.approx(1e-3 * (10_000 / d) ** 0.75)
     # the tuner model, the injected config and a fresh config give the same
     assert gpart_lr(model.base_model, 2e-3) == gpart_lr(model.peft_config["default"], 2e-3) == gpart_lr(
-        gpart.GPartConfig(d=d), 2e-3) == pytest.approx(2e-3 * 10_000 / d)
+        gpart.GPartConfig(d=d), 2e-3) == pytest.approx(2e-3 * (10_000 / d) ** 0.75)
+    assert lr_factor(gpart.GPartConfig(d=625)) == pytest.approx(8.0)  # (10,000 / 625)^(3/4) = 16^(3/4)
     assert gpart_lr(gpart.GPartConfig(d=10_000), 0.05) == pytest.approx(0.05)  # base = theta's lr at d = 10,000
 
 
 def test_param_groups_scale_theta_lr_and_weight_decay_and_keep_the_head():
-    model = _gpart(64)  # factor 10,000 / 64 = 156.25
-    groups = {g["name"]: g for g in gpart_param_groups(model, 1e-4, weight_decay=0.1, head_lr=5e-3)}
+    model = _gpart(625)  # factor (10,000 / 625)^0.75 = 8
+    groups = {g["name"]: g for g in gpart_param_groups(model, 1e-3, weight_decay=0.1, head_lr=5e-3)}
     assert set(groups) == {"gpart_theta", "head_decay", "head_plain"}
     theta = groups["gpart_theta"]
-    assert theta["lr"] == pytest.approx(1.5625e-2) and theta["weight_decay"] == pytest.approx(0.1 / 156.25)
-    assert theta["lr"] * theta["weight_decay"] == pytest.approx(1e-4 * 0.1)  # lr * wd unchanged
-    assert [p.shape for p in theta["params"]] == [torch.Size([64])]
+    assert theta["lr"] == pytest.approx(8e-3) and theta["weight_decay"] == pytest.approx(0.1 / 8)
+    assert theta["lr"] * theta["weight_decay"] == pytest.approx(1e-3 * 0.1)  # lr * wd unchanged
+    assert [p.shape for p in theta["params"]] == [torch.Size([625])]
     assert groups["head_decay"]["lr"] == 5e-3 and groups["head_decay"]["weight_decay"] == 0.1
     assert [p.ndim for p in groups["head_decay"]["params"]] == [2]
     assert groups["head_plain"]["weight_decay"] == 0.0 and [p.ndim for p in groups["head_plain"]["params"]] == [1]
@@ -64,11 +65,11 @@ def test_param_groups_scale_theta_lr_and_weight_decay_and_keep_the_head():
     model(input_ids=x, labels=torch.tensor([0, 1, 0, 1])).loss.backward()
     opt.step()
     step = theta["params"][0].detach().abs()
-    assert step.max().item() == pytest.approx(1.5625e-2, rel=1e-3)
-    assert step.median().item() == pytest.approx(1.5625e-2, rel=0.05)
+    assert step.max().item() == pytest.approx(8e-3, rel=1e-3)
+    assert step.median().item() == pytest.approx(8e-3, rel=0.05)
     # defaults: the head at the base lr and the same weight decay
-    plain = {g["name"]: g for g in gpart_param_groups(model, 1e-4)}
-    assert plain["head_decay"]["lr"] == 1e-4 and plain["gpart_theta"]["weight_decay"] == 0.0
+    plain = {g["name"]: g for g in gpart_param_groups(model, 1e-3)}
+    assert plain["head_decay"]["lr"] == 1e-3 and plain["gpart_theta"]["weight_decay"] == 0.0
 
 
 def test_rule_asked_of_other_methods_or_models_is_a_clear_error():
@@ -98,15 +99,15 @@ def test_cli_default_lr_is_the_rule_and_lr_overrides(text_setup, tmp_path):  # n
     base = TextClassification.defaults["lr"]
     assert _train(text_setup, tmp_path / "rule") == 0
     run = json.loads((tmp_path / "rule" / "metrics.json").read_text())["run"]
-    assert run["lr"] == pytest.approx(base * 156.25)  # d = 64
+    assert run["lr"] == pytest.approx(base * 156.25 ** 0.75)  # d = 64
     rule = run["lr_rule"]
     assert rule["source"] == "rule" and rule["base_lr"] == base and (rule["D"], rule["d"]) == (4096, 64)
-    assert rule["weight_decay"] == pytest.approx(TextClassification.defaults["weight_decay"] / 156.25)
+    assert rule["weight_decay"] == pytest.approx(TextClassification.defaults["weight_decay"] / 156.25 ** 0.75)
     assert "GPart's rule: base" in (tmp_path / "rule" / "report.md").read_text()
 
-    assert _train(text_setup, tmp_path / "base", "--base-lr", "0.0002") == 0
+    assert _train(text_setup, tmp_path / "base", "--base-lr", "0.0008") == 0
     run = json.loads((tmp_path / "base" / "metrics.json").read_text())["run"]
-    assert run["lr"] == pytest.approx(0.03125) and run["lr_rule"]["base_lr"] == 0.0002
+    assert run["lr"] == pytest.approx(0.0008 * 156.25 ** 0.75) and run["lr_rule"]["base_lr"] == 0.0008
 
     assert _train(text_setup, tmp_path / "lr", "--lr", "0.03", "--weight-decay", "0.2") == 0
     run = json.loads((tmp_path / "lr" / "metrics.json").read_text())["run"]

@@ -56,9 +56,8 @@ def test_rules_recover_the_rule_that_made_the_optima(tmp_path):
     assert rules["constant"]["max_loss"] > 0.05 and rules["R-norm"]["max_loss"] > 0.02
     assert math.isclose(out["power_law"]["b_d"], -0.5, abs_tol=1e-6) and math.isclose(out["power_law"]["c_D"], 0.5, abs_tol=1e-6)
     assert rules["R-linear"]["max_loss"] > 0.02 and rules["R-linear"]["implied_spread"] > 4
-    # the shipped rule at the task's base value, and the one shipped before, are scored too
-    assert out["shipped"]["rule"] == "R-linear" and out["shipped"]["base"] == TEXT.base_lr
-    assert out["previous"]["rule"] == "R-norm" and out["previous"]["base"] == 6e-2
+    # the shipped rule at the task's base value, and the ones shipped before at theirs, are scored too
+    assert [(x["rule"], x["base"]) for x in out["defaults"]] == [("R-3/4", TEXT.base_lr), ("R-linear", 9e-2), ("R-norm", 6e-2)]
 
 
 def test_validation_holds_the_rule_against_the_tuned_best_and_lora_by_seed(tmp_path):
@@ -72,24 +71,25 @@ def test_validation_holds_the_rule_against_the_tuned_best_and_lora_by_seed(tmp_p
         _write(tmp_path, make(x), acc)
     for s, acc in ((1, 0.65), (2, 0.66)):
         _write(tmp_path, lr._with_seed(make(0.02), s), acc)
-    # the previous rule's runs (folders gpart-rule-d*) are read beside the current one's
-    _write(tmp_path, lr.rule_default_run(VISION, d, 0, previous=True), 0.57)
+    # the runs of the rules shipped before (folders gpart-rule-d*: R-norm) are read beside the current one's
+    _write(tmp_path, lr.rule_default_run(VISION, d, 0, "R-norm"), 0.57)
     for p in tmp_path.rglob("metrics.json"):  # the validate runs record the rule's lr
         m = json.loads(p.read_text())
         m["run"] = {"lr": 0.0264, "lr_rule": {"weight_decay": 0.001}}
         p.write_text(json.dumps(m))
     out = lr.validate_summary(tmp_path, VISION)
     row = out["d"][str(d)]
-    r, t = row["rule"], row["tuned"]
-    assert r["rule"] == "R-linear" and r["mean"] == 0.62 and t["lr"] == 0.02 and t["test"] == [0.61, 0.65, 0.66]
+    rules = {r["rule"]: r for r in row["rules"]}
+    r, t = rules["R-3/4"], row["tuned"]
+    assert set(rules) == {"R-3/4", "R-norm"} and r["mean"] == 0.62 and t["lr"] == 0.02 and t["test"] == [0.61, 0.65, 0.66]
     assert math.isclose(r["minus_tuned"]["mean"], -0.02) and r["minus_tuned"]["within_one_sd"]
     assert [round(x, 6) for x in r["minus_tuned"]["paired"]["diffs"]] == [-0.01, -0.03, -0.02]
-    assert row["previous"]["rule"] == "R-norm" and row["previous"]["test"] == [0.57] and row["previous"]["base_lr"] == 0.02
+    assert rules["R-norm"]["test"] == [0.57] and rules["R-norm"]["base_lr"] == 0.02
     lora = json.loads((lr.DOCS / "results.json").read_text())["domains"]["vision"]["methods"]["lora"]
     vs = {v["rule"]: v for v in out["lora"]["vs"] if v["d"] == d}  # trainable 1 <= 1/10 of LoRA's
-    assert [round(x, 6) for x in vs["R-linear"]["diffs"]] == [round(a - b, 6) for a, b in zip((0.60, 0.62, 0.64), lora["test"])]
+    assert [round(x, 6) for x in vs["R-3/4"]["diffs"]] == [round(a - b, 6) for a, b in zip((0.60, 0.62, 0.64), lora["test"])]
     assert [round(x, 6) for x in vs["R-norm"]["diffs"]] == [round(0.57 - lora["test"][0], 6)]
-    assert lr.rule_default_run(VISION, d, 0).tag == "gpart-rule-linear-d5760-s0"
+    assert lr.rule_default_run(VISION, d, 0).tag == "gpart-rule-34-d5760-s0"
 
 
 def test_ablation_and_validation_runs_carry_their_flags(tmp_path):

@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     rate.add_argument("--lr", type=_nonneg_float, default=None,
                       help="learning rate of theta / the adapter (gpart default: from --base-lr by the rule)")
     rate.add_argument("--base-lr", type=_nonneg_float, default=None,
-                      help="gpart: base learning rate of the rule theta lr = base * 10000/d, i.e. theta's "
+                      help="gpart: base learning rate of the rule theta lr = base * (10000/d)^0.75, i.e. theta's "
                            "lr at d = 10,000 (docs/lr.md; default: per task)")
     g.add_argument("--head-lr", type=_nonneg_float, default=None, help="learning rate of the task head")
     g.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw",
@@ -254,7 +254,7 @@ def fill_defaults(args, recipe, saved: dict | None = None) -> None:
             setattr(args, key, value)
     if getattr(args, "command", None) == "train":
         if args.base_lr is not None and args.method != "gpart":
-            raise MethodError(f"--base-lr is GPart's learning-rate rule (theta lr = base * 10000/d) and applies "
+            raise MethodError(f"--base-lr is GPart's learning-rate rule (theta lr = base * (10000/d)^0.75) and applies "
                               f"to --method gpart only; for --method {args.method} set --lr")
         if getattr(args, "optimizer", "adamw") == "sgd" and args.lr is None:
             raise MethodError("--optimizer sgd needs --lr: every default learning rate, and GPart's rule "

@@ -1,16 +1,16 @@
 """GPart's learning-rate rule: one base value that transfers across d and across models (D).
 
-    theta's lr = base_lr * REFERENCE_LENGTH / d        (REFERENCE_LENGTH = 10,000)
+    theta's lr = base_lr * (REFERENCE_LENGTH / d) ** EXPONENT        (10,000 and 3/4)
 
-Why 1/d. Adam moves every theta entry by about the learning rate per step, in the direction of its
-gradient's sign: a step's first-order loss change is lr * ||P^T g||_1 = lr * d * (the mean size of one
-theta-gradient entry). With a balanced random partition an entry sums about D/d weight gradients with
-weights 1/sqrt(D/d), so its size is that of one weight's gradient whatever d and D are: the gain per
-step grows as lr * d. The curvature that limits the step lies along the gradient (Gauss-Newton), so
-its cost grows as (lr * d)^2, and the best lr falls as 1/d, with no D in it. This was measured against
-the other candidate rules (a constant lr, lr proportional to 1/sqrt(d), a fixed per-weight step, a
-muP-style per-fan-in step) on the text and image tasks across d from D/600 to D/5 and a 12x change
-of D, and checked on the LLM task (docs/lr.md).
+Why a power of 1/d. Adam moves every theta entry by about the learning rate per step, in the direction of
+its gradient's sign: a step's first-order loss change is lr * ||P^T g||_1 = lr * d * (the mean size of
+one theta-gradient entry). With a balanced random partition an entry sums about D/d weight gradients
+with coefficients sqrt(d/D), so its size is that of one weight's gradient whatever d and D are: the
+gain of a step grows as lr * d. Its second-order cost grows as lr^2 * d^2 when the curvature lies
+along the step (the best lr then falls as 1/d) and as lr^2 * d when it does not (constant lr); the
+measured optimum fell as d^-0.7 to d^-0.9 on the text, image and LLM tasks, across d from D/600 to D/5
+and a 10x change of D, with no D in it. The exponent 3/4 lies in that range and lost least, over the
+three tasks, among the candidate rules (docs/lr.md).
 
 `base_lr` is theta's learning rate at d = 10,000, the one number to tune. Weight decay is scaled by the
 inverse factor (as muP's MuAdam does), so lr * weight_decay, AdamW's per-step shrink of theta, does not
@@ -25,8 +25,8 @@ import torch.nn as nn
 from .config import PEFT_TYPE, GPartConfig
 
 REFERENCE_LENGTH = 10_000  # a reference theta length d: base_lr is theta's lr there
-FORMULA = "base * 10,000 / d"  # for messages and reports
-RULE = "per-step loss change under Adam: lr = base_lr * 10000 / d"
+EXPONENT = 0.75
+RULE = "lr = base_lr * (10000 / d) ** 0.75"
 
 
 class LearningRateRuleError(ValueError):
@@ -69,13 +69,13 @@ def gpart_config(model_or_config, adapter_name: str | None = None) -> GPartConfi
 
 
 def lr_factor(model_or_config, adapter_name: str | None = None) -> float:
-    """REFERENCE_LENGTH / d: theta's learning rate per unit of base learning rate."""
+    """(REFERENCE_LENGTH / d) ** EXPONENT: theta's learning rate per unit of base learning rate."""
     config = gpart_config(model_or_config, adapter_name)
-    return REFERENCE_LENGTH / config.d
+    return (REFERENCE_LENGTH / config.d) ** EXPONENT
 
 
 def gpart_lr(model_or_config, base_lr: float, adapter_name: str | None = None) -> float:
-    """theta's learning rate under the rule: base_lr * 10,000 / d."""
+    """theta's learning rate under the rule: base_lr * (10,000 / d) ** 0.75."""
     if not base_lr >= 0:
         raise LearningRateRuleError(f"base_lr must be a number >= 0, got {base_lr!r}")
     return base_lr * lr_factor(model_or_config, adapter_name)
@@ -86,7 +86,7 @@ def gpart_param_groups(model: nn.Module, base_lr: float, *, weight_decay: float 
                        adapter_name: str | None = None) -> list[dict]:
     """Optimizer parameter groups for a model with a GPart adapter, under the rule.
 
-    theta: lr = base_lr * 10,000/d, weight decay = weight_decay * d/10,000 (lr * wd unchanged:
+    theta: lr = base_lr * (10,000/d)^0.75, weight decay = weight_decay * (d/10,000)^0.75 (lr * wd unchanged:
     base_lr * weight_decay).
     Every other trainable parameter (a task head or other modules_to_save) at `head_lr` (default:
     base_lr), decayed by `head_weight_decay` (default: weight_decay) when it is a matrix, not when it

@@ -31,7 +31,7 @@ class TaskRecipe:
     # accumulation or the number of processes (see training.train). Token-level losses that divide
     # by num_items_in_batch (causal LM) set this False.
     loss_is_batch_mean: bool = True
-    # defaults["lr"] is GPart's *base* learning rate: theta's lr is lr * 10,000 / d (gpart.lr, docs/lr.md)
+    # defaults["lr"] is GPart's *base* learning rate: theta's lr is lr * (10,000 / d) ** 0.75 (gpart.lr, docs/lr.md)
     defaults: dict = {}
 
     # ---- data

@@ -15,7 +15,7 @@ METHODS = PEFT_METHODS + ("full", "head-only")
 DEFAULT_RANK = {"lora": 8, "vera": 256, "unilora": 4}
 
 # Learning rate for the non-head parameters when --lr is not given. GPart's comes from the task's base
-# learning rate through the rule (gpart.lr: theta's lr = base * 10,000 / d: resolve_gpart_lr);
+# learning rate through the rule (gpart.lr: theta's lr = base * (10,000 / d)^0.75: resolve_gpart_lr);
 # the others are the usual values for each method.
 DEFAULT_LR = {"lora": 5e-4, "vera": 1e-2, "unilora": 5e-3, "full": 2e-5, "head-only": 0.0}
 
@@ -48,7 +48,7 @@ def resolve_gpart_lr(model: nn.Module, *, lr: float | None, base_lr: float | Non
     """theta's learning rate and weight decay, and how they were derived (recorded in metrics.json).
 
     An explicit lr is used as given, with weight_decay as given (runs before the rule existed). Otherwise
-    GPart's rule (gpart.lr): lr = base_lr * 10,000/d, weight decay divided by the same factor.
+    GPart's rule (gpart.lr): lr = base_lr * (10,000/d)^0.75, weight decay divided by the same factor.
     """
     if lr is not None:
         return {"lr": lr, "weight_decay": weight_decay, "source": "--lr"}

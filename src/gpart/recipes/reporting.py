@@ -122,5 +122,5 @@ def _lr_source(run: dict) -> str:
     rule = run.get("lr_rule") or {}
     if rule.get("source") != "rule":
         return ""
-    return (f" (GPart's rule: base {rule['base_lr']:g} x 10,000/d, d = {rule['d']:,}; "
+    return (f" (GPart's rule: base {rule['base_lr']:g} x (10,000/d)^0.75, d = {rule['d']:,}; "
             f"theta weight decay {rule['weight_decay']:.3g})")
