@@ -99,7 +99,7 @@ STUDIES = {
                     ("q", 11520): (4e-2, 8e-2, 1.6e-1), ("all", 184320): (1e-2, 2e-2, 4e-2)},
         arms_first=(2e-2, 4e-2, 8e-2),
         validate_d=(2880, 5760, 368640),  # 5,760 (+ the head): under 1/10 of LoRA r=8's trainable floats
-        tuned_first={2880: (4e-2, 8e-2, 1.6e-1), 368640: (5e-3, 1e-2, 2e-2)},
+        tuned_first={2880: (4e-2, 8e-2, 1.6e-1), 5760: (8e-2, 1.6e-1, 3.2e-1), 368640: (5e-3, 1e-2, 2e-2)},
         default_D=1_769_472),
     # DINOv2-small: q_proj vs every linear layer of the blocks (12x in D)
     "vision": Study(
@@ -576,11 +576,38 @@ def render_ablation(study: Study, abl: dict, metric: str) -> list[str]:
     return L
 
 
+def render_summary(result: dict) -> list[str]:
+    """Each candidate rule in every domain: the validation score its best base value loses in the worst cell,
+    and how far apart the cells' implied base values are."""
+    doms = [d for d, r in result["domains"].items() if r["rule"].get("rules")]
+    if not doms:
+        return []
+    units = {d: "loss" if quality.DOMAINS[d]["metric"] == "exact_match" else "accuracy" for d in doms}
+    L = ["### The candidate rules across the three domains", "",
+         "Worst-cell validation " + ", ".join(f"{units[d]} ({d})" for d in doms) + " lost by each rule at its best "
+         "base value for that domain (the detail is in each domain's section below; * marks a lower bound), and the "
+         "spread of the base values the cells imply (max/min; 1x would be a perfect rule):", "",
+         "| rule | factor | " + " | ".join(f"{d}: worst loss | {d}: spread" for d in doms) + " |",
+         "|---|---|" + "---|---|" * len(doms)]
+    for name in RULES:
+        cells = []
+        for d in doms:
+            r = result["domains"][d]["rule"]["rules"][name]
+            star = "*" if any(p["extrapolated"] and abs(p["loss"] - r["max_loss"]) < 1e-6 for p in r["per_cell"]) else ""
+            cells += [f"{r['max_loss']:.3f}{star}", f"{r['implied_spread']:.1f}x"]
+        bold = "**" if name == RULE_NAME else ""
+        L.append(f"| {bold}{name}{bold} | {FACTORS[name]} | " + " | ".join(cells) + " |")
+    fits = [f"{d}: d^{result['domains'][d]['rule']['power_law']['b_d']:.2f} · D^{result['domains'][d]['rule']['power_law']['c_D']:.2f}"
+            for d in doms if result["domains"][d]["rule"].get("power_law")]
+    return L + ["", "A free power law fitted to each domain's cells (lr* ∝ d^b · D^c): " + "; ".join(fits) + ".", ""]
+
+
 def render(result: dict) -> str:
     L = ["## GPart's learning-rate rule and the isometry ablations", "",
          f"Produced by `{COMMAND}` (one `gpart train` process per run, one thread, each domain's budget above; raw "
          "numbers: [quality/lr_rule.json](quality/lr_rule.json)). Learning rates are chosen on the validation "
          "split (seed 0), never on test.", "", "![lr_rule](quality/lr_rule.png)", ""]
+    L += render_summary(result)
     for dom, r in result["domains"].items():
         study = STUDIES[dom]
         exact = quality.DOMAINS[dom]["metric"] == "exact_match"
@@ -612,7 +639,7 @@ def plot(result: dict) -> None:
     doms = [d for d, r in result["domains"].items() if r["rule"]["cells"] or r["validate"]["d"]]
     if doms:
         fig, axes = plt.subplots(1, len(doms), figsize=(5.2 * len(doms), 4.2), squeeze=False)
-        ds = [10 ** (k / 10) for k in range(30, 68)]
+        ds = [10 ** (k / 10) for k in range(30, 74)]
         for ax, dom in zip(axes[0], doms):
             rule, study = result["domains"][dom]["rule"], STUDIES[dom]
             for (tset, spec), color in zip(study.targets.items(), ("C0", "C3", "C2")):
@@ -620,9 +647,13 @@ def plot(result: dict) -> None:
                 for c in cells:  # every lr within 0.01 of the best: how flat the optimum is
                     near = [p["lr"] for p in c["curve"] if p["validation"] >= c["best_validation"] - 0.01]
                     ax.plot([c["d"]] * 2, [min(near), max(near)], color=color, alpha=0.35, lw=6)
-                if cells:
-                    ax.plot([c["d"] for c in cells], [c["best_lr"] for c in cells], "o", color=color,
+                scored = [c for c in cells if c["scored"]]
+                if scored:
+                    ax.plot([c["d"] for c in scored], [c["best_lr"] for c in scored], "o", color=color,
                             label=f"best lr, {spec['targets']} (D = {spec['D']:,})")
+                for c in cells:
+                    if not c["scored"]:
+                        ax.plot([c["d"]], [c["best_lr"]], "o", mfc="none", color=color, label="one lr only (not a best)")
             rows = result["domains"][dom]["validate"]["d"]
             pts = [(int(d), r["tuned"]["lr"]) for d, r in rows.items() if r.get("tuned")]
             if pts:
