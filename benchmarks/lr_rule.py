@@ -363,7 +363,7 @@ def _study_results(domain: str) -> dict | None:
     return json.loads((DOCS / "results.json").read_text())["domains"].get(domain)
 
 
-def _seeds_at(runs: Path, domain: str, make, lr: float) -> list[tuple[int, dict]]:
+def _seeds_at(runs: Path, make, lr: float) -> list[tuple[int, dict]]:
     return [(s, m) for s in quality.SEEDS if (m := quality.load_metrics(runs, _with_seed(make(lr), s)))]
 
 
@@ -374,7 +374,7 @@ def ablation_summary(runs: Path, study: Study) -> dict:
         if not pts:
             continue
         lr = max(pts, key=lambda p: p[1])[0]
-        ms = _seeds_at(runs, study.domain, make, lr)
+        ms = _seeds_at(runs, make, lr)
         tests = [quality.test_metric(study.domain, m) for _, m in ms]
         mean, sd = quality._mean_sd(tests)
         arms[arm] = {"curve": [{"lr": a, "validation": v, "test": t} for a, v, t in pts], "lr": lr,
@@ -407,7 +407,7 @@ def tuned_summary(runs: Path, study: Study) -> dict:
         if not pts:
             continue
         lr = max(pts, key=lambda p: p[1])[0]
-        ms = _seeds_at(runs, study.domain, make, lr)
+        ms = _seeds_at(runs, make, lr)
         tests = [quality.test_metric(study.domain, m) for _, m in ms]
         mean, sd = quality._mean_sd(tests)
         out[str(d)] = {"curve": [{"lr": a, "validation": v, "test": t} for a, v, t in pts], "lr": lr,
