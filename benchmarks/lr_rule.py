@@ -30,7 +30,7 @@ import json
 import math
 import statistics
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 
@@ -229,8 +229,6 @@ def more_seeds(runs: Path, study: Study, cells: dict) -> list[quality.Run]:
 
 
 def _with_seed(run: quality.Run, seed: int) -> quality.Run:
-    from dataclasses import replace
-
     return replace(run, seed=seed)
 
 

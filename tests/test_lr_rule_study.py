@@ -114,6 +114,15 @@ def test_ablation_and_validation_runs_carry_their_flags(tmp_path):
     assert lr.rule_run(VISION, "all", 34560, 0.02).argv(tmp_path)[-1] == "q_proj,k_proj,v_proj,o_proj,fc1,fc2"
 
 
+def test_the_studys_shipped_rule_is_the_librarys():
+    import gpart
+    from gpart.lr import RULE, lr_factor
+
+    assert RULE == "lr = base_lr * (10000 / d) ** 0.75"  # the text every run records
+    for d in (625, 23040, 2211840):
+        assert math.isclose(lr.RULES[lr.RULE_NAME](1e6, d, 384.0), lr_factor(gpart.GPartConfig(d=d)), rel_tol=1e-12)
+
+
 def test_base_values_are_the_tasks_defaults():
     from gpart.recipes.causal_lm import CausalLM
     from gpart.recipes.image_classification import ImageClassification

@@ -26,7 +26,7 @@ from .config import PEFT_TYPE, GPartConfig
 
 REFERENCE_LENGTH = 10_000  # a reference theta length d: base_lr is theta's lr there
 EXPONENT = 0.75
-RULE = "lr = base_lr * (10000 / d) ** 0.75"
+RULE = f"lr = base_lr * ({REFERENCE_LENGTH} / d) ** {EXPONENT:g}"  # recorded with every run
 
 
 class LearningRateRuleError(ValueError):
