@@ -23,6 +23,7 @@ from torch import nn
 from . import quantization as Q
 from .config import GPartConfig
 from .layers import Embedding, GPartLayer, LinearLike, ParamWrapper, QuantizedLinear, clear_gpart_cache
+from .lr import watch_theta_lr
 from .partition import check_sizes
 from .projection import make_projection
 from .slices import Slice
@@ -139,6 +140,7 @@ class GPartModel(BaseTuner):
             self._abort_adapter(adapter_name)
             raise
         self._set_theta_trainability()
+        watch_theta_lr()  # a learning rate far from GPart's rule is reported at the first optimizer step
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, parameter_name=None):
         if parameter_name is not None:
@@ -273,6 +275,23 @@ class GPartModel(BaseTuner):
             raise ValueError(f"Adapter(s) {unknown} not found; available: {sorted(self.gpart_theta)}.")
         for name in names:
             self.gpart_theta[name].requires_grad_(requires_grad)
+        super().set_requires_grad(names, requires_grad)  # the adapters' modules_to_save copies
+
+    def _enable_adapter_layers(self, enabled: bool = True) -> None:
+        # theta lives on the tuner, not in the wrappers that PEFT switches: inside disable_adapter() no theta
+        # trains (as LoRA's and VeRA's adapter weights do not), and on exit each gets its flag back
+        super()._enable_adapter_layers(enabled)
+        if "gpart_theta" not in self._modules:
+            return
+        if not enabled:
+            if "_gpart_grad_while_enabled" not in self.__dict__:
+                self._gpart_grad_while_enabled = {n: t.requires_grad for n, t in self.gpart_theta.items()}
+            for theta in self.gpart_theta.values():
+                theta.requires_grad_(False)
+        elif "_gpart_grad_while_enabled" in self.__dict__:
+            flags = self.__dict__.pop("_gpart_grad_while_enabled")
+            for name, theta in self.gpart_theta.items():
+                theta.requires_grad_(flags.get(name, theta.requires_grad))
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         # theta is created in fp32; without autocast it follows (and keeps) the base weights' dtype, like
