@@ -304,6 +304,28 @@ def test_save_pretrained_of_selected_adapters(tmp_path):
         assert torch.equal(_out(loaded, x), other)
 
 
+# -- deliberate differences (docs/api.md, "Differences from PEFT's conventions") -----------------------
+
+
+def test_theta_comes_from_the_configs_seed_not_torchs_global_rng():
+    thetas = []
+    for global_seed in (0, 123):
+        base = _fresh(MLP)
+        torch.manual_seed(global_seed)
+        state = torch.get_rng_state()
+        model = get_peft_model(base, _config("gpart", 5))
+        assert torch.equal(torch.get_rng_state(), state)  # get_peft_model draws nothing from the global RNG
+        thetas.append(model.base_model.gpart_theta["default"].detach())
+    assert torch.equal(*thetas) and thetas[0].abs().sum() > 0
+
+
+def test_injecting_without_a_peft_model_is_refused_as_for_vera():
+    from peft import inject_adapter_in_model
+
+    with pytest.raises(ValueError, match="GPART because it uses shared state stored on the tuner.*get_peft_model"):
+        inject_adapter_in_model(_config("gpart", 1), _fresh(MLP))
+
+
 # -- PEFT's attributes on every tuner layer ---------------------------------------------------------
 
 
