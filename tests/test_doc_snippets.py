@@ -177,6 +177,10 @@ def test_the_pages_snippets_run_as_written(page, models, tmp_path, monkeypatch):
         pytest.importorskip("bitsandbytes")
     monkeypatch.chdir(tmp_path)
     _write_user_files(tmp_path)
+    if page != "docs/assets.md":  # load_dataset("json", ...) caches its conversion: here, not in the home folder
+        import datasets
+
+        monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets")
     namespace: dict = {"__name__": "__snippet__"}
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")

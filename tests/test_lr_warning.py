@@ -46,6 +46,7 @@ def test_the_far_band_is_the_task_bases_widened_by_FAR():
     assert theta_lr_problem(low * 0.99, d) is not None and theta_lr_problem(high * 1.01, d) is not None
     assert theta_lr_problem(gpart.gpart_lr(gpart.GPartConfig(d=d), 2e-1), d) is None  # the causal-LM default
     assert "diverge" in theta_lr_problem(high * 2, d)
+    assert theta_lr_problem(0.0, d) is None  # a frozen theta is deliberate
 
 
 def test_the_command_lines_defaults_lie_inside_the_band():

@@ -348,11 +348,11 @@ PENDING = "in_features/out_features on every wrapper comes with the core refacto
     pytest.param("conv1d/2d/3d", marks=pytest.mark.xfail(strict=True, reason=PENDING)),
     pytest.param("embedding", marks=pytest.mark.xfail(strict=True, reason=PENDING)),
     pytest.param("transformers-Conv1D", marks=pytest.mark.xfail(strict=True, reason=PENDING)),
+    pytest.param("target_parameters", marks=pytest.mark.xfail(strict=True, reason=PENDING)),
 ])
 def test_every_wrapper_exposes_in_and_out_features(case):
     _, model, _ = _adapted(case)
-    wrappers = [w for w in _wrappers(model) if not isinstance(w.get_base_layer(), torch.nn.Linear)] or _wrappers(model)
-    for wrapper in wrappers:
+    for wrapper in _wrappers(model):
         assert (wrapper.in_features, wrapper.out_features) == _features(wrapper.get_base_layer())
 
 

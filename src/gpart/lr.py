@@ -141,7 +141,7 @@ def theta_lr_problem(lr: float, d: int) -> str | None:
     """Why `lr` is far from the rule's range for a theta of length d, or None when it is not."""
     factor = (REFERENCE_LENGTH / d) ** EXPONENT
     low, high = TASK_BASES[0] * factor, TASK_BASES[1] * factor
-    if low / FAR <= lr <= high * FAR:
+    if lr == 0 or low / FAR <= lr <= high * FAR:  # lr 0 freezes theta on purpose
         return None
     where = f"{low / lr:,.0f}x below" if lr < low else f"{lr / high:,.0f}x above"
     effect = "theta will barely move" if lr < low else "training may diverge"
