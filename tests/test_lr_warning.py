@@ -64,7 +64,7 @@ def test_a_plain_loop_at_trls_or_loras_lr_is_told_once_with_the_fix(lr, times):
     assert len(messages) == 1
     assert messages[0].startswith(f"GPart's theta (d=100) is trained at lr {lr:g}, {times} GPart's learning-rate "
                                   "rule for this d: 0.79 to 6.3")
-    assert "theta will barely move" in messages[0]
+    assert "each Adam step moves theta that much less than the rule's" in messages[0]
     assert "gpart.gpart_param_groups(model, base_lr)" in messages[0] and "gpart.gpart_lr(model, base_lr)" in messages[0]
 
 

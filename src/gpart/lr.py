@@ -144,7 +144,7 @@ def theta_lr_problem(lr: float, d: int) -> str | None:
     if lr == 0 or low / FAR <= lr <= high * FAR:  # lr 0 freezes theta on purpose
         return None
     where = f"{low / lr:,.0f}x below" if lr < low else f"{lr / high:,.0f}x above"
-    effect = "theta will barely move" if lr < low else "training may diverge"
+    effect = "each Adam step moves theta that much less than the rule's" if lr < low else "training may diverge"
     return (f"GPart's theta (d={d:,}) is trained at lr {lr:.3g}, {where} GPart's learning-rate rule for this d: "
             f"{low:.2g} to {high:.2g} (base {TASK_BASES[0]:g} to {TASK_BASES[1]:g} x (10,000/d)^0.75; the "
             f"causal-LM base is {TASK_BASES[1]:g}), so {effect}. Fix: give theta the rule's lr with "
