@@ -7,7 +7,7 @@ Importing this package registers the method "GPART" with PEFT, so that `get_peft
 from .config import PEFT_TYPE, GPartConfig
 from .export import merge_and_dequantize
 from .layers import GPartLayer, clear_gpart_cache
-from .lr import LearningRateRuleError, gpart_lr, gpart_param_groups, lr_factor
+from .lr import LearningRateRuleError, LearningRateWarning, gpart_lr, gpart_param_groups, lr_factor
 from .model import GPartModel, LayoutMismatchError, layout_fingerprint
 from .partition import ALGORITHM, VERSION, VERSIONS, Partition, PartitionError
 from .registration import register
@@ -22,6 +22,7 @@ __all__ = [
     "GPartModel",
     "LayoutMismatchError",
     "LearningRateRuleError",
+    "LearningRateWarning",
     "Partition",
     "PartitionError",
     "clear_gpart_cache",

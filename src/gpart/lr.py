@@ -17,12 +17,22 @@ inverse factor (as muP's MuAdam does), so lr * weight_decay, AdamW's per-step sh
 change with d either.
 
 The rule lives on the optimizer side: the map itself is unchanged, so saved adapters are unaffected.
+
+A learning rate set for another method (TRL's default 2e-5, LoRA's 2e-4) leaves theta almost where it
+started. So the first step of every optimizer that trains a theta is checked against the rule
+(`watch_theta_lr`, switched on when a GPart adapter is injected), and a rate far from it is reported
+once, with the fix, as a `LearningRateWarning`.
 """
 from __future__ import annotations
 
+import warnings
+import weakref
+
 import torch.nn as nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .config import PEFT_TYPE, GPartConfig
+from .theta import ThetaParameter
 
 REFERENCE_LENGTH = 10_000  # a reference theta length d: base_lr is theta's lr there
 EXPONENT = 0.75
@@ -111,3 +121,60 @@ def gpart_param_groups(model: nn.Module, base_lr: float, *, weight_decay: float 
               {"params": head_decay, "lr": head_lr, "weight_decay": head_wd, "name": "head_decay"},
               {"params": head_plain, "lr": head_lr, "weight_decay": 0.0, "name": "head_plain"}]
     return [g for g in groups if g["params"]]  # torch rejects empty groups
+
+
+# -- the first-step check -------------------------------------------------------------------------------
+
+# the command line's base values per task span 2.5e-2 (image classification) to 2e-1 (causal LM), 8x;
+# a base more than FAR outside that span is far from every task's: theta barely moves (too low) or
+# training may collapse (too high)
+TASK_BASES = (2.5e-2, 2e-1)
+FAR = 4.0
+CHOSEN = "gpart_lr_chosen"  # a param group with this key set True chose theta's lr deliberately: not checked
+
+
+class LearningRateWarning(UserWarning):
+    """theta trains at a learning rate far from GPart's rule (filter it like any warning category)."""
+
+
+def theta_lr_problem(lr: float, d: int) -> str | None:
+    """Why `lr` is far from the rule's range for a theta of length d, or None when it is not."""
+    factor = (REFERENCE_LENGTH / d) ** EXPONENT
+    low, high = TASK_BASES[0] * factor, TASK_BASES[1] * factor
+    if lr == 0 or low / FAR <= lr <= high * FAR:  # lr 0 freezes theta on purpose
+        return None
+    where = f"{low / lr:,.0f}x below" if lr < low else f"{lr / high:,.0f}x above"
+    effect = "each Adam step moves theta that much less than the rule's" if lr < low else "training may diverge"
+    return (f"GPart's theta (d={d:,}) is trained at lr {lr:.3g}, {where} GPart's learning-rate rule for this d: "
+            f"{low:.2g} to {high:.2g} (base {TASK_BASES[0]:g} to {TASK_BASES[1]:g} x (10,000/d)^0.75; the "
+            f"causal-LM base is {TASK_BASES[1]:g}), so {effect}. Fix: give theta the rule's lr with "
+            "optimizer = torch.optim.AdamW(gpart.gpart_param_groups(model, base_lr)) (Trainer/SFTTrainer: "
+            "optimizers=(optimizer, None)), or set learning_rate=gpart.gpart_lr(model, base_lr) when theta is "
+            "the only trainable tensor. See docs/lr.md.")
+
+
+_checked: weakref.WeakSet = weakref.WeakSet()  # optimizers whose first step was seen
+_hook = None
+
+
+def _check_first_step(optimizer, args, kwargs) -> None:
+    if optimizer in _checked:
+        return
+    _checked.add(optimizer)
+    for group in optimizer.param_groups:
+        if group.get(CHOSEN):
+            continue
+        lr = float(group.get("initial_lr", group["lr"]))  # a warm-up scheduler lowers "lr" at first
+        for param in group["params"]:
+            if isinstance(param, ThetaParameter) and param.numel() > 0:
+                problem = theta_lr_problem(lr, param.numel())
+                if problem is not None:
+                    warnings.warn(problem, LearningRateWarning, stacklevel=3)
+                    return
+
+
+def watch_theta_lr() -> None:
+    """Check the first step of every optimizer in this process that trains a theta (idempotent)."""
+    global _hook
+    if _hook is None:
+        _hook = register_optimizer_step_pre_hook(_check_first_step)

@@ -17,12 +17,13 @@ import json
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
-from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, AuxiliaryTrainingWrapper
 from torch import nn
 
 from . import quantization as Q
 from .config import GPartConfig
 from .layers import Embedding, GPartLayer, LinearLike, ParamWrapper, QuantizedLinear, clear_gpart_cache
+from .lr import watch_theta_lr
 from .partition import check_sizes
 from .projection import make_projection
 from .slices import Slice
@@ -139,6 +140,7 @@ class GPartModel(BaseTuner):
             self._abort_adapter(adapter_name)
             raise
         self._set_theta_trainability()
+        watch_theta_lr()  # a learning rate far from GPart's rule is reported at the first optimizer step
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, parameter_name=None):
         if parameter_name is not None:
@@ -273,6 +275,27 @@ class GPartModel(BaseTuner):
             raise ValueError(f"Adapter(s) {unknown} not found; available: {sorted(self.gpart_theta)}.")
         for name in names:
             self.gpart_theta[name].requires_grad_(requires_grad)
+        super().set_requires_grad(names, requires_grad)  # the adapters' modules_to_save copies
+
+    def _enable_adapter_layers(self, enabled: bool = True) -> None:
+        # theta lives on the tuner, not in the wrappers that PEFT switches: inside disable_adapter() no theta
+        # trains (as LoRA's and VeRA's adapter weights do not). On exit every flag PEFT or we switched, theta's
+        # and the modules_to_save copies', is put back as it was (PEFT would make a frozen adapter trainable).
+        if not enabled and "_gpart_grad_while_enabled" not in self.__dict__:
+            self._gpart_grad_while_enabled = [(p, p.requires_grad) for p in self._switched_parameters()]
+        super()._enable_adapter_layers(enabled)
+        if not enabled:
+            for theta in self._switched_parameters(theta_only=True):
+                theta.requires_grad_(False)
+        elif "_gpart_grad_while_enabled" in self.__dict__:
+            for param, flag in self.__dict__.pop("_gpart_grad_while_enabled"):
+                param.requires_grad_(flag)
+
+    def _switched_parameters(self, theta_only: bool = False) -> list[nn.Parameter]:
+        params = list(self.gpart_theta.values()) if "gpart_theta" in self._modules else []
+        if not theta_only:
+            params += [p for m in self.model.modules() if isinstance(m, AuxiliaryTrainingWrapper) for p in m.parameters()]
+        return params
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         # theta is created in fp32; without autocast it follows (and keeps) the base weights' dtype, like
@@ -287,9 +310,12 @@ class GPartModel(BaseTuner):
             theta.data = theta.data.to(first.dtype)
 
     def delete_adapter(self, adapter_name: str) -> None:
+        was_active = adapter_name in self.active_adapters
         super().delete_adapter(adapter_name)
         if adapter_name in self.gpart_theta:
             del self.gpart_theta[adapter_name]
+        if was_active:  # PEFT activates what is left, trainable as set_adapter makes it
+            self._set_theta_trainability()
         self._gpart_scales = {k: v for k, v in self._gpart_scales.items() if k[0] != adapter_name}
         # unwrap layers that no adapter uses any more, so nothing of the adapter is left behind
         self._unwrap_empty_layers()

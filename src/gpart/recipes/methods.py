@@ -143,8 +143,11 @@ def param_groups(model: nn.Module, *, lr: float, head_lr: float, weight_decay: f
         "body_decay": (lr, body_wd), "body_plain": (lr, 0.0),
         "head_decay": (head_lr, weight_decay), "head_plain": (head_lr, 0.0),
     }
+    from gpart.lr import CHOSEN
+
+    # the command line sets theta's lr by the rule or by an explicit --lr, and reports it: no first-step check
     return [
-        {"params": params, "lr": spec[key][0], "weight_decay": spec[key][1], "name": key}
+        {"params": params, "lr": spec[key][0], "weight_decay": spec[key][1], "name": key, CHOSEN: True}
         for key, params in groups.items() if params
     ]
 
