@@ -11,8 +11,8 @@ from .lr import LearningRateRuleError, gpart_lr, gpart_param_groups, lr_factor
 from .model import GPartModel, LayoutMismatchError, layout_fingerprint
 from .partition import ALGORITHM, VERSION, VERSIONS, Partition, PartitionError
 from .registration import register
+from .version import __version__
 
-__version__ = "0.1.0"
 __all__ = [
     "ALGORITHM",
     "VERSION",
