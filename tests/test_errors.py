@@ -8,12 +8,12 @@ import json
 import pytest
 import torch
 from conftest import MLP, tiny_bert
-from peft import PeftModel, get_peft_model
+from peft import PeftConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
-from gpart import GPartConfig, GPartLayer, LayoutMismatchError, PartitionError
+from gpart import GPartConfig, GPartLayer, LayoutMismatchError, PartitionError, __version__
 
 
 def _snapshot(model):
@@ -200,6 +200,39 @@ def test_config_with_unknown_missing_or_mistyped_fields_is_refused(tmp_path, edi
     with pytest.raises(ValueError, match=match):
         PeftModel.from_pretrained(base, path)
     assert _snapshot(base) == before
+
+
+@pytest.mark.parametrize("saved_by,hint", [
+    ("9.1.0", "it was saved by gpart 9.1.0: upgrade with pip install -U 'gpart>=9.1.0'."),
+    (None, "it was saved by a newer gpart: upgrade with pip install -U gpart."),  # no version recorded
+])
+@pytest.mark.parametrize("edit,reason", [
+    (lambda c: c.update(newer_field=1), f"adapter_config.json has fields this gpart ({__version__}) does not know: "
+                                        "['newer_field']; "),
+    (lambda c: c.update(partition_version=3), f"partition version 3, newer than this gpart's ({__version__}: "),
+])
+def test_an_adapter_from_a_newer_gpart_names_the_gpart_it_needs_on_every_loading_path(tmp_path, edit, reason,
+                                                                                         saved_by, hint):
+    good = _saved_adapter(tmp_path / "good")
+    path = _saved_adapter(tmp_path / "newer")
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    edit(cfg)
+    cfg["gpart_version"] = saved_by
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    model = PeftModel.from_pretrained(tiny_bert(), good)
+    before = _snapshot(model)
+    for load in (lambda: PeftModel.from_pretrained(tiny_bert(), path), lambda: PeftConfig.from_pretrained(str(path)),
+                 lambda: model.load_adapter(path, adapter_name="newer")):
+        with pytest.raises(ValueError) as error:
+            load()
+        message = str(error.value)
+        assert reason in message and message.endswith(hint) and "\n" not in message
+    assert _snapshot(model) == before and list(model.peft_config) == ["default"]
+
+
+def test_a_misspelt_config_argument_is_still_a_type_error():
+    with pytest.raises(TypeError, match="unexpected keyword argument 'seeds'"):
+        GPartConfig(d=4, seeds=3)
 
 
 def test_truncated_safetensors_file_fails_without_touching_the_model(tmp_path):
