@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import sysconfig
@@ -25,19 +26,22 @@ from peft import PeftModel, get_peft_model
 SITE = Path(sysconfig.get_paths()["purelib"])
 
 
-def _python(code: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def _python(code: str, *args: str, env: dict | None = None, cwd: Path = Path(SITE.anchor)):
     """Run `code` in a fresh interpreter of this environment, from a folder with no gpart in it."""
     child_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", **(env or {})}
     if "PYTHONPATH" not in (env or {}):
         child_env.pop("PYTHONPATH", None)  # gpart must come from the installed environment, not from src/
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=child_env,
-                          cwd=SITE.anchor, timeout=300)
+                          cwd=cwd, timeout=300)
 
 
 def test_the_hook_is_installed_with_gpart():
-    assert (SITE / "gpart-autoload.pth").read_text().strip() == "import _gpart_autoload", (
-        "gpart-autoload.pth is missing from this environment: reinstall gpart (pip install -e .)"
-    )
+    src = Path(__file__).resolve().parents[1] / "src"
+    for name in ("gpart-autoload.pth", "_gpart_autoload.py"):  # copies, in an editable install too
+        installed = SITE / name
+        assert installed.exists() and installed.read_text() == (src / name).read_text(), (
+            f"{installed} is missing or differs from src/{name}: reinstall gpart (pip install -e .)"
+        )
 
 
 def test_start_up_only_adds_a_finder():
@@ -51,16 +55,24 @@ def test_start_up_only_adds_a_finder():
     assert heavy.isdisjoint(modules), heavy.intersection(modules)
 
 
+def _api_doc_snippet() -> str:
+    """The Python snippet of docs/api.md's section "Loading without `import gpart`"."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
+    section = text.split("## Loading without `import gpart`\n", 1)[1].split("\n## ", 1)[0]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
 CHILD = """
 import json, sys
 import torch
 from safetensors.torch import load_file, save_file
 
+base_dir, first, second, out, threads, doc_snippet = sys.argv[1:]
 assert "gpart" not in sys.modules
+exec(doc_snippet)  # docs/api.md's, as written: it loads ./out, which is `first`
 from peft import AutoPeftModelForCausalLM, PeftConfig, PeftModel
 from transformers import AutoModelForCausalLM
 
-base_dir, first, second, out, threads = sys.argv[1:]
 torch.set_num_threads(int(threads))
 ids = load_file(out)["ids"]
 config = PeftConfig.from_pretrained(first)
@@ -81,7 +93,7 @@ def _saved_llama(tmp_path: Path):
     """A tiny Llama saved as a base (so an adapter records where it lives) and two GPart adapters on it."""
     tiny_llama(seed=3).save_pretrained(tmp_path / "base")
     dirs = []
-    for name, seed in (("first", 1), ("second", 2)):
+    for name, seed in (("out", 1), ("second", 2)):
         base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
         config = gpart.GPartConfig(d=64, seed=seed, init_scale=0.3, target_modules=["q_proj", "v_proj"],
                                    task_type="CAUSAL_LM")
@@ -104,7 +116,8 @@ def test_stock_peft_entry_points_load_an_adapter_without_import_gpart(tmp_path):
 
     out = tmp_path / "io.safetensors"
     save_file({"ids": ids}, out)
-    result = _python(CHILD, str(tmp_path / "base"), str(first), str(second), str(out), str(torch.get_num_threads()))
+    result = _python(CHILD, str(tmp_path / "base"), str(first), str(second), str(out), str(torch.get_num_threads()),
+                     _api_doc_snippet(), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout) == {"config": "gpart.config.GPartConfig", "d": 64, "peft_type": "GPART"}
     got = load_file(out)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -228,6 +229,17 @@ def test_an_adapter_from_a_newer_gpart_names_the_gpart_it_needs_on_every_loading
         message = str(error.value)
         assert reason in message and message.endswith(hint) and "\n" not in message
     assert _snapshot(model) == before and list(model.peft_config) == ["default"]
+
+
+def test_docs_api_shows_the_messages_gpart_gives(tmp_path):
+    path = _saved_adapter(tmp_path)
+    saved = json.loads((path / "adapter_config.json").read_text())
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
+    for edit in ({"newer_field": 1}, {"partition_version": 3}):
+        (path / "adapter_config.json").write_text(json.dumps({**saved, **edit, "gpart_version": "0.3.0"}))
+        with pytest.raises(ValueError) as error:
+            PeftConfig.from_pretrained(str(path))
+        assert f"\n{error.value}\n" in docs
 
 
 def test_a_misspelt_config_argument_is_still_a_type_error():
