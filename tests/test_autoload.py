@@ -136,7 +136,8 @@ def _warning(stderr: str) -> str:
 def test_a_broken_gpart_turns_into_a_warning_and_peft_still_imports(tmp_path):
     (tmp_path / "gpart").mkdir()
     (tmp_path / "gpart" / "__init__.py").write_text("raise RuntimeError('deliberately broken')\n")
-    code = "import peft; from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING as m; print(peft.__version__, 'GPART' in m)"
+    code = ("import peft; from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING as m; "
+            "print(peft.__version__, 'GPART' in m)")
     result = _python(code, env={"PYTHONPATH": str(tmp_path)})
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == [__import__("peft").__version__, "False"]

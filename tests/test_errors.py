@@ -190,6 +190,7 @@ def test_pickled_adapter_is_refused_unless_opted_in(tmp_path, monkeypatch):
     (lambda c: c.update(d="50"), "d must be an integer"),
     (lambda c: c.update(layout=[["x", [2, -1]]]), "layout must be a list"),
     (lambda c: c.update(layout_fingerprint="abc"), "sha256"),
+    (lambda c: c.update(gpart_version=3), "gpart_version must be a version string, got 3"),
 ])
 def test_config_with_unknown_missing_or_mistyped_fields_is_refused(tmp_path, edit, match):
     path = _saved_adapter(tmp_path)
@@ -210,7 +211,7 @@ def test_config_with_unknown_missing_or_mistyped_fields_is_refused(tmp_path, edi
 @pytest.mark.parametrize("edit,reason", [
     (lambda c: c.update(newer_field=1), f"adapter_config.json has fields this gpart ({__version__}) does not know: "
                                         "['newer_field']; "),
-    (lambda c: c.update(partition_version=3), f"partition version 3, newer than this gpart's ({__version__}: "),
+    (lambda c: c.update(partition_version=3), f"partition version 3, which gpart {__version__} does not know "),
 ])
 def test_an_adapter_from_a_newer_gpart_names_the_gpart_it_needs_on_every_loading_path(tmp_path, edit, reason,
                                                                                          saved_by, hint):

@@ -121,7 +121,7 @@ def test_peft_code_that_reads_peft_type_value(tmp_path, capsys):
     model = _model()
     model.print_trainable_parameters()
     assert capsys.readouterr().out.startswith("trainable params: 30 || all params: ")
-    with pytest.raises(ValueError, match="The provided `peft_type` 'GPART' is not compatible with the `PeftMixedModel`"):
+    with pytest.raises(ValueError, match="`peft_type` 'GPART' is not compatible with the `PeftMixedModel`"):
         get_peft_model(MLP(), gpart.GPartConfig(d=3, target_modules=["lin0"]), mixed=True)
     model.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="Hotswapping only supports .* but GPART was passed"):

@@ -152,13 +152,17 @@ class GPartConfig(PeftConfig):
             )
         if self.partition_version > VERSION:
             raise ValueError(
-                f"This adapter was saved with partition version {self.partition_version}, newer than this gpart's "
-                f"({__version__}: versions {VERSIONS}); {_upgrade_hint(self.gpart_version)}"
+                f"This adapter uses partition version {self.partition_version}, which gpart {__version__} does not "
+                f"know (newer than this gpart's versions {VERSIONS}); {_upgrade_hint(self.gpart_version)}"
             )
         if self.partition_version not in VERSIONS:
-            raise ValueError(f"Unknown partition version {self.partition_version}; gpart {__version__} knows {VERSIONS}.")
+            raise ValueError(
+                f"Unknown partition version {self.partition_version}; gpart {__version__} knows {VERSIONS}."
+            )
         if self.gpart_version is None:
             self.gpart_version = __version__
+        if not isinstance(self.gpart_version, str):
+            raise ValueError(f"GPartConfig.gpart_version must be a version string, got {self.gpart_version!r}.")
         _check_names("target_modules", self.target_modules)
         _check_names("exclude_modules", self.exclude_modules)
         _check_names("target_parameters", self.target_parameters, allow_str=False)
@@ -269,8 +273,6 @@ def _check_saved_types(kwargs: dict) -> None:
     fp = kwargs["layout_fingerprint"]
     if not isinstance(fp, str) or not re.fullmatch(r"[0-9a-f]{64}", fp):
         raise ValueError("adapter_config.json: layout_fingerprint must be a sha256 hex digest.")
-    if kwargs.get("gpart_version") is not None and not isinstance(kwargs["gpart_version"], str):
-        raise ValueError("adapter_config.json: gpart_version must be a string.")
     if "projection" in kwargs and not isinstance(kwargs["projection"], str):
         raise ValueError("adapter_config.json: projection must be a string.")
     for name in ("dropout", "init_scale", "column_gain_ratio"):
