@@ -56,12 +56,14 @@ def _register_gpart():
     except Exception as error:  # any failure of an installed-but-broken gpart must leave peft usable
         import warnings
 
-        warnings.warn(
+        message = (
             f"gpart is installed but could not be imported ({type(error).__name__}: {error}); PEFT will not "
-            "load GPart adapters in this process. Reinstall it: pip install --force-reinstall gpart",
-            RuntimeWarning,
-            stacklevel=2,
+            "load GPart adapters in this process. Reinstall it: pip install --force-reinstall gpart"
         )
+        try:
+            warnings.warn(message, RuntimeWarning)
+        except RuntimeWarning:  # warnings made errors (-W error) must not make `import peft` fail either
+            print(f"RuntimeWarning: {message}", file=sys.stderr)
 
 
 sys.meta_path.insert(0, _PeftFinder())

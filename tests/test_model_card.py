@@ -34,7 +34,8 @@ def test_the_card_names_method_settings_versions_and_how_to_install_and_load(tmp
     model.save_pretrained(tmp_path)
     text = (tmp_path / "README.md").read_text()
     section = _section(text)
-    for line in ["| method | GPart, [arXiv 2605.14841](https://arxiv.org/abs/2605.14841) |",
+    for line in ["| method | GPart: End-to-End Isometric Fine-Tuning via Global Parameter Partitioning, "
+                 "[arXiv 2605.14841](https://arxiv.org/abs/2605.14841) |",
                  "| d (length of theta, the trained values) | 30 |", "| seed | 5 |", "| projection | partition |",
                  f"| partition | {gpart.ALGORITHM}, version {gpart.VERSION} |",
                  f"| D (adapted weights) | {model.peft_config['default'].D:,} |",

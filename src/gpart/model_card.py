@@ -19,7 +19,8 @@ END = "<!-- gpart model card: end -->"
 def card_section(config) -> str:
     """The GPart section for `config` (a GPartConfig), markers included."""
     rows = [
-        ("method", "GPart, [arXiv 2605.14841](https://arxiv.org/abs/2605.14841)"),
+        ("method", "GPart: End-to-End Isometric Fine-Tuning via Global Parameter Partitioning, "
+                   "[arXiv 2605.14841](https://arxiv.org/abs/2605.14841)"),
         ("d (length of theta, the trained values)", f"{config.d:,}"),
         ("seed", str(config.seed)),
         ("projection", config.projection),
