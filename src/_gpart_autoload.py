@@ -47,8 +47,9 @@ class _RegisterAfterLoading:
 
 
 def _register_gpart():
-    if "gpart" in sys.modules:  # gpart is importing peft itself and registers once it has finished
-        return
+    gpart = sys.modules.get("gpart")
+    if gpart is not None and getattr(gpart.__spec__, "_initializing", False):
+        return  # gpart's own import is importing peft, and gpart registers once it has finished
     try:
         from gpart.registration import register
 
