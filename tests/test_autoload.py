@@ -158,16 +158,18 @@ def test_a_half_installed_gpart_turns_into_a_warning(tmp_path, flags):
     assert "ModuleNotFoundError: No module named 'gpart.registration'" in _warning(result.stderr)
 
 
-@pytest.mark.parametrize("gpart_init", [
-    "import peft\nfrom .registration import register\nregister()\n",  # gpart registers itself: the hook must not
-    "",  # gpart imported without touching peft: peft's import registers it
+@pytest.mark.parametrize("gpart_init,code", [
+    # gpart's own import imports peft and registers itself: the hook must not do it again
+    ("import peft\nfrom .registration import register\nregister()\n", "import gpart, peft"),
+    ("", "import gpart, peft"),  # gpart imported without touching peft: peft's import registers it
+    ("", "import importlib.util; importlib.util.find_spec('peft'); import peft"),  # a library probing for peft
 ])
-def test_gpart_imported_before_peft_is_registered_exactly_once(tmp_path, gpart_init):
+def test_gpart_is_registered_exactly_once(tmp_path, gpart_init, code):
     (tmp_path / "gpart").mkdir()
     (tmp_path / "gpart" / "__init__.py").write_text(gpart_init)
     (tmp_path / "gpart" / "registration.py").write_text("def register():\n    print('registered')\n")
     (tmp_path / "peft").mkdir()
     (tmp_path / "peft" / "__init__.py").write_text("")
-    result = _python("import gpart, peft", env={"PYTHONPATH": str(tmp_path)})
+    result = _python(code, env={"PYTHONPATH": str(tmp_path)})
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["registered"]
