@@ -10,7 +10,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 VPY=.venv/bin/python
 stamp=.venv/.gpart-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/bootstrap.sh -nt "$stamp" ]; then
+# src/_gpart_autoload.py is copied into site-packages (also by an editable install): a change needs a reinstall
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/bootstrap.sh -nt "$stamp" ] \
+   || [ src/_gpart_autoload.py -nt "$stamp" ]; then
   "$VPY" -m pip install -q --upgrade pip
   if ! "$VPY" -c "import torch" 2>/dev/null; then
     "$VPY" -m pip install -q "torch==${GPART_TORCH_VERSION:-2.13.0}"

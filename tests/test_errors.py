@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import MLP, tiny_bert
-from peft import PeftModel, get_peft_model
+from peft import PeftConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
-from gpart import GPartConfig, GPartLayer, LayoutMismatchError, PartitionError
+from gpart import GPartConfig, GPartLayer, LayoutMismatchError, PartitionError, __version__
 
 
 def _snapshot(model):
@@ -189,6 +190,7 @@ def test_pickled_adapter_is_refused_unless_opted_in(tmp_path, monkeypatch):
     (lambda c: c.update(d="50"), "d must be an integer"),
     (lambda c: c.update(layout=[["x", [2, -1]]]), "layout must be a list"),
     (lambda c: c.update(layout_fingerprint="abc"), "sha256"),
+    (lambda c: c.update(gpart_version=3), "gpart_version must be a version string, got 3"),
 ])
 def test_config_with_unknown_missing_or_mistyped_fields_is_refused(tmp_path, edit, match):
     path = _saved_adapter(tmp_path)
@@ -200,6 +202,50 @@ def test_config_with_unknown_missing_or_mistyped_fields_is_refused(tmp_path, edi
     with pytest.raises(ValueError, match=match):
         PeftModel.from_pretrained(base, path)
     assert _snapshot(base) == before
+
+
+@pytest.mark.parametrize("saved_by,hint", [
+    ("9.1.0", "it was saved by gpart 9.1.0: upgrade with pip install -U 'gpart>=9.1.0'."),
+    (None, "it was saved by a newer gpart: upgrade with pip install -U gpart."),  # no version recorded
+])
+@pytest.mark.parametrize("edit,reason", [
+    (lambda c: c.update(newer_field=1), f"adapter_config.json has fields this gpart ({__version__}) does not know: "
+                                        "['newer_field']; "),
+    (lambda c: c.update(partition_version=3), f"partition version 3, which gpart {__version__} does not know "),
+])
+def test_an_adapter_from_a_newer_gpart_names_the_gpart_it_needs_on_every_loading_path(tmp_path, edit, reason,
+                                                                                         saved_by, hint):
+    good = _saved_adapter(tmp_path / "good")
+    path = _saved_adapter(tmp_path / "newer")
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    edit(cfg)
+    cfg["gpart_version"] = saved_by
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    model = PeftModel.from_pretrained(tiny_bert(), good)
+    before = _snapshot(model)
+    for load in (lambda: PeftModel.from_pretrained(tiny_bert(), path), lambda: PeftConfig.from_pretrained(str(path)),
+                 lambda: model.load_adapter(path, adapter_name="newer")):
+        with pytest.raises(ValueError) as error:
+            load()
+        message = str(error.value)
+        assert reason in message and message.endswith(hint) and "\n" not in message
+    assert _snapshot(model) == before and list(model.peft_config) == ["default"]
+
+
+def test_docs_api_shows_the_messages_gpart_gives(tmp_path):
+    path = _saved_adapter(tmp_path)
+    saved = json.loads((path / "adapter_config.json").read_text())
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
+    for edit in ({"newer_field": 1}, {"partition_version": 3}):
+        (path / "adapter_config.json").write_text(json.dumps({**saved, **edit, "gpart_version": "0.3.0"}))
+        with pytest.raises(ValueError) as error:
+            PeftConfig.from_pretrained(str(path))
+        assert f"\n{error.value}\n" in docs
+
+
+def test_a_misspelt_config_argument_is_still_a_type_error():
+    with pytest.raises(TypeError, match="unexpected keyword argument 'seeds'"):
+        GPartConfig(d=4, seeds=3)
 
 
 def test_truncated_safetensors_file_fails_without_touching_the_model(tmp_path):

@@ -16,12 +16,14 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "gpart"
 
 # module (dotted, relative to gpart; a package stands for all its modules) -> floor
 FLOORS = {
+    "version": 0,
     "partition": 0,
     "fastfood": 1,
     "slices": 1,
     "theta": 1,
     "quantization": 1,
     "projection": 2,
+    "model_card": 2,
     "config": 3,
     "kernels": 3,
     "functional": 4,

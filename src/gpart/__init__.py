@@ -1,7 +1,8 @@
 """gpart: GPart fine-tuning (arXiv 2605.14841) as a method of stock Hugging Face PEFT.
 
 Importing this package registers the method "GPART" with PEFT, so that `get_peft_model`,
-`PeftModel.from_pretrained` and `PeftConfig.from_pretrained` know it.
+`PeftModel.from_pretrained` and `PeftConfig.from_pretrained` know it. Where gpart is installed, importing
+peft does the same (src/_gpart_autoload.py), so loading an adapter needs no `import gpart`.
 """
 
 from .config import PEFT_TYPE, GPartConfig
@@ -11,8 +12,8 @@ from .lr import LearningRateRuleError, LearningRateWarning, gpart_lr, gpart_para
 from .model import GPartModel, LayoutMismatchError, layout_fingerprint
 from .partition import ALGORITHM, VERSION, VERSIONS, Partition, PartitionError
 from .registration import register
+from .version import __version__
 
-__version__ = "0.1.0"
 __all__ = [
     "ALGORITHM",
     "VERSION",

@@ -10,10 +10,32 @@ from typing import Optional, Union
 
 from peft.config import PeftConfig
 
+from .model_card import update_model_card
 from .partition import ALGORITHM, VERSION, VERSIONS
 from .projection import PROJECTIONS
+from .version import __version__
 
-PEFT_TYPE = "GPART"
+
+class PeftTypeName(str):
+    """The string "GPART" with the `.name` and `.value` of a member of PEFT's `PeftType` enum.
+
+    PEFT reads `config.peft_type.value` in some messages and places; its enum is closed, so a third-party
+    method cannot add a member. A str subclass equals "GPART", hashes like it (PEFT's tables are keyed by
+    it) and serialises to JSON as "GPART".
+    """
+
+    __slots__ = ()
+
+    @property
+    def name(self) -> str:
+        return str.__str__(self)
+
+    @property
+    def value(self) -> str:
+        return str.__str__(self)
+
+
+PEFT_TYPE = PeftTypeName("GPART")
 
 # What a saved adapter_config.json must state for its theta to mean anything.
 SAVED_REQUIRED = ("d", "seed", "partition_algorithm", "partition_version", "D", "layout", "layout_fingerprint")
@@ -49,6 +71,8 @@ class GPartConfig(PeftConfig):
             the non-isometric ablation. Partition only.
         partition_algorithm, partition_version, D, layout, layout_fingerprint: written when the adapter is
             created, checked when it is loaded. Do not set them by hand.
+        gpart_version: the gpart that created this config (filled in, like PEFT's peft_version), so that an
+            older gpart can name the version an adapter needs.
     """
 
     d: Optional[int] = field(default=None, metadata={"help": "Length of theta (trainable parameters)."})
@@ -70,6 +94,19 @@ class GPartConfig(PeftConfig):
     D: Optional[int] = field(default=None, metadata={"help": "Filled in automatically: number of adapted weights."})
     layout: Optional[list] = field(default=None, metadata={"help": "Filled in automatically: [name, shape] list."})
     layout_fingerprint: Optional[str] = field(default=None, metadata={"help": "Filled in automatically."})
+    gpart_version: Optional[str] = field(default=None, metadata={"help": "gpart version; leave empty to auto-fill."})
+
+    def __new__(cls, *args, **kwargs):
+        # PeftConfig.from_pretrained builds configs from saved fields and, when one is unknown, drops it with a
+        # warning. For GPart that field may change the update, so a saved config (it names its peft_type) with
+        # fields this gpart does not know is refused on every path that builds it.
+        unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(cls)})
+        if unknown and "peft_type" in kwargs:
+            raise ValueError(
+                f"adapter_config.json has fields this gpart ({__version__}) does not know: {unknown}; "
+                f"{_upgrade_hint(kwargs.get('gpart_version'))}"
+            )
+        return super().__new__(cls)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -110,16 +147,22 @@ class GPartConfig(PeftConfig):
         if self.partition_algorithm != ALGORITHM or not isinstance(self.partition_version, int):
             raise ValueError(
                 f"This adapter uses partition algorithm {self.partition_algorithm!r} version "
-                f"{self.partition_version!r}; this gpart knows {ALGORITHM!r} versions {VERSIONS}. Loading it would "
-                "silently change the update, so it is refused."
+                f"{self.partition_version!r}; gpart {__version__} knows {ALGORITHM!r} versions {VERSIONS}. Loading "
+                f"it would silently change the update, so it is refused; {_upgrade_hint(self.gpart_version)}"
             )
         if self.partition_version > VERSION:
             raise ValueError(
-                f"This adapter was saved with partition version {self.partition_version}, newer than this gpart's "
-                f"{VERSION}. Upgrade gpart to load it."
+                f"This adapter uses partition version {self.partition_version}, which gpart {__version__} does not "
+                f"know (newer than this gpart's versions {VERSIONS}); {_upgrade_hint(self.gpart_version)}"
             )
         if self.partition_version not in VERSIONS:
-            raise ValueError(f"Unknown partition version {self.partition_version}; this gpart knows {VERSIONS}.")
+            raise ValueError(
+                f"Unknown partition version {self.partition_version}; gpart {__version__} knows {VERSIONS}."
+            )
+        if self.gpart_version is None:
+            self.gpart_version = __version__
+        if not isinstance(self.gpart_version, str):
+            raise ValueError(f"GPartConfig.gpart_version must be a version string, got {self.gpart_version!r}.")
         _check_names("target_modules", self.target_modules)
         _check_names("exclude_modules", self.exclude_modules)
         _check_names("target_parameters", self.target_parameters, allow_str=False)
@@ -163,22 +206,23 @@ class GPartConfig(PeftConfig):
             )
         return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
 
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """Write adapter_config.json and the GPart section of the folder's README.md (the model card).
+
+        PEFT saves each adapter's config into that adapter's folder, after its own README.md template: this
+        is where gpart tells a reader without gpart what the adapter needs.
+        """
+        super().save_pretrained(save_directory, **kwargs)
+        update_model_card(save_directory, self)
+
     @classmethod
     def check_kwargs(cls, **kwargs):
         """Validate the fields of a saved adapter_config.json before anything is built from it.
 
-        PEFT drops unknown fields with a warning; for GPart an unknown field may come from a newer gpart
-        whose meaning this one cannot honour, and a missing one leaves the partition undefined, so both
-        are errors here.
+        A missing field leaves the partition undefined, so it is an error here (unknown fields are refused
+        when the config is built, see `__new__`).
         """
         kwargs = super().check_kwargs(**kwargs)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(kwargs) - known)
-        if unknown:
-            raise ValueError(
-                f"adapter_config.json has fields this gpart does not know: {unknown}. It was probably written by a "
-                "newer gpart; upgrade gpart to load it."
-            )
         missing = [k for k in SAVED_REQUIRED if kwargs.get(k) is None]
         if missing:
             raise ValueError(
@@ -187,6 +231,13 @@ class GPartConfig(PeftConfig):
             )
         _check_saved_types(kwargs)
         return kwargs
+
+
+def _upgrade_hint(saved_by: Optional[str]) -> str:
+    """The end of a message about an adapter this gpart cannot load: which gpart it needs."""
+    if isinstance(saved_by, str) and saved_by != __version__:
+        return f"it was saved by gpart {saved_by}: upgrade with pip install -U 'gpart>={saved_by}'."
+    return "it was saved by a newer gpart: upgrade with pip install -U gpart."
 
 
 def _is_int(v) -> bool:
