@@ -356,7 +356,6 @@ def test_every_wrapper_exposes_in_and_out_features(case):
         assert (wrapper.in_features, wrapper.out_features) == _features(wrapper.get_base_layer())
 
 
-@pytest.mark.xfail(strict=True, reason="config.peft_type becomes an object with .value in config.py (issue 15)")
 def test_peft_type_has_a_value_as_peft_reads_it():
     _, model, _ = _adapted("linear")
     assert model.active_peft_config.peft_type.value == "GPART"
