@@ -36,6 +36,10 @@ from gpart.recipes.methods import DEFAULT_LR
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = (0, 1, 2)
 
+LR_RULE_POINTER = ("## GPart's learning-rate rule and the isometry ablations\n\n"
+                   "A finished study, kept with its script, data and figures in\n"
+                   "[studies/lr_rule/lr_rule.md](../studies/lr_rule/lr_rule.md); the rule it chose is described in "
+                   "[lr.md](lr.md).")
 ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # every linear layer of a Llama block
 
 # One fixed budget per domain, sized so a run takes a few minutes on one CPU core.
@@ -470,10 +474,7 @@ def cmd_report(args) -> int:
     analysis = ROOT / "docs" / "quality" / "analysis.md"
     if analysis.exists():
         body += "\n" + analysis.read_text()
-    lr_rule = ROOT / "docs" / "quality" / "lr_rule.md"  # benchmarks/lr_rule.py's section, kept on regeneration
-    if lr_rule.exists():
-        body += ("\n<!-- lr_rule: begin (benchmarks/lr_rule.py report) -->\n" + lr_rule.read_text().rstrip()
-                 + "\n<!-- lr_rule: end -->\n")
+    body += "\n" + LR_RULE_POINTER + "\n"
     target = ROOT / "docs" / "results.md"
     tmp = target.with_suffix(".md.tmp")
     tmp.write_text(body)

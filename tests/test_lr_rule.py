@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from test_cli import _run, text_setup  # noqa: F401  (a module-scoped fixture: a 2-layer BERT and a CSV folder)
+from conftest import run_cli
 
 import gpart
 from gpart.cli import main
@@ -93,7 +93,7 @@ def _train(setup, out, *extra):
                  "--batch-size", "8", "--output-dir", str(out), "--quiet", *extra])
 
 
-def test_cli_default_lr_is_the_rule_and_lr_overrides(text_setup, tmp_path):  # noqa: F811
+def test_cli_default_lr_is_the_rule_and_lr_overrides(text_setup, tmp_path):
     from gpart.recipes.text_classification import TextClassification
 
     base = TextClassification.defaults["lr"]
@@ -114,16 +114,16 @@ def test_cli_default_lr_is_the_rule_and_lr_overrides(text_setup, tmp_path):  # n
     assert run["lr"] == 0.03 and run["lr_rule"] == {"lr": 0.03, "weight_decay": 0.2, "source": "--lr"}
 
 
-def test_cli_rule_options_errors(text_setup, tmp_path, capsys):  # noqa: F811
-    rc, err = _run(["train", "--task", "text-classification", "--method", "lora", "--base-lr", "1e-3",
+def test_cli_rule_options_errors(text_setup, tmp_path, capsys):
+    rc, err = run_cli(["train", "--task", "text-classification", "--method", "lora", "--base-lr", "1e-3",
                     "--output-dir", str(tmp_path / "x")], capsys)
     assert rc == 2 and "--base-lr is GPart's learning-rate rule" in err and "--method lora" in err
-    rc, err = _run(["train", "--task", "text-classification", "--lr", "1e-3", "--base-lr", "1e-3",
+    rc, err = run_cli(["train", "--task", "text-classification", "--lr", "1e-3", "--base-lr", "1e-3",
                     "--output-dir", str(tmp_path / "x")], capsys)
     assert rc == 2 and "not allowed with argument" in err
 
 
-def test_cli_projection_choices_reach_the_adapter(text_setup, tmp_path):  # noqa: F811
+def test_cli_projection_choices_reach_the_adapter(text_setup, tmp_path):
     assert _train(text_setup, tmp_path / "ff", "--projection", "fastfood") == 0
     saved = json.loads((tmp_path / "ff" / "adapter" / "adapter_config.json").read_text())
     assert saved["projection"] == "fastfood" and saved["column_gain_ratio"] == 1.0
@@ -134,22 +134,22 @@ def test_cli_projection_choices_reach_the_adapter(text_setup, tmp_path):  # noqa
     assert "projection" not in json.loads((tmp_path / "gain" / "metrics.json").read_text())["run"]
 
 
-def test_cli_projection_choice_errors(text_setup, capsys):  # noqa: F811
+def test_cli_projection_choice_errors(text_setup, capsys):
     info = ["info", "--task", "text-classification", "--model", str(text_setup / "bert"), "--d", "64"]
-    rc, err = _run(info + ["--method", "lora", "--projection", "fastfood"], capsys)
+    rc, err = run_cli(info + ["--method", "lora", "--projection", "fastfood"], capsys)
     assert rc == 2 and "--projection choose GPart's projection" in err and "--method lora takes none" in err
-    rc, err = _run(info + ["--method", "unilora", "--column-gain-ratio", "4"], capsys)
+    rc, err = run_cli(info + ["--method", "unilora", "--column-gain-ratio", "4"], capsys)
     assert rc == 2 and "--column-gain-ratio" in err and "--method gpart only" in err
-    rc, err = _run(info + ["--projection", "dense"], capsys)
+    rc, err = run_cli(info + ["--projection", "dense"], capsys)
     assert rc == 2 and "projection='dense' is not supported; choose one of partition, fastfood" in err
-    rc, err = _run(info + ["--column-gain-ratio", "0.5"], capsys)
+    rc, err = run_cli(info + ["--column-gain-ratio", "0.5"], capsys)
     assert rc == 2 and "expected a number >= 1" in err
-    rc, err = _run(info + ["--projection", "fastfood", "--column-gain-ratio", "4"], capsys)
+    rc, err = run_cli(info + ["--projection", "fastfood", "--column-gain-ratio", "4"], capsys)
     assert rc == 2 and "applies to projection='partition' only" in err
     assert main(info + ["--projection", "fastfood", "--json"]) == 0
 
 
-def test_cli_sgd_optimizer_for_the_ablations(text_setup, tmp_path, capsys):  # noqa: F811
+def test_cli_sgd_optimizer_for_the_ablations(text_setup, tmp_path, capsys):
     # the isometry ablation's SGD arm: theta and the head under torch SGD with momentum 0.9, at the given lr
     assert _train(text_setup, tmp_path / "sgd", "--optimizer", "sgd", "--lr", "0.5", "--head-lr", "0.1") == 0
     run = json.loads((tmp_path / "sgd" / "metrics.json").read_text())["run"]
@@ -163,9 +163,9 @@ def test_cli_sgd_optimizer_for_the_ablations(text_setup, tmp_path, capsys):  # n
     assert _train(text_setup, tmp_path / "adam", "--lr", "0.01") == 0
     assert "optimizer" not in json.loads((tmp_path / "adam" / "metrics.json").read_text())["run"]
     # a run does not resume under the other optimizer (its state would not load)
-    rc, err = _run(["train", "--task", "text-classification", "--model", str(text_setup / "bert"), "--dataset",
+    rc, err = run_cli(["train", "--task", "text-classification", "--model", str(text_setup / "bert"), "--dataset",
                     str(text_setup / "data"), "--d", "64", "--max-steps", "2", "--optimizer", "sgd", "--lr", "0.5",
                     "--output-dir", str(tmp_path / "adam"), "--resume", "--quiet"], capsys)
     assert rc == 2 and "holds a different run" in err and "optimizer: run has None, now 'sgd'" in err
-    rc, err = _run(["train", "--task", "text-classification", "--optimizer", "sgd", "--output-dir", str(tmp_path / "x")], capsys)
+    rc, err = run_cli(["train", "--task", "text-classification", "--optimizer", "sgd", "--output-dir", str(tmp_path / "x")], capsys)
     assert rc == 2 and "--optimizer sgd needs --lr" in err and "tuned for AdamW" in err
