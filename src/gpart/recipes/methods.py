@@ -10,6 +10,22 @@ import torch.nn as nn
 PEFT_METHODS = ("gpart", "lora", "vera", "unilora")
 METHODS = PEFT_METHODS + ("full", "head-only")
 
+# Named target sets by naming family, for the benchmarks and studies (the CLI's default is
+# models.DEFAULT_TARGETS). "all" is every linear layer of a transformer block (attention and MLP): the task
+# head and BERT's pooler are left out, as PEFT's all-linear leaves out the output layer. Names are
+# suffixes, matched the way PEFT matches target_modules.
+TARGET_SETS = {
+    "encoder": {  # BERT / RoBERTa
+        "qv": ("query", "value"),
+        "all": ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"),
+    },
+    "decoder": {  # Llama
+        "qv": ("q_proj", "v_proj"),
+        "attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
+        "all": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    },
+}
+
 # Ranks when --r is not given: LoRA r=8 (alpha=r, as the GPart repo's baseline), VeRA r=256 (PEFT's
 # default), Uni-LoRA r=4 (its paper's GLUE setting; theta length is --d, as GPart's).
 DEFAULT_RANK = {"lora": 8, "vera": 256, "unilora": 4}
