@@ -93,23 +93,37 @@ def _train(setup, out, *extra):
                  "--batch-size", "8", "--output-dir", str(out), "--quiet", *extra])
 
 
+def _optimizer_groups(out) -> dict:
+    """{group name: (its initial lr, weight decay, number of tensors)} of the optimizer a run trained with."""
+    state = torch.load(next((out / "checkpoints").glob("checkpoint-*/optimizer.pt")), weights_only=False)
+    return {g["name"]: (g["initial_lr"], g["weight_decay"], len(g["params"])) for g in state["param_groups"]}
+
+
 def test_cli_default_lr_is_the_rule_and_lr_overrides(text_setup, tmp_path):
     from gpart.recipes.text_classification import TextClassification
 
-    base = TextClassification.defaults["lr"]
+    base, wd, head_lr = (TextClassification.defaults[k] for k in ("lr", "weight_decay", "head_lr"))
+    factor = (10_000 / 64) ** 0.75  # d = 64
     assert _train(text_setup, tmp_path / "rule") == 0
+    # theta (one tensor) under the rule; the classifier's matrix and bias at the head's lr
+    assert _optimizer_groups(tmp_path / "rule") == {
+        "gpart_theta": (base * factor, wd / factor, 1), "head_decay": (head_lr, wd, 1), "head_plain": (head_lr, 0.0, 1)}
     run = json.loads((tmp_path / "rule" / "metrics.json").read_text())["run"]
-    assert run["lr"] == pytest.approx(base * 156.25 ** 0.75)  # d = 64
     rule = run["lr_rule"]
-    assert rule["source"] == "rule" and rule["base_lr"] == base and (rule["D"], rule["d"]) == (4096, 64)
-    assert rule["weight_decay"] == pytest.approx(TextClassification.defaults["weight_decay"] / 156.25 ** 0.75)
+    assert run["lr"] == base * factor and rule["source"] == "rule" and rule["base_lr"] == base
+    assert (rule["D"], rule["d"]) == (4096, 64) and rule["weight_decay"] == wd / factor
     assert "GPart's rule: base" in (tmp_path / "rule" / "report.md").read_text()
 
-    assert _train(text_setup, tmp_path / "base", "--base-lr", "0.0008") == 0
-    run = json.loads((tmp_path / "base" / "metrics.json").read_text())["run"]
-    assert run["lr"] == pytest.approx(0.0008 * 156.25 ** 0.75) and run["lr_rule"]["base_lr"] == 0.0008
+    assert _train(text_setup, tmp_path / "base", "--base-lr", "0.0008", "--head-lr", "0.002") == 0
+    assert _optimizer_groups(tmp_path / "base") == {
+        "gpart_theta": (0.0008 * factor, wd / factor, 1), "head_decay": (0.002, wd, 1), "head_plain": (0.002, 0.0, 1)}
+    assert json.loads((tmp_path / "base" / "metrics.json").read_text())["run"]["lr_rule"]["base_lr"] == 0.0008
 
+    # an explicit --lr is theta's own, with --weight-decay undivided
     assert _train(text_setup, tmp_path / "lr", "--lr", "0.03", "--weight-decay", "0.2") == 0
+    groups = _optimizer_groups(tmp_path / "lr")
+    assert groups["gpart_theta"] == (pytest.approx(0.03, rel=1e-15), pytest.approx(0.2, rel=1e-15), 1)
+    assert groups["head_decay"] == (head_lr, 0.2, 1)
     run = json.loads((tmp_path / "lr" / "metrics.json").read_text())["run"]
     assert run["lr"] == 0.03 and run["lr_rule"] == {"lr": 0.03, "weight_decay": 0.2, "source": "--lr"}
 
@@ -156,7 +170,7 @@ def test_cli_sgd_optimizer_for_the_ablations(text_setup, tmp_path, capsys):
     assert run["optimizer"] == "sgd" and run["lr"] == 0.5
     state = torch.load(next((tmp_path / "sgd" / "checkpoints").glob("checkpoint-*/optimizer.pt")), weights_only=False)
     groups = {g["name"]: g for g in state["param_groups"]}
-    assert groups["body_decay"]["momentum"] == 0.9 and groups["body_decay"]["initial_lr"] == 0.5
+    assert groups["gpart_theta"]["momentum"] == 0.9 and groups["gpart_theta"]["initial_lr"] == pytest.approx(0.5, rel=1e-15)
     assert groups["head_decay"]["initial_lr"] == 0.1
     assert all("momentum_buffer" in s and "exp_avg" not in s for s in state["state"].values())
     # AdamW runs record no optimizer key (run.json stays as before)
