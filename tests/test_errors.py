@@ -202,10 +202,34 @@ def test_config_with_unknown_missing_or_mistyped_fields_is_refused(tmp_path, edi
     assert _snapshot(base) == before
 
 
-def test_truncated_safetensors_file_fails_without_touching_the_model(tmp_path):
+def _truncated_adapter(tmp_path):
     path = _saved_adapter(tmp_path)
     blob = (path / "adapter_model.safetensors").read_bytes()
     (path / "adapter_model.safetensors").write_bytes(blob[: len(blob) // 2])
+    return path
+
+
+def _weights(model):
+    """Every weight's values by its name in the base model (a wrapped layer's base_layer is the same weight)."""
+    return {n.replace(".base_layer", ""): p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_truncated_safetensors_file_fails_and_keeps_the_base_weights(tmp_path):
+    path = _truncated_adapter(tmp_path)
     base = tiny_bert()
+    before = _weights(base)
     with pytest.raises(Exception, match="(?i)safetensor|header|incomplete|invalid|deserializ"):
         PeftModel.from_pretrained(base, path)
+    after = _weights(base)
+    assert after.keys() == before.keys() and all(torch.equal(after[n], before[n]) for n in before)
+
+
+@pytest.mark.xfail(strict=True, reason="PeftModel.from_pretrained wraps and freezes the base model's layers before "
+                                       "it reads the weights file; a check of the file before injection is not done yet")
+def test_truncated_safetensors_file_leaves_the_model_as_it_was(tmp_path):
+    path = _truncated_adapter(tmp_path)
+    base = tiny_bert()
+    before = _snapshot(base)
+    with pytest.raises(Exception, match="(?i)safetensor|header|incomplete|invalid|deserializ"):
+        PeftModel.from_pretrained(base, path)
+    assert _snapshot(base) == before
