@@ -263,6 +263,29 @@ def test_merge_unmerge_and_merge_and_unload_are_exact(make, kwargs, x):
     torch.testing.assert_close(_out(merged, x), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_two_active_adapters_merge_and_unmerge_to_their_unmerged_output():
+    base = tiny_bert()
+    x = torch.randint(0, 100, (2, 7))
+    base_out = _out(base, x)
+    model = get_peft_model(base, GPartConfig(d=80, seed=1, init_scale=2.0, target_modules=["query", "value"]))
+    model.add_adapter("b", GPartConfig(d=120, seed=2, init_scale=2.0, target_modules=["query", "key"]))
+    only_a = _out(model, x)
+    model.base_model.set_adapter(["default", "b"])  # "query" carries both updates
+    both = _out(model, x)
+    # each adapter moves the logits (about 0.01 here) by far more than the tolerances below
+    assert (both - only_a).abs().max() > 1e-3 and (both - base_out).abs().max() > 1e-3
+    model.merge_adapter()
+    assert model.base_model.model.bert.encoder.layer[0].attention.self.query.merged_adapters == ["default", "b"]
+    torch.testing.assert_close(_out(model, x), both, rtol=1e-5, atol=1e-6)
+    model.unmerge_adapter()
+    torch.testing.assert_close(_out(model, x), both, rtol=1e-5, atol=1e-6)
+    with model.disable_adapter():
+        torch.testing.assert_close(_out(model, x), base_out, rtol=1e-5, atol=1e-6)
+    merged = model.merge_and_unload()
+    assert _gpart_layer_names(merged) == []
+    torch.testing.assert_close(_out(merged, x), both, rtol=1e-5, atol=1e-6)
+
+
 def test_unload_restores_base_model():
     base = tiny_bert()
     x = torch.randint(0, 100, (2, 7))
