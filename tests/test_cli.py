@@ -158,13 +158,17 @@ def test_separate_learning_rates_reach_the_optimizer(text_setup, tmp_path):
                                           ("full", "model"), ("head-only", "model")])
 def test_other_methods_train_and_save(method, saved, text_setup, tmp_path):
     out = tmp_path / method
+    # the same 8 reviews every step (one full batch), so the training loss must fall if the run learns
     assert main(["train", "--task", "text-classification", "--model", str(text_setup / "bert"),
                  "--dataset", str(text_setup / "data"), "--method", method, "--d", "64", "--r", "4",
-                 "--max-steps", "2", "--eval-steps", "2", "--batch-size", "8", "--output-dir", str(out),
-                 "--quiet"]) == 0
+                 "--max-steps", "6", "--eval-steps", "6", "--batch-size", "8", "--max-train-samples", "8",
+                 "--head-lr", "5e-2", "--output-dir", str(out), "--quiet"]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["saved"] == saved and (out / saved / "gpart_task.json").exists()
-    assert 0 <= m["test"]["accuracy"] <= 1
+    losses = [h["loss"] for h in m["history"]["train"]]
+    assert len(losses) == 6 and losses[0] == pytest.approx(0.693, abs=0.01)  # ln 2: a fresh 2-class head
+    assert max(losses[-2:]) < losses[0] - 0.05, losses
+    assert m["test"]["n"] == 20
     if method == "head-only":
         assert m["params"]["adapter"] == 0 and m["params"]["trainable"] == m["params"]["head"] == 66
     if method == "full":
@@ -345,10 +349,24 @@ def test_causal_lm_train_eval_merge(lm_setup, tmp_path, capsys):
                  "--max-new-tokens", "2", "--max-eval-samples", "3", "--output", str(tmp_path / "e.json")]) == 0
     assert json.loads((tmp_path / "e.json").read_text())["n"] == 3
     assert main(["merge", "--adapter", str(out / "adapter"), "--output-dir", str(tmp_path / "merged")]) == 0
-    assert (tmp_path / "merged" / "model.safetensors").exists()
+    _check_merged_lm(lm_setup / "llama", out / "adapter", tmp_path / "merged")
     rc, err = run_cli(["train", "--task", "causal-lm", "--model", str(lm_setup / "llama"), "--dataset",
                     str(lm_setup / "math.jsonl"), "--method", "head-only", "--output-dir", str(tmp_path / "h")], capsys)
     assert rc == 2 and "head-only needs" in err
+
+
+def _check_merged_lm(base_dir, adapter_dir, merged_dir):
+    """The merged causal LM gives the adapter's logits, which differ from the base model's."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(4, 20, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = AutoModelForCausalLM.from_pretrained(base_dir).eval()(ids).logits
+        adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir).eval()(ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()(ids).logits
+    assert (adapted - base).abs().max() > 1e-3  # training moved the model, so the comparison below can fail
+    torch.testing.assert_close(merged, adapted, rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------ helpers
