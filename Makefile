@@ -1,5 +1,7 @@
 # The two commands for a fresh machine: `make demo` and `make test`.
 PY := .venv/bin/python
+# the default suite takes about 4 minutes on 2 cores; a hung test stops the run here, well inside CI's 90
+TEST_TIMEOUT ?= 30m
 
 .PHONY: setup test test-slow demo clean
 
@@ -7,7 +9,7 @@ setup:
 	@bash scripts/bootstrap.sh
 
 test: setup
-	$(PY) -m pytest -q
+	timeout $(TEST_TIMEOUT) $(PY) -m pytest -q
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow

@@ -38,24 +38,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+# The method settings (configs, ranks, target sets, head names) are the CLI's: one source.
+from gpart.recipes.methods import TARGET_SETS, build_peft_config, count_params
+from gpart.recipes.models import HEAD_NAMES, head_modules
+
 QUANT_MODES = ("nf4", "nf4-dq", "fp4", "fp4-dq", "8bit")  # bitsandbytes; "-dq": double quantization
 METHODS = ("gpart", "gpart-v1", "lora-r8", "lora-r64", "vera", "unilora", "full", "head-only", "floor")
-PEFT_METHODS = ("gpart", "gpart-v1", "lora-r8", "lora-r64", "vera", "unilora")
-
-# Target sets by family. "all" means every linear layer of the transformer blocks (attention and
-# MLP); the task head (classifier / lm_head) and BERT's pooler are left out, as PEFT's all-linear
-# leaves out the output layer. Names are suffixes, matched the way PEFT matches target_modules.
-TARGETS = {
-    "encoder": {
-        "qv": ["query", "value"],
-        "all": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
-    },
-    "decoder": {
-        "qv": ["q_proj", "v_proj"],
-        "attn": ["q_proj", "k_proj", "v_proj", "o_proj"],
-        "all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    },
-}
 
 
 @dataclass(frozen=True)
@@ -245,7 +233,7 @@ def make_batch(model, family: str, batch: int, seq: int, seed: int, device):
 
 # ----------------------------------------------------------------------------------------- targets
 def target_names(shape: str, targets: str) -> list[str]:
-    return list(TARGETS[SHAPES[shape].family][targets])
+    return list(TARGET_SETS[SHAPES[shape].family][targets])
 
 
 def matches_target(module_name: str, names: list[str]) -> bool:
@@ -254,7 +242,7 @@ def matches_target(module_name: str, names: list[str]) -> bool:
 
 
 def _is_head_module(module_name: str) -> bool:
-    return module_name.split(".")[0] in ("classifier", "score", "lm_head")
+    return module_name.split(".")[0] in HEAD_NAMES
 
 
 def targeted_numel(model, names: list[str]) -> int:
@@ -276,8 +264,6 @@ def targeted_weights(model, names: list[str]) -> dict:
     return out
 
 
-HEAD_NAMES = {"encoder": ["classifier"], "decoder": []}
-
 
 def configure_floor(model, names: list[str]) -> list:
     """The floor: every parameter frozen except the targeted weights (not their biases)."""
@@ -289,26 +275,26 @@ def configure_floor(model, names: list[str]) -> list:
     return list(weights.values())
 
 
+# benchmark method -> (the CLI's --method, its rank); gpart-v1 is GPart on partition version 1
+PEFT_SETTINGS = {"gpart": ("gpart", None), "gpart-v1": ("gpart", None), "lora-r8": ("lora", 8),
+                 "lora-r64": ("lora", 64), "vera": ("vera", None), "unilora": ("unilora", None)}
+PEFT_METHODS = tuple(PEFT_SETTINGS)
+
+
 def peft_config(method: str, family: str, names: list[str], d: int, seed: int):
-    from peft import LoraConfig, TaskType, UniLoraConfig, VeraConfig
+    """The CLI's PEFT config for a benchmark method (no dropout; PEFT's task type saves the fresh head)."""
+    import dataclasses
 
-    import gpart
+    from peft import TaskType
 
+    if method not in PEFT_SETTINGS:
+        raise ValueError(f"not a PEFT method: {method!r}")
+    cli_method, rank = PEFT_SETTINGS[method]
     task = TaskType.SEQ_CLS if family == "encoder" else TaskType.CAUSAL_LM
-    common = dict(target_modules=list(names), task_type=task)
-    if method == "gpart":
-        return gpart.GPartConfig(d=d, seed=seed, **common)
-    if method == "gpart-v1":  # partition version 1, as adapters saved before version 2 use it
-        return gpart.GPartConfig(d=d, seed=seed, partition_version=1, **common)
-    if method == "lora-r8":
-        return LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0, **common)
-    if method == "lora-r64":
-        return LoraConfig(r=64, lora_alpha=64, lora_dropout=0.0, **common)
-    if method == "vera":
-        return VeraConfig(r=256, projection_prng_key=seed, vera_dropout=0.0, **common)
-    if method == "unilora":
-        return UniLoraConfig(r=4, theta_d_length=d, proj_seed=seed, unilora_dropout=0.0, **common)
-    raise ValueError(f"not a PEFT method: {method!r}")
+    config = build_peft_config(cli_method, d=d, targets=names, seed=seed, dropout=0.0, head=[], task_type=task, r=rank)
+    if method == "gpart-v1":  # the partition of adapters saved before version 2
+        config = dataclasses.replace(config, partition_version=1)
+    return config
 
 
 def apply_method(model, method: str, family: str, names: list[str], d: int, seed: int):
@@ -325,7 +311,7 @@ def apply_method(model, method: str, family: str, names: list[str], d: int, seed
         for p in model.parameters():
             p.requires_grad_(True)
     elif method == "head-only":
-        heads = HEAD_NAMES[family]
+        heads = head_modules(model)
         if not heads:
             raise SkipMethod("a decoder has no fresh task head to train alone")
         for name, p in model.named_parameters():
@@ -339,23 +325,6 @@ def apply_method(model, method: str, family: str, names: list[str], d: int, seed
 
 class SkipMethod(Exception):
     """The method does not apply to this shape (e.g. head-only on a decoder)."""
-
-
-def count_params(model, family: str) -> tuple[int, int, int]:
-    """(total, trainable, trainable outside the task head); tied weights count once."""
-    heads = HEAD_NAMES[family]
-    seen, total, trainable, head = set(), 0, 0, 0
-    for name, p in model.named_parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        total += p.numel()
-        if p.requires_grad:
-            trainable += p.numel()
-            parts = name.split(".")
-            if any(h in parts for h in heads):
-                head += p.numel()
-    return total, trainable, trainable - head
 
 
 def saved_bytes(model, method: str) -> int | None:
@@ -427,7 +396,7 @@ def _run(spec: WorkerSpec, res: WorkerResult) -> None:
     shape = SHAPES[spec.shape]
     if spec.method not in METHODS:
         raise ValueError(f"unknown method {spec.method!r}; choose from {', '.join(METHODS)}")
-    if spec.method == "head-only" and not HEAD_NAMES[shape.family]:
+    if spec.method == "head-only" and shape.family == "decoder":
         raise SkipMethod("a decoder has no fresh task head to train alone")
     names = target_names(spec.shape, spec.targets)
     device = torch.device(spec.device)
@@ -460,7 +429,8 @@ def _run(spec: WorkerSpec, res: WorkerResult) -> None:
     model, res.setup_s = apply_method(model, spec.method, shape.family, names, spec.d, spec.seed)
     res.kernel_backend = kernel_backend(device)
     model.train()
-    res.total_params, res.trainable_params, res.adapter_params = count_params(model, shape.family)
+    counts = count_params(model, HEAD_NAMES)
+    res.total_params, res.trainable_params, res.adapter_params = counts["total"], counts["trainable"], counts["adapter"]
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise RuntimeError("nothing to train: no parameter requires grad")
@@ -516,7 +486,8 @@ def _run_meta(spec: WorkerSpec, res: WorkerResult, model, shape: Shape, names: l
     gc.collect()
     res.rss_now_after_mib = current_rss_mib()
     res.peak_rss_mib = ru_maxrss_mib()
-    res.total_params, res.trainable_params, res.adapter_params = count_params(model, shape.family)
+    counts = count_params(model, HEAD_NAMES)
+    res.total_params, res.trainable_params, res.adapter_params = counts["total"], counts["trainable"], counts["adapter"]
 
 
 def kernel_backend(device) -> str:

@@ -30,6 +30,8 @@ ROOT = HERE.parent
 # benchmarks/ holds a kernels.py that would shadow the `kernels` package transformers probes for
 sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != HERE]
 
+from gpart.recipes.methods import TARGET_SETS, build_peft_config  # noqa: E402 - the CLI's method settings
+
 
 def _load(name: str):
     if name not in sys.modules:
@@ -41,6 +43,7 @@ def _load(name: str):
 
 
 harness = _load("bench_harness")
+QKVO = ",".join(TARGET_SETS["decoder"]["attn"])  # the LLM recipe's default targets
 
 METHODS = ("base", "gpart", "gpart-uncached", "gpart-merged", "lora-r8")
 REFERENCE = "lora-r8"
@@ -56,7 +59,7 @@ DESCRIPTIONS = {
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", choices=("smollm2-135m", "tiny-llama"), default="smollm2-135m")
-    p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj")
+    p.add_argument("--targets", default=QKVO)
     p.add_argument("--d", type=int, default=131072)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
@@ -80,7 +83,7 @@ def parse_args(argv=None):
 
 
 def default_name(args) -> str:
-    targets = "qkvo" if args.targets == "q_proj,k_proj,v_proj,o_proj" else args.targets.replace(",", "+")
+    targets = "qkvo" if args.targets == QKVO else args.targets.replace(",", "+")
     return f"generation-{args.shape}-{targets}-d{args.d}"
 
 
@@ -88,15 +91,14 @@ def default_name(args) -> str:
 def build_models(args) -> dict:
     """{method: model in eval mode}; GPart cached and uncached share one model (the switch is toggled)."""
     import torch
-    from peft import LoraConfig, get_peft_model
-
-    import gpart
+    from peft import get_peft_model
 
     targets = args.targets.split(",")
     base = harness.build_model(args.shape, args.seed).eval()
     models = {"base": base}
     gen = torch.Generator().manual_seed(args.seed + 7)
-    gp = get_peft_model(copy.deepcopy(base), gpart.GPartConfig(d=args.d, target_modules=targets, seed=args.seed))
+    common = dict(d=args.d, targets=targets, seed=args.seed, dropout=0.0, head=[], task_type=None)
+    gp = get_peft_model(copy.deepcopy(base), build_peft_config("gpart", **common))
     with torch.no_grad():  # a trained-looking theta, so the outputs are not the base model's
         theta = gp.base_model.gpart_theta["default"]
         theta.copy_(torch.randn(theta.shape, generator=gen) * 0.05 * args.update_scale)
@@ -105,8 +107,7 @@ def build_models(args) -> dict:
     if "gpart-merged" in args.methods:
         models["gpart-merged"] = copy.deepcopy(gp).merge_and_unload().eval()
     if "lora-r8" in args.methods:
-        lora = get_peft_model(copy.deepcopy(base), LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0,
-                                                               target_modules=targets))
+        lora = get_peft_model(copy.deepcopy(base), build_peft_config("lora", r=8, **common))
         with torch.no_grad():
             for name, p in lora.named_parameters():
                 if "lora_B" in name:

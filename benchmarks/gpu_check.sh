@@ -3,8 +3,8 @@
 # Triton already installed (the lent H200 has them; a missing package can travel as wheels in .whl/).
 # About 6 minutes on an H200. Everything it measures lands in $OUT (default /tmp/gpart-gpu):
 #   env.txt             versions, GPU
-#   tests.log           tests/test_cuda.py (compiled Triton kernels and a CUDA training step against the CPU
-#                       reference) and the partition's CUDA test
+#   tests.log           every test marked cuda: tests/test_cuda.py (compiled Triton kernels and a CUDA training
+#                       step against the CPU reference), the partition's and the bitsandbytes wrappers' CUDA tests
 #   step_time-*.{json,md,png}   bf16 Llama decoder with Qwen2.5-0.5B's dimensions, random init, every linear
 #                       layer, d = 524,288, batch 8 x 512: GPart, GPart on partition version 1, the floor and
 #                       LoRA r=8 (issue 3's goal: GPart <= 1.15x the floor)
@@ -30,6 +30,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then  # packages carried as wheels (docs
     && export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+CUDA_TESTS="tests/test_cuda.py tests/test_partition.py tests/test_quantized.py"  # every file with a cuda mark
 status=0
 "$PY" - <<'EOF' 2>&1 | tee "$OUT/env.txt" || status=1
 import importlib, torch
@@ -40,7 +41,7 @@ for name in ("torch", "transformers", "peft", "accelerate", "triton"):
         print(name, "MISSING", e)
 print("cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
 EOF
-"$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_partition.py -k "cuda" -m "cuda or not cuda" \
+"$PY" -m pytest -q -rs -p no:cacheprovider $CUDA_TESTS -m cuda \
   2>&1 | tee "$OUT/tests.log" || status=1
 "$PY" benchmarks/step_time.py --shape "$SHAPE" --targets all --d "$D" $BATCH --dtype "$DTYPE" --device "$DEVICE" \
   --methods gpart,gpart-v1,floor,lora-r8 --repeats "$REPEATS" --out-dir "$OUT" \

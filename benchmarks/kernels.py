@@ -61,7 +61,7 @@ from gpart.kernels import cpu  # noqa: E402
 from gpart.partition import VERSION, Partition  # noqa: E402
 
 ROBERTA_BASE_ALL_LINEAR_D = 12 * (4 * 768 * 768 + 2 * 768 * 3072)  # 84,934,656 weights
-STEP_FLOOR_S = 2.6  # DESIGN.md: frozen fwd+bwd with weight grads, RoBERTa-base, batch 8x128, 2 cores
+STEP_FLOOR_S = 2.6  # frozen fwd+bwd with weight grads, RoBERTa-base, batch 8x128, 2 cores (a hand check, 2026-11)
 
 
 def _timeit(fn) -> tuple[float, float]:
@@ -303,7 +303,7 @@ def write_report(results, meta, out_dir: Path):
             "",
             f"Per training step on the RoBERTa-base all-linear shape (D = {meta['D']:,} weights; every weight",
             "passes through the forward update, the backward recompute and the gradient scatter), from the",
-            "table above; the GEMM floor is DESIGN.md's 2.6 s (batch 8 x 128, 2 cores):",
+            "table above; the GEMM floor is 2.6 s (a hand check in 2026-11; batch 8 x 128, 2 cores):",
             "",
             "| schedule | threads | ns/weight/step (median / min) | s/step (median / min) "
             "| share of the floor (median / min) | CPU ns/weight/step (median / min) |",

@@ -31,12 +31,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpart.recipes.methods import DEFAULT_LR
+from gpart.recipes.methods import DEFAULT_LR, TARGET_SETS
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = (0, 1, 2)
 
-ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # every linear layer of a Llama block
+LR_RULE_POINTER = ("## GPart's learning-rate rule and the isometry ablations\n\n"
+                   "A finished study, kept with its script, data and figures in\n"
+                   "[studies/lr_rule/lr_rule.md](../studies/lr_rule/lr_rule.md); the rule it chose is described in "
+                   "[lr.md](lr.md).")
+ALL_LINEAR = ",".join(TARGET_SETS["decoder"]["all"])  # every linear layer of a Llama block
 
 # One fixed budget per domain, sized so a run takes a few minutes on one CPU core.
 DOMAINS = {
@@ -344,7 +348,7 @@ def collect_diagnostics(runs: Path, dom: str) -> list[dict]:
         if m is None:
             continue
         rows.append({"method": run.method, "d": run.d if run.uses_d else None, "lr": run.lr,
-                     "targets": run.targets or "q_proj,k_proj,v_proj,o_proj", "D": m.get("D"),
+                     "targets": run.targets or ",".join(TARGET_SETS["decoder"]["attn"]), "D": m.get("D"),
                      "trainable": m["params"]["trainable"], "val_loss": m["validation"].get("loss"),
                      "test": test_metric(dom, m), "train_s": m["train"]["runtime_s"]})
     return rows
@@ -470,10 +474,7 @@ def cmd_report(args) -> int:
     analysis = ROOT / "docs" / "quality" / "analysis.md"
     if analysis.exists():
         body += "\n" + analysis.read_text()
-    lr_rule = ROOT / "docs" / "quality" / "lr_rule.md"  # benchmarks/lr_rule.py's section, kept on regeneration
-    if lr_rule.exists():
-        body += ("\n<!-- lr_rule: begin (benchmarks/lr_rule.py report) -->\n" + lr_rule.read_text().rstrip()
-                 + "\n<!-- lr_rule: end -->\n")
+    body += "\n" + LR_RULE_POINTER + "\n"
     target = ROOT / "docs" / "results.md"
     tmp = target.with_suffix(".md.tmp")
     tmp.write_text(body)

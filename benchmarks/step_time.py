@@ -56,7 +56,7 @@ DEFAULT_OUT = ROOT / "docs" / "benchmarks"
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", choices=list(harness.SHAPES), default="roberta-base")
-    p.add_argument("--targets", choices=tuple(harness.TARGETS["decoder"]), default="qv",
+    p.add_argument("--targets", choices=tuple(harness.TARGET_SETS["decoder"]), default="qv",
                    help="qv: query,value (q_proj,v_proj on Llama); attn: q,k,v,o projections (decoders); all: every "
                         "linear layer of the blocks")
     p.add_argument("--d", type=int, default=131072, help="length of GPart's theta (and Uni-LoRA's)")
@@ -99,7 +99,7 @@ def parse_args(argv=None):
         shape = harness.SHAPES[args.shape]
         if args.quant and (shape.family != "decoder" or shape.meta):
             p.error(f"--quant needs a decoder shape that trains (not {args.shape})")
-        if args.targets not in harness.TARGETS[shape.family]:
+        if args.targets not in harness.TARGET_SETS[shape.family]:
             p.error(f"--targets {args.targets} is not defined for {shape.family} shapes")
     return args
 

@@ -1,15 +1,50 @@
-"""Tiny models built from configs (offline) and small helpers shared by the tests."""
+"""Tiny models built from configs (offline) and small helpers shared by the tests.
+
+Under CI=true the run is reproducible and complete: Hypothesis draws the same examples every time,
+and a machine that cannot run gpart's C++ or Triton kernels fails at the start instead of skipping
+their tests.
+"""
 
 from __future__ import annotations
 
+import csv
+import importlib.util
 import os
+import random
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
 from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if IN_CI:
+    settings.load_profile("ci")
+
+
+def pytest_sessionstart(session):
+    if IN_CI:
+        require_kernels()
+
+
+def require_kernels() -> None:
+    """The kernel tests skip where the C++ kernels cannot be built or Triton is missing; CI must run them."""
+    import gpart.kernels
+
+    try:
+        gpart.kernels.build(verbose=False)
+    except Exception as e:  # noqa: BLE001 - any build failure is reported as is
+        raise pytest.UsageError(f"CI=true but gpart's C++ kernels cannot be built here ({e}); install a C++ "
+                                "compiler (g++ or clang++), or unset CI to let their tests skip") from e
+    if importlib.util.find_spec("triton") is None:
+        raise pytest.UsageError("CI=true but Triton is not installed (its kernels' tests would skip); install "
+                                "the gpu extra (scripts/bootstrap.sh does), or unset CI to let them skip")
 
 
 class MLP(nn.Module):
@@ -137,3 +172,111 @@ def load_quantized(path, mode: str, device="cpu"):
 
     return AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_config(mode), device_map=device,
                                                 dtype=torch.float32).eval()
+
+
+# -- the command line's tiny text task ------------------------------------------------------------------
+
+POS, NEG = ["good", "great", "fine", "love", "nice"], ["bad", "awful", "poor", "hate", "terrible"]
+FILLER = ["the", "a", "movie", "film", "food", "was", "is", "very"]
+
+
+def word_tokenizer(words, specials, **kw):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(specials + words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=specials[1]))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **kw), len(vocab)
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def reviews(n: int, seed: int) -> list[dict]:
+    """n short reviews, alternately negative and positive; the label is decided by the last word."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = i % 2
+        words = [rng.choice(FILLER) for _ in range(3)] + [rng.choice(POS if label else NEG)]
+        rows.append({"text": " ".join(words), "label": ["neg", "pos"][label]})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def text_setup(tmp_path_factory):
+    """A 2-layer BERT (hidden 32) with a word-level tokenizer, and a train/test CSV folder."""
+    from transformers import BertConfig, BertModel
+
+    root = tmp_path_factory.mktemp("text")
+    tokenizer, vocab = word_tokenizer(POS + NEG + FILLER, ["[PAD]", "[UNK]", "[CLS]", "[SEP]"],
+                                      pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=32)
+    BertModel(config).save_pretrained(root / "bert")
+    tokenizer.save_pretrained(root / "bert")
+    (root / "data").mkdir()
+    write_csv(root / "data" / "train.csv", reviews(64, 0))
+    write_csv(root / "data" / "test.csv", reviews(20, 1))
+    return root
+
+
+def run_cli(argv, capsys):
+    """gpart.cli.main for commands expected to fail: returns (exit code, stderr)."""
+    from gpart.cli import main
+
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse errors
+        rc = e.code
+    return rc, capsys.readouterr().err
+
+
+# -- a word-level chat tokenizer (ChatML template) ------------------------------------------------------
+
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+WORDS = ("system user assistant tool you help what is plus ? hi hello bye ok Question Answer : ####".split()
+         + [str(i) for i in range(20)])
+
+
+def make_tokenizer(template: str | None = CHATML):
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(SPECIALS + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens([AddedToken(t, special=True) for t in SPECIALS])
+    eos = "<|im_end|>" if template else "</s>"
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token=eos,
+                                  bos_token="<s>")
+    if template:
+        out.chat_template = template
+    return out
+
+
+# -- scripts of benchmarks/ and studies/ ----------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script(path: str):
+    """A script of the repo (e.g. "benchmarks/quality.py") as a module, loaded by file once under its stem.
+
+    benchmarks/ is not a package, and it must not go on sys.path: its kernels.py would shadow the
+    `kernels` package transformers probes for."""
+    name = Path(path).stem
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up by name
+        spec.loader.exec_module(module)
+    return sys.modules[name]

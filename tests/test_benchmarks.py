@@ -17,9 +17,9 @@ from peft import get_peft_model
 from torch import nn
 
 import gpart
-from benchmark_scripts import load
+from conftest import load_script
 
-step_time = load("step_time")
+step_time = load_script("benchmarks/step_time.py")
 harness, report = step_time.harness, step_time.report
 
 
@@ -157,7 +157,7 @@ def test_in_process_run_writes_json_markdown_and_png(tmp_path):
 
 
 def test_generation_benchmark_times_every_method_and_checks_the_tokens(tmp_path):
-    generation = load("generation")
+    generation = load_script("benchmarks/generation.py")
     argv = ["--shape", "tiny-llama", "--d", "64", "--prompt-len", "5", "--new-tokens", "3", "--repeats", "2",
             "--update-scale", "30", "--out-dir", str(tmp_path), "--name", "gen"]
     assert generation.main(argv) == 0
@@ -178,7 +178,7 @@ def test_generation_benchmark_times_every_method_and_checks_the_tokens(tmp_path)
     md = (tmp_path / "gen.md").read_text()
     assert f"| {r:.3f} |" in next(line for line in md.splitlines() if line.startswith("| gpart |"))
     assert (tmp_path / "gen.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    index = load("index").render(tmp_path)
+    index = load_script("benchmarks/index.py").render(tmp_path)
     row = next(line for line in index.splitlines() if "[gen](gen.md)" in line)
     assert row.startswith("| tiny-llama | q_proj,k_proj,v_proj,o_proj | 64 | 3 |") and f"| {r:.2f} |" in row
 

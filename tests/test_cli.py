@@ -5,7 +5,6 @@ image-folder data, then drive `gpart.cli.main` in-process (no subprocess start-u
 """
 from __future__ import annotations
 
-import csv
 import json
 import os
 import random
@@ -15,62 +14,14 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import run_cli, word_tokenizer, write_csv
 from gpart.cli import main
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # PEFT vs transformers 5
 
-POS, NEG = ["good", "great", "fine", "love", "nice"], ["bad", "awful", "poor", "hate", "terrible"]
-FILLER = ["the", "a", "movie", "film", "food", "was", "is", "very"]
-
 
 # ------------------------------------------------------------------------------------ fixtures
-def _word_tokenizer(words, specials, **kw):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate(specials + words)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token=specials[1]))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, **kw), len(vocab)
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def _reviews(n: int, seed: int) -> list[dict]:
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        label = i % 2
-        words = [rng.choice(FILLER) for _ in range(3)] + [rng.choice(POS if label else NEG)]
-        rows.append({"text": " ".join(words), "label": ["neg", "pos"][label]})
-    return rows
-
-
-@pytest.fixture(scope="module")
-def text_setup(tmp_path_factory):
-    """A 2-layer BERT (hidden 32) with a word-level tokenizer, and a train/test CSV folder."""
-    from transformers import BertConfig, BertModel
-
-    root = tmp_path_factory.mktemp("text")
-    tokenizer, vocab = _word_tokenizer(POS + NEG + FILLER, ["[PAD]", "[UNK]", "[CLS]", "[SEP]"],
-                                       pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]")
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=32)
-    BertModel(config).save_pretrained(root / "bert")
-    tokenizer.save_pretrained(root / "bert")
-    (root / "data").mkdir()
-    _write_csv(root / "data" / "train.csv", _reviews(64, 0))
-    _write_csv(root / "data" / "test.csv", _reviews(20, 1))
-    return root
-
-
 @pytest.fixture(scope="module")
 def trained_text(text_setup, tmp_path_factory):
     """One GPart run shared by several tests; the in-memory model is kept to compare with the files."""
@@ -109,15 +60,6 @@ def _load_adapter(text_setup, adapter_dir):
 
     base = AutoModelForSequenceClassification.from_pretrained(text_setup / "bert", num_labels=2)
     return PeftModel.from_pretrained(base, adapter_dir).eval()
-
-
-def _run(argv, capsys):
-    """main() for commands expected to fail: returns (exit code, stderr)."""
-    try:
-        rc = main(argv)
-    except SystemExit as e:  # argparse errors
-        rc = e.code
-    return rc, capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------ train
@@ -216,13 +158,17 @@ def test_separate_learning_rates_reach_the_optimizer(text_setup, tmp_path):
                                           ("full", "model"), ("head-only", "model")])
 def test_other_methods_train_and_save(method, saved, text_setup, tmp_path):
     out = tmp_path / method
+    # the same 8 reviews every step (one full batch), so the training loss must fall if the run learns
     assert main(["train", "--task", "text-classification", "--model", str(text_setup / "bert"),
                  "--dataset", str(text_setup / "data"), "--method", method, "--d", "64", "--r", "4",
-                 "--max-steps", "2", "--eval-steps", "2", "--batch-size", "8", "--output-dir", str(out),
-                 "--quiet"]) == 0
+                 "--max-steps", "6", "--eval-steps", "6", "--batch-size", "8", "--max-train-samples", "8",
+                 "--head-lr", "5e-2", "--output-dir", str(out), "--quiet"]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["saved"] == saved and (out / saved / "gpart_task.json").exists()
-    assert 0 <= m["test"]["accuracy"] <= 1
+    losses = [h["loss"] for h in m["history"]["train"]]
+    assert len(losses) == 6 and losses[0] == pytest.approx(0.693, abs=0.01)  # ln 2: a fresh 2-class head
+    assert max(losses[-2:]) < losses[0] - 0.05, losses
+    assert m["test"]["n"] == 20
     if method == "head-only":
         assert m["params"]["adapter"] == 0 and m["params"]["trainable"] == m["params"]["head"] == 66
     if method == "full":
@@ -235,7 +181,7 @@ def test_resume_continues_and_checks_identity(text_setup, tmp_path, capsys):
               "--dataset", str(text_setup / "data"), "--batch-size", "8", "--eval-steps", "2",
               "--output-dir", str(out), "--quiet"]
     assert main(common + ["--d", "32", "--max-steps", "4"]) == 0
-    rc, err = _run(common + ["--d", "33", "--max-steps", "6", "--resume"], capsys)
+    rc, err = run_cli(common + ["--d", "33", "--max-steps", "6", "--resume"], capsys)
     assert rc == 2 and "different run" in err and "d: run has 32, now 33" in err
     assert main(common + ["--d", "32", "--max-steps", "6", "--resume"]) == 0
     m = json.loads((out / "metrics.json").read_text())
@@ -248,18 +194,18 @@ def test_output_dir_guard_never_overwrites(trained_text, text_setup, tmp_path, c
     before = (out / "metrics.json").read_bytes()
     args = ["train", "--task", "text-classification", "--model", str(text_setup / "bert"),
             "--dataset", str(text_setup / "data"), "--max-steps", "1", "--output-dir"]
-    rc, err = _run(args + [str(out)], capsys)
+    rc, err = run_cli(args + [str(out)], capsys)
     assert rc == 2 and "already holds a run" in err and "--resume" in err
     assert (out / "metrics.json").read_bytes() == before
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
-    rc, err = _run(args + [str(foreign), "--overwrite"], capsys)
+    rc, err = run_cli(args + [str(foreign), "--overwrite"], capsys)
     assert rc == 2 and "not a gpart run" in err and (foreign / "notes.txt").read_text() == "mine"
-    rc, err = _run(args + [str(tmp_path / "empty"), "--resume"], capsys)
+    rc, err = run_cli(args + [str(tmp_path / "empty"), "--resume"], capsys)
     assert rc == 2 and "nothing to resume" in err
     # --overwrite with a broken dataset fails before touching the old run
-    rc, err = _run(args + [str(out), "--overwrite", "--dataset", str(tmp_path / "missing.csv")], capsys)
+    rc, err = run_cli(args + [str(out), "--overwrite", "--dataset", str(tmp_path / "missing.csv")], capsys)
     assert rc == 2 and (out / "metrics.json").read_bytes() == before
 
 
@@ -280,26 +226,26 @@ def test_info_counts_without_training(text_setup, capsys):
     assert main(["info", "--task", "text-classification", "--model", str(text_setup / "bert"), "--d", "1000"]) == 0
     table = capsys.readouterr().out
     assert "D " in table and "4,096" in table and "1,000" in table and "query,value" in table
-    rc, err = _run(["info", "--task", "text-classification", "--model", str(text_setup / "bert")], capsys)
+    rc, err = run_cli(["info", "--task", "text-classification", "--model", str(text_setup / "bert")], capsys)
     assert rc == 2 and "d=23040 is out of range" in err  # the task default is too big for a toy model
 
 
 # ------------------------------------------------------------------------------------ errors
 def test_argparse_rejects_unknown_task_and_method(capsys):
-    rc, err = _run(["train", "--task", "translation", "--output-dir", "x"], capsys)
+    rc, err = run_cli(["train", "--task", "translation", "--output-dir", "x"], capsys)
     assert rc == 2 and "invalid choice: 'translation'" in err
-    rc, err = _run(["train", "--task", "text-classification", "--method", "adalora", "--output-dir", "x"], capsys)
+    rc, err = run_cli(["train", "--task", "text-classification", "--method", "adalora", "--output-dir", "x"], capsys)
     assert rc == 2 and "invalid choice: 'adalora'" in err
-    rc, err = _run(["train", "--task", "text-classification", "--d", "0", "--output-dir", "x"], capsys)
+    rc, err = run_cli(["train", "--task", "text-classification", "--d", "0", "--output-dir", "x"], capsys)
     assert rc == 2 and "positive integer" in err
-    rc, err = _run(["train", "--task", "text-classification", "--epochs", "1", "--max-steps", "2",
+    rc, err = run_cli(["train", "--task", "text-classification", "--epochs", "1", "--max-steps", "2",
                     "--output-dir", "x"], capsys)
     assert rc == 2 and "not allowed with argument" in err
 
 
 def test_data_errors_are_one_clear_line(text_setup, tmp_path, capsys):
     bad_column = tmp_path / "cols.csv"
-    _write_csv(bad_column, [{"sentence": "good film", "y": "pos"}])
+    write_csv(bad_column, [{"sentence": "good film", "y": "pos"}])
     malformed = tmp_path / "bad.jsonl"
     malformed.write_text('{"text": "good", "label": "pos"}\n{"text": "bad", "label": \n')
     base = ["train", "--task", "text-classification", "--model", str(text_setup / "bert"), "--max-steps", "1"]
@@ -309,13 +255,13 @@ def test_data_errors_are_one_clear_line(text_setup, tmp_path, capsys):
         (tmp_path / "nope.csv", "neither a built-in dataset, an existing file"),
     ]
     for i, (dataset, message) in enumerate(cases):
-        rc, err = _run(base + ["--dataset", str(dataset), "--output-dir", str(tmp_path / f"o{i}")], capsys)
+        rc, err = run_cli(base + ["--dataset", str(dataset), "--output-dir", str(tmp_path / f"o{i}")], capsys)
         assert rc == 2 and message in err and "Traceback" not in err
         assert not (tmp_path / f"o{i}" / "run.json").exists()  # a failed start leaves the directory reusable
-    rc, err = _run(base + ["--dataset", str(text_setup / "data"), "--targets", "nonexistent",
+    rc, err = run_cli(base + ["--dataset", str(text_setup / "data"), "--targets", "nonexistent",
                            "--output-dir", str(tmp_path / "o9")], capsys)
     assert rc == 2 and "match no module" in err
-    rc, err = _run(base + ["--dataset", str(text_setup / "data"), "--model", str(tmp_path / "no-model"),
+    rc, err = run_cli(base + ["--dataset", str(text_setup / "data"), "--model", str(tmp_path / "no-model"),
                            "--output-dir", str(tmp_path / "o10")], capsys)
     assert rc == 2 and "no-model" in err
 
@@ -364,7 +310,7 @@ def lm_setup(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("lm")
     words = "Question Answer : what is plus ? ####".split() + [str(i) for i in range(20)]
-    tokenizer, vocab = _word_tokenizer(words, ["<pad>", "<unk>", "<s>", "</s>"], unk_token="<unk>",
+    tokenizer, vocab = word_tokenizer(words, ["<pad>", "<unk>", "<s>", "</s>"], unk_token="<unk>",
                                        eos_token="</s>", bos_token="<s>")
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -403,10 +349,24 @@ def test_causal_lm_train_eval_merge(lm_setup, tmp_path, capsys):
                  "--max-new-tokens", "2", "--max-eval-samples", "3", "--output", str(tmp_path / "e.json")]) == 0
     assert json.loads((tmp_path / "e.json").read_text())["n"] == 3
     assert main(["merge", "--adapter", str(out / "adapter"), "--output-dir", str(tmp_path / "merged")]) == 0
-    assert (tmp_path / "merged" / "model.safetensors").exists()
-    rc, err = _run(["train", "--task", "causal-lm", "--model", str(lm_setup / "llama"), "--dataset",
+    _check_merged_lm(lm_setup / "llama", out / "adapter", tmp_path / "merged")
+    rc, err = run_cli(["train", "--task", "causal-lm", "--model", str(lm_setup / "llama"), "--dataset",
                     str(lm_setup / "math.jsonl"), "--method", "head-only", "--output-dir", str(tmp_path / "h")], capsys)
     assert rc == 2 and "head-only needs" in err
+
+
+def _check_merged_lm(base_dir, adapter_dir, merged_dir):
+    """The merged causal LM gives the adapter's logits, which differ from the base model's."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(4, 20, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = AutoModelForCausalLM.from_pretrained(base_dir).eval()(ids).logits
+        adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir).eval()(ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()(ids).logits
+    assert (adapted - base).abs().max() > 1e-3  # training moved the model, so the comparison below can fail
+    torch.testing.assert_close(merged, adapted, rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -448,7 +408,7 @@ def test_finish_splits_holds_out_a_seeded_test_split():
     assert s["test"] == [7] and len(s["validation"]) == 2
 
 
-def test_a_missing_matplotlib_skips_the_curve_not_the_run(text_setup, tmp_path, monkeypatch):
+def test_a_missing_matplotlib_skips_the_curve_not_therun_cli(text_setup, tmp_path, monkeypatch):
     """Without the train extra's matplotlib, a run still finishes and writes metrics.json and
     report.md; the missing curve is announced before training."""
     import sys
@@ -533,5 +493,5 @@ def test_model_as_hub_id_reads_the_local_hugging_face_cache(text_setup, tmp_path
     assert main(["info", "--task", "text-classification", "--model", "someorg/tiny-bert", "--d", "64", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["D"] == 4096 and info["trainable"] > 64  # the cached tiny BERT: 4,096 query/value weights
-    rc, err = _run(["info", "--task", "text-classification", "--model", "someorg/not-cached"], capsys)
+    rc, err = run_cli(["info", "--task", "text-classification", "--model", "someorg/not-cached"], capsys)
     assert rc == 2 and "not in the local Hugging Face cache; set HF_HUB_OFFLINE=0" in err and "Traceback" not in err

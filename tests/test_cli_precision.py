@@ -24,7 +24,7 @@ def tiny_lm(tmp_path_factory):
     ChatML tokenizer, and a small conversational JSONL file."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from test_lm_data import CHATML, make_tokenizer
+    from conftest import CHATML, make_tokenizer
 
     root = tmp_path_factory.mktemp("prec")
     tok = make_tokenizer(CHATML)

@@ -1,6 +1,6 @@
 """Crash safety of `gpart train`: atomic checkpoints, SIGKILL + --resume, stop on a non-finite loss.
 
-Reuses test_cli's tiny offline BERT and review CSVs (the `text_setup` fixture).
+Uses conftest's tiny offline BERT and review CSVs (the `text_setup` fixture).
 """
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import text_setup  # noqa: F401  (fixture)
 
 import gpart.recipes.training as training
 from gpart.cli import main
@@ -24,7 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 
 
-def _args(text_setup, out, steps):  # noqa: F811
+def _args(text_setup, out, steps):
     return ["train", "--task", "text-classification", "--model", str(text_setup / "bert"),
             "--dataset", str(text_setup / "data"), "--d", "48", "--batch-size", "8", "--lr", "0.05",
             "--head-lr", "0.05", "--eval-steps", "4", "--max-steps", str(steps), "--seed", "5",
@@ -66,7 +65,7 @@ SLOW_CHILD = textwrap.dedent("""
 """)
 
 
-def test_sigkill_then_resume_matches_uninterrupted_run(text_setup, tmp_path):  # noqa: F811
+def test_sigkill_then_resume_matches_uninterrupted_run(text_setup, tmp_path):
     steps = 16
     killed = tmp_path / "killed"
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore")
@@ -105,7 +104,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(text_setup, tmp_path):  #
     assert [p["step"] for p in a["history"]["train"]] == list(range(1, steps + 1))
 
 
-def test_interrupted_checkpoint_save_is_never_resumed(text_setup, tmp_path, monkeypatch, capsys):  # noqa: F811
+def test_interrupted_checkpoint_save_is_never_resumed(text_setup, tmp_path, monkeypatch, capsys):
     from transformers import Trainer
 
     out = tmp_path / "run"
@@ -135,7 +134,7 @@ def test_interrupted_checkpoint_save_is_never_resumed(text_setup, tmp_path, monk
 
 
 def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(text_setup, tmp_path, monkeypatch,
-                                                                    capsys):  # noqa: F811
+                                                                    capsys):
     out = tmp_path / "nan"
     base = training.make_trainer_class()
 
@@ -159,7 +158,7 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(text_setup, 
     assert torch.isfinite(_theta(out / "adapter")).all()
 
 
-def test_non_finite_theta_stops_before_it_is_saved(text_setup, tmp_path, monkeypatch, capsys):  # noqa: F811
+def test_non_finite_theta_stops_before_it_is_saved(text_setup, tmp_path, monkeypatch, capsys):
     out = tmp_path / "inf"
     base = training.make_trainer_class()
 

@@ -7,7 +7,7 @@ same because Accelerate shards each global batch of the seeded sampler's order a
 (process r takes per-process batches r, r + N, ...), and 48 training examples split into whole
 global batches of 8 (a short last batch would be filled up differently: see docs/distributed.md).
 
-Reuses test_cli's tiny offline BERT and review CSVs (the `text_setup` fixture).
+Uses conftest's tiny offline BERT and review CSVs (the `text_setup` fixture).
 """
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import text_setup  # noqa: F401  (fixture)
 
 import gpart.recipes.training as training
 from gpart.cli import main
@@ -56,7 +55,7 @@ sys.exit(main(sys.argv[1:]))
 
 
 @pytest.fixture(scope="module")
-def setup(text_setup, tmp_path_factory):  # noqa: F811
+def setup(text_setup, tmp_path_factory):
     """text_setup's BERT with dropout 0 (hidden and attention), and its data."""
     from transformers import AutoModel
 

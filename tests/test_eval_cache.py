@@ -198,10 +198,16 @@ def test_switching_adapters_and_disabling_them():
 def test_merge_unmerge_and_delete_adapter_free_the_cache():
     model, x = _mlp(adapters=2), torch.randn(4, 10)
     _warm(model, x)
+    with torch.no_grad():
+        unmerged = _uncached(model, x)
     model.merge_adapter()
     assert _kept(model) == 0
+    with torch.no_grad():  # both active adapters are in the merged weights
+        torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-6)
     model.unmerge_adapter()
     _check_fresh(model, x)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-6)
     model.base_model.delete_adapter("extra1")
     assert all(name == "default" for m in _layers(model) for name, _ in m._gpart_cache)
     _check_fresh(model, x)

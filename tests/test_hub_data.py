@@ -170,7 +170,7 @@ def test_hub_id_syntax():
     assert not is_hub_id("spam") and not is_hub_id("/abs/path") and not is_hub_id("a/b/c") and not is_hub_id("x/")
 
 
-from test_cli import _reviews as _review_rows, text_setup  # noqa: E402,F401 - the tiny BERT fixture
+from conftest import reviews  # noqa: E402
 
 
 def test_cli_trains_on_a_cached_hub_dataset_and_eval_finds_it_again(hub_cache, text_setup, tmp_path, capsys):
@@ -180,7 +180,7 @@ def test_cli_trains_on_a_cached_hub_dataset_and_eval_finds_it_again(hub_cache, t
 
     from gpart.cli import main
 
-    rows = {"train": _review_rows(48, 0), "test": _review_rows(16, 1)}
+    rows = {"train": reviews(48, 0), "test": reviews(16, 1)}
     features = datasets.Features({"sentence": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])})
     cache_hub_dataset(hub_cache, "gpart-test/tinyreviews", "default", {
         split: {"sentence": [r["text"] for r in rs], "label": [["neg", "pos"].index(r["label"]) for r in rs]}

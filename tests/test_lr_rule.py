@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from test_cli import _run, text_setup  # noqa: F401  (a module-scoped fixture: a 2-layer BERT and a CSV folder)
+from conftest import run_cli
 
 import gpart
 from gpart.cli import main
@@ -93,37 +93,51 @@ def _train(setup, out, *extra):
                  "--batch-size", "8", "--output-dir", str(out), "--quiet", *extra])
 
 
-def test_cli_default_lr_is_the_rule_and_lr_overrides(text_setup, tmp_path):  # noqa: F811
+def _optimizer_groups(out) -> dict:
+    """{group name: (its initial lr, weight decay, number of tensors)} of the optimizer a run trained with."""
+    state = torch.load(next((out / "checkpoints").glob("checkpoint-*/optimizer.pt")), weights_only=False)
+    return {g["name"]: (g["initial_lr"], g["weight_decay"], len(g["params"])) for g in state["param_groups"]}
+
+
+def test_cli_default_lr_is_the_rule_and_lr_overrides(text_setup, tmp_path):
     from gpart.recipes.text_classification import TextClassification
 
-    base = TextClassification.defaults["lr"]
+    base, wd, head_lr = (TextClassification.defaults[k] for k in ("lr", "weight_decay", "head_lr"))
+    factor = (10_000 / 64) ** 0.75  # d = 64
     assert _train(text_setup, tmp_path / "rule") == 0
+    # theta (one tensor) under the rule; the classifier's matrix and bias at the head's lr
+    assert _optimizer_groups(tmp_path / "rule") == {
+        "gpart_theta": (base * factor, wd / factor, 1), "head_decay": (head_lr, wd, 1), "head_plain": (head_lr, 0.0, 1)}
     run = json.loads((tmp_path / "rule" / "metrics.json").read_text())["run"]
-    assert run["lr"] == pytest.approx(base * 156.25 ** 0.75)  # d = 64
     rule = run["lr_rule"]
-    assert rule["source"] == "rule" and rule["base_lr"] == base and (rule["D"], rule["d"]) == (4096, 64)
-    assert rule["weight_decay"] == pytest.approx(TextClassification.defaults["weight_decay"] / 156.25 ** 0.75)
+    assert run["lr"] == base * factor and rule["source"] == "rule" and rule["base_lr"] == base
+    assert (rule["D"], rule["d"]) == (4096, 64) and rule["weight_decay"] == wd / factor
     assert "GPart's rule: base" in (tmp_path / "rule" / "report.md").read_text()
 
-    assert _train(text_setup, tmp_path / "base", "--base-lr", "0.0008") == 0
-    run = json.loads((tmp_path / "base" / "metrics.json").read_text())["run"]
-    assert run["lr"] == pytest.approx(0.0008 * 156.25 ** 0.75) and run["lr_rule"]["base_lr"] == 0.0008
+    assert _train(text_setup, tmp_path / "base", "--base-lr", "0.0008", "--head-lr", "0.002") == 0
+    assert _optimizer_groups(tmp_path / "base") == {
+        "gpart_theta": (0.0008 * factor, wd / factor, 1), "head_decay": (0.002, wd, 1), "head_plain": (0.002, 0.0, 1)}
+    assert json.loads((tmp_path / "base" / "metrics.json").read_text())["run"]["lr_rule"]["base_lr"] == 0.0008
 
+    # an explicit --lr is theta's own, with --weight-decay undivided
     assert _train(text_setup, tmp_path / "lr", "--lr", "0.03", "--weight-decay", "0.2") == 0
+    groups = _optimizer_groups(tmp_path / "lr")
+    assert groups["gpart_theta"] == (pytest.approx(0.03, rel=1e-15), pytest.approx(0.2, rel=1e-15), 1)
+    assert groups["head_decay"] == (head_lr, 0.2, 1)
     run = json.loads((tmp_path / "lr" / "metrics.json").read_text())["run"]
     assert run["lr"] == 0.03 and run["lr_rule"] == {"lr": 0.03, "weight_decay": 0.2, "source": "--lr"}
 
 
-def test_cli_rule_options_errors(text_setup, tmp_path, capsys):  # noqa: F811
-    rc, err = _run(["train", "--task", "text-classification", "--method", "lora", "--base-lr", "1e-3",
+def test_cli_rule_options_errors(text_setup, tmp_path, capsys):
+    rc, err = run_cli(["train", "--task", "text-classification", "--method", "lora", "--base-lr", "1e-3",
                     "--output-dir", str(tmp_path / "x")], capsys)
     assert rc == 2 and "--base-lr is GPart's learning-rate rule" in err and "--method lora" in err
-    rc, err = _run(["train", "--task", "text-classification", "--lr", "1e-3", "--base-lr", "1e-3",
+    rc, err = run_cli(["train", "--task", "text-classification", "--lr", "1e-3", "--base-lr", "1e-3",
                     "--output-dir", str(tmp_path / "x")], capsys)
     assert rc == 2 and "not allowed with argument" in err
 
 
-def test_cli_projection_choices_reach_the_adapter(text_setup, tmp_path):  # noqa: F811
+def test_cli_projection_choices_reach_the_adapter(text_setup, tmp_path):
     assert _train(text_setup, tmp_path / "ff", "--projection", "fastfood") == 0
     saved = json.loads((tmp_path / "ff" / "adapter" / "adapter_config.json").read_text())
     assert saved["projection"] == "fastfood" and saved["column_gain_ratio"] == 1.0
@@ -134,38 +148,38 @@ def test_cli_projection_choices_reach_the_adapter(text_setup, tmp_path):  # noqa
     assert "projection" not in json.loads((tmp_path / "gain" / "metrics.json").read_text())["run"]
 
 
-def test_cli_projection_choice_errors(text_setup, capsys):  # noqa: F811
+def test_cli_projection_choice_errors(text_setup, capsys):
     info = ["info", "--task", "text-classification", "--model", str(text_setup / "bert"), "--d", "64"]
-    rc, err = _run(info + ["--method", "lora", "--projection", "fastfood"], capsys)
+    rc, err = run_cli(info + ["--method", "lora", "--projection", "fastfood"], capsys)
     assert rc == 2 and "--projection choose GPart's projection" in err and "--method lora takes none" in err
-    rc, err = _run(info + ["--method", "unilora", "--column-gain-ratio", "4"], capsys)
+    rc, err = run_cli(info + ["--method", "unilora", "--column-gain-ratio", "4"], capsys)
     assert rc == 2 and "--column-gain-ratio" in err and "--method gpart only" in err
-    rc, err = _run(info + ["--projection", "dense"], capsys)
+    rc, err = run_cli(info + ["--projection", "dense"], capsys)
     assert rc == 2 and "projection='dense' is not supported; choose one of partition, fastfood" in err
-    rc, err = _run(info + ["--column-gain-ratio", "0.5"], capsys)
+    rc, err = run_cli(info + ["--column-gain-ratio", "0.5"], capsys)
     assert rc == 2 and "expected a number >= 1" in err
-    rc, err = _run(info + ["--projection", "fastfood", "--column-gain-ratio", "4"], capsys)
+    rc, err = run_cli(info + ["--projection", "fastfood", "--column-gain-ratio", "4"], capsys)
     assert rc == 2 and "applies to projection='partition' only" in err
     assert main(info + ["--projection", "fastfood", "--json"]) == 0
 
 
-def test_cli_sgd_optimizer_for_the_ablations(text_setup, tmp_path, capsys):  # noqa: F811
+def test_cli_sgd_optimizer_for_the_ablations(text_setup, tmp_path, capsys):
     # the isometry ablation's SGD arm: theta and the head under torch SGD with momentum 0.9, at the given lr
     assert _train(text_setup, tmp_path / "sgd", "--optimizer", "sgd", "--lr", "0.5", "--head-lr", "0.1") == 0
     run = json.loads((tmp_path / "sgd" / "metrics.json").read_text())["run"]
     assert run["optimizer"] == "sgd" and run["lr"] == 0.5
     state = torch.load(next((tmp_path / "sgd" / "checkpoints").glob("checkpoint-*/optimizer.pt")), weights_only=False)
     groups = {g["name"]: g for g in state["param_groups"]}
-    assert groups["body_decay"]["momentum"] == 0.9 and groups["body_decay"]["initial_lr"] == 0.5
+    assert groups["gpart_theta"]["momentum"] == 0.9 and groups["gpart_theta"]["initial_lr"] == pytest.approx(0.5, rel=1e-15)
     assert groups["head_decay"]["initial_lr"] == 0.1
     assert all("momentum_buffer" in s and "exp_avg" not in s for s in state["state"].values())
     # AdamW runs record no optimizer key (run.json stays as before)
     assert _train(text_setup, tmp_path / "adam", "--lr", "0.01") == 0
     assert "optimizer" not in json.loads((tmp_path / "adam" / "metrics.json").read_text())["run"]
     # a run does not resume under the other optimizer (its state would not load)
-    rc, err = _run(["train", "--task", "text-classification", "--model", str(text_setup / "bert"), "--dataset",
+    rc, err = run_cli(["train", "--task", "text-classification", "--model", str(text_setup / "bert"), "--dataset",
                     str(text_setup / "data"), "--d", "64", "--max-steps", "2", "--optimizer", "sgd", "--lr", "0.5",
                     "--output-dir", str(tmp_path / "adam"), "--resume", "--quiet"], capsys)
     assert rc == 2 and "holds a different run" in err and "optimizer: run has None, now 'sgd'" in err
-    rc, err = _run(["train", "--task", "text-classification", "--optimizer", "sgd", "--output-dir", str(tmp_path / "x")], capsys)
+    rc, err = run_cli(["train", "--task", "text-classification", "--optimizer", "sgd", "--output-dir", str(tmp_path / "x")], capsys)
     assert rc == 2 and "--optimizer sgd needs --lr" in err and "tuned for AdamW" in err

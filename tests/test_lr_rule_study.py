@@ -1,4 +1,4 @@
-"""benchmarks/lr_rule.py: a cell's lr sweep grows until its best lr is bracketed, each rule's base value and
+"""studies/lr_rule/lr_rule.py: a cell's lr sweep grows until its best lr is bracketed, each rule's base value and
 loss per cell come out right on synthetic curves, the rule's default is held against the per-d tuned best
 and LoRA by seed, and the ablation / validation runs carry their flags."""
 from __future__ import annotations
@@ -8,10 +8,10 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
-from benchmark_scripts import load
+from conftest import load_script
 
-q = load("quality")
-lr = load("lr_rule")
+q = load_script("benchmarks/quality.py")
+lr = load_script("studies/lr_rule/lr_rule.py")
 TEXT, VISION = lr.STUDIES["text"], lr.STUDIES["vision"]
 
 
@@ -85,7 +85,7 @@ def test_validation_holds_the_rule_against_the_tuned_best_and_lora_by_seed(tmp_p
     assert math.isclose(r["minus_tuned"]["mean"], -0.02) and r["minus_tuned"]["within_one_sd"]
     assert [round(x, 6) for x in r["minus_tuned"]["paired"]["diffs"]] == [-0.01, -0.03, -0.02]
     assert rules["R-norm"]["test"] == [0.57] and rules["R-norm"]["base_lr"] == 0.02
-    lora = json.loads((lr.DOCS / "results.json").read_text())["domains"]["vision"]["methods"]["lora"]
+    lora = json.loads((lr.QUALITY / "results.json").read_text())["domains"]["vision"]["methods"]["lora"]
     vs = {v["rule"]: v for v in out["lora"]["vs"] if v["d"] == d}  # trainable 1 <= 1/10 of LoRA's
     assert [round(x, 6) for x in vs["R-3/4"]["diffs"]] == [round(a - b, 6) for a, b in zip((0.60, 0.62, 0.64), lora["test"])]
     assert [round(x, 6) for x in vs["R-norm"]["diffs"]] == [round(0.57 - lora["test"][0], 6)]

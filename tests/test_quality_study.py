@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-from benchmark_scripts import load
+from conftest import load_script
 
-q = load("quality")
+q = load_script("benchmarks/quality.py")
 
 
 def _write(runs: Path, run, val: float, test: float, trainable: int = 100) -> None:

@@ -100,7 +100,13 @@ def test_sft_on_conversational_data(quantized, bnb_llama_dir, tmp_path):
 @pytest.mark.parametrize("quantized", [False, True], ids=["float", "nf4"])
 def test_sft_on_prompt_completion_data(quantized, bnb_llama_dir, tmp_path):
     trainer, theta = _train(tmp_path, _base(quantized, bnb_llama_dir), prompt_completion(), bf16=False)
-    assert trainer.args.completion_only_loss is None or trainer.args.completion_only_loss
+    # the loss is on the completion only: the prompt's tokens carry no label in what the trainer collates
+    example = trainer.train_dataset[0]
+    batch = trainer.data_collator([example])
+    ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+    n_prompt = len(chatml_tokenizer()(example["prompt"])["input_ids"])
+    assert 0 < n_prompt < len(ids)
+    assert labels[:n_prompt] == [-100] * n_prompt and labels[n_prompt:] == ids[n_prompt:]
     _check_reload(trainer, tmp_path, quantized, bnb_llama_dir)
 
 

@@ -10,6 +10,22 @@ import torch.nn as nn
 PEFT_METHODS = ("gpart", "lora", "vera", "unilora")
 METHODS = PEFT_METHODS + ("full", "head-only")
 
+# Named target sets by naming family, for the benchmarks and studies (the CLI's default is
+# models.DEFAULT_TARGETS). "all" is every linear layer of a transformer block (attention and MLP): the task
+# head and BERT's pooler are left out, as PEFT's all-linear leaves out the output layer. Names are
+# suffixes, matched the way PEFT matches target_modules.
+TARGET_SETS = {
+    "encoder": {  # BERT / RoBERTa
+        "qv": ("query", "value"),
+        "all": ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"),
+    },
+    "decoder": {  # Llama
+        "qv": ("q_proj", "v_proj"),
+        "attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
+        "all": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    },
+}
+
 # Ranks when --r is not given: LoRA r=8 (alpha=r, as the GPart repo's baseline), VeRA r=256 (PEFT's
 # default), Uni-LoRA r=4 (its paper's GLUE setting; theta length is --d, as GPart's).
 DEFAULT_RANK = {"lora": 8, "vera": 256, "unilora": 4}
@@ -47,8 +63,7 @@ def resolve_gpart_lr(model: nn.Module, *, lr: float | None, base_lr: float | Non
                      weight_decay: float) -> dict:
     """theta's learning rate and weight decay, and how they were derived (recorded in metrics.json).
 
-    An explicit lr is used as given, with weight_decay as given (runs before the rule existed). Otherwise
-    GPart's rule (gpart.lr): lr = base_lr * (10,000/d)^0.75, weight decay divided by the same factor.
+    An explicit lr is used as given, with weight_decay as given. Otherwise GPart's rule (gpart.lr): lr = base_lr * (10,000/d)^0.75, weight decay divided by the same factor.
     """
     if lr is not None:
         return {"lr": lr, "weight_decay": weight_decay, "source": "--lr"}
@@ -121,26 +136,25 @@ def is_head_param(name: str, head: list[str]) -> bool:
 
 
 def param_groups(model: nn.Module, *, lr: float, head_lr: float, weight_decay: float,
-                 head: list[str], decay_adapter_vectors: bool = True,
-                 body_weight_decay: float | None = None) -> list[dict]:
+                 head: list[str], gpart_lr: dict | None = None) -> list[dict]:
     """Optimizer groups: non-head trainables at `lr`, the head at `head_lr`.
 
-    Weight decay follows the reference GPart code: adapter parameters (theta, LoRA factors, ...)
-    are always decayed; head and full-model parameters only when they are matrices (not biases or
-    norms). body_weight_decay: the non-head groups' decay when it differs from the head's (GPart's lr
-    rule scales theta's). Empty groups are dropped (torch rejects them).
+    gpart_lr: for a GPart model, resolve_gpart_lr's choice; the groups are then the library's own
+    (gpart.gpart_param_groups). Otherwise weight decay follows the reference GPart code: adapter
+    parameters (LoRA factors, ...) are always decayed; head and full-model parameters only when they are
+    matrices (not biases or norms). Empty groups are dropped (torch rejects them).
     """
-    body_wd = weight_decay if body_weight_decay is None else body_weight_decay
+    if gpart_lr is not None:
+        return _gpart_param_groups(model, gpart_lr, head_lr=head_lr, weight_decay=weight_decay)
     groups = {key: [] for key in ("body_decay", "body_plain", "head_decay", "head_plain")}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         is_head = is_head_param(name, head)
-        adapter_vector = decay_adapter_vectors and not is_head and _is_adapter_param(name)
-        decay = adapter_vector or param.ndim >= 2
+        decay = (not is_head and _is_adapter_param(name)) or param.ndim >= 2
         groups[("head" if is_head else "body") + ("_decay" if decay else "_plain")].append(param)
     spec = {
-        "body_decay": (lr, body_wd), "body_plain": (lr, 0.0),
+        "body_decay": (lr, weight_decay), "body_plain": (lr, 0.0),
         "head_decay": (head_lr, weight_decay), "head_plain": (head_lr, 0.0),
     }
     from gpart.lr import CHOSEN
@@ -150,6 +164,18 @@ def param_groups(model: nn.Module, *, lr: float, head_lr: float, weight_decay: f
         {"params": params, "lr": spec[key][0], "weight_decay": spec[key][1], "name": key, CHOSEN: True}
         for key, params in groups.items() if params
     ]
+
+
+def _gpart_param_groups(model: nn.Module, choice: dict, *, head_lr: float, weight_decay: float) -> list[dict]:
+    """gpart.gpart_param_groups giving theta the lr and weight decay of `choice` (resolve_gpart_lr)."""
+    from gpart.lr import gpart_param_groups, lr_factor
+
+    if choice["source"] == "rule":
+        base_lr, base_wd = choice["base_lr"], weight_decay
+    else:  # theta's own lr and decay were given: the base values the rule maps to them
+        factor = lr_factor(model)
+        base_lr, base_wd = choice["lr"] / factor, choice["weight_decay"] * factor
+    return gpart_param_groups(model, base_lr, weight_decay=base_wd, head_lr=head_lr, head_weight_decay=weight_decay)
 
 
 def _is_adapter_param(name: str) -> bool:

@@ -414,11 +414,11 @@ def train(args, recipe: TaskRecipe) -> dict:
         raise DataError(f"dataset {args.dataset}: no training examples (a train split is needed)")
     setup = prepare_model(args, recipe, data)
     model, processor, head = setup["model"], setup["processor"], setup["head"]
-    theta_wd = args.weight_decay
+    choice = None
     if args.method == "gpart":
         choice = methods.resolve_gpart_lr(model, lr=args.lr, base_lr=getattr(args, "base_lr", None),
                                            weight_decay=args.weight_decay)
-        args.lr, theta_wd = choice["lr"], choice["weight_decay"]
+        args.lr = choice["lr"]
         config |= {"lr": args.lr, "lr_rule": choice}
 
     train_ds = recipe.make_dataset(data.splits["train"], processor, args, data, train=True)
@@ -431,8 +431,7 @@ def train(args, recipe: TaskRecipe) -> dict:
         train_dataset=train_ds, eval_dataset=eval_ds, data_collator=recipe.collator(processor, args),
         compute_metrics=recipe.compute_metrics(data), preprocess_logits_for_metrics=recipe.preprocess_logits(),
         param_groups_fn=lambda m: methods.param_groups(
-            m, lr=args.lr, head_lr=args.head_lr, weight_decay=args.weight_decay, head=head,
-            body_weight_decay=theta_wd),
+            m, lr=args.lr, head_lr=args.head_lr, weight_decay=args.weight_decay, head=head, gpart_lr=choice),
     )
     if recipe.loss_is_batch_mean:
         # The Trainer sees a forward that takes **kwargs and assumes the loss divides by its

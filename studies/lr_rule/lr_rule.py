@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """GPart's learning-rate rule, by measurement, and the isometry ablations (issue 11), per domain.
 
-    python benchmarks/lr_rule.py run --domain text|vision|llm --phase rule|ablation|validate|tuned [--jobs 1 --threads 1]
-    python benchmarks/lr_rule.py report   # docs/quality/lr_rule.{json,md}, lr_rule.png, ablation.png
+    python studies/lr_rule/lr_rule.py run --domain text|vision|llm --phase rule|ablation|validate|tuned [--jobs 1 --threads 1]
+    python studies/lr_rule/lr_rule.py report   # studies/lr_rule/: lr_rule.{json,md}, lr_rule.png, ablation.png
 
 Same runner, budgets and data as benchmarks/quality.py (one `gpart train` process per run, resumable: a
 run whose metrics.json exists is skipped). Learning rates are chosen on validation (seed 0), never on
@@ -41,7 +41,7 @@ def _load_quality():
 
     if "quality" in sys.modules:  # already loaded (tests load it by file too)
         return sys.modules["quality"]
-    spec = importlib.util.spec_from_file_location("quality", Path(__file__).resolve().parent / "quality.py")
+    spec = importlib.util.spec_from_file_location("quality", Path(__file__).resolve().parents[2] / "benchmarks" / "quality.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules["quality"] = module  # dataclasses look their module up by name
     spec.loader.exec_module(module)
@@ -52,7 +52,8 @@ quality = _load_quality()
 
 ROOT = quality.ROOT
 RUNS = ROOT / "runs" / "lr_rule"
-DOCS = ROOT / "docs" / "quality"
+QUALITY = ROOT / "docs" / "quality"  # the quality study's results, which this study compares with
+OUT = Path(__file__).resolve().parent  # this study's report, data and figures
 LADDER = [1e-2 * 2.0 ** k for k in range(-6, 12)]  # 1.5625e-4 ... 20.48, a factor 2 apart (SGD needs the top)
 MAX_POINTS = 7
 SEEDS_MORE = (1, 2)
@@ -358,7 +359,7 @@ def _lstsq(xs, ys):
 
 
 def _study_results(domain: str) -> dict | None:
-    return json.loads((DOCS / "results.json").read_text())["domains"].get(domain)
+    return json.loads((QUALITY / "results.json").read_text())["domains"].get(domain)
 
 
 def _seeds_at(runs: Path, make, lr: float) -> list[tuple[int, dict]]:
@@ -464,7 +465,7 @@ def validate_summary(runs: Path, study: Study) -> dict:
     return out
 
 COMMAND = ("for dom in text vision llm; do for ph in rule validate tuned ablation sgd; do "
-           "python benchmarks/lr_rule.py run --domain $dom --phase $ph; done; done && python benchmarks/lr_rule.py report")
+           "python studies/lr_rule/lr_rule.py run --domain $dom --phase $ph; done; done && python studies/lr_rule/lr_rule.py report")
 FACTORS = {"constant": "1", "R-weight": "√(D/d)", "R-norm": "√(10⁴/d)", "muP-style": "√(D/d)·384/fan_in",
            "R-linear": "10⁴/d", "R-3/4": "(10⁴/d)^¾"}
 MAPS = {"partition": "P^T P = I exactly", "fastfood": "isometric in expectation (Fastfood)",
@@ -603,8 +604,8 @@ def render_summary(result: dict) -> list[str]:
 def render(result: dict) -> str:
     L = ["## GPart's learning-rate rule and the isometry ablations", "",
          f"Produced by `{COMMAND}` (one `gpart train` process per run, one thread, each domain's budget above; raw "
-         "numbers: [quality/lr_rule.json](quality/lr_rule.json)). Learning rates are chosen on the validation "
-         "split (seed 0), never on test.", "", "![lr_rule](quality/lr_rule.png)", ""]
+         "numbers: [lr_rule.json](lr_rule.json)). Learning rates are chosen on the validation "
+         "split (seed 0), never on test.", "", "![lr_rule](lr_rule.png)", ""]
     L += render_summary(result)
     for dom, r in result["domains"].items():
         study = STUDIES[dom]
@@ -621,8 +622,8 @@ def render(result: dict) -> str:
         if r["ablation"]:
             L += render_ablation(study, r["ablation"], metric)
     if any(r["ablation"] for r in result["domains"].values()):
-        L += ["![ablation](quality/ablation.png)", ""]
-    analysis = DOCS / "lr_rule_analysis.md"
+        L += ["![ablation](ablation.png)", ""]
+    analysis = OUT / "lr_rule_analysis.md"
     if analysis.exists():
         L += [analysis.read_text().rstrip(), ""]
     return "\n".join(L)
@@ -668,7 +669,7 @@ def plot(result: dict) -> None:
             ax.set_title(f"{dom}: best lr by d (bars: within 0.01 of the best)", fontsize=9)
             ax.legend(fontsize=6.5)
         fig.tight_layout()
-        fig.savefig(DOCS / "lr_rule.png", dpi=110)
+        fig.savefig(OUT / "lr_rule.png", dpi=110)
         plt.close(fig)
     panels = [(dom, opt, arms) for dom, r in result["domains"].items() for opt, arms in
               (("AdamW", {a: x for a, x in r["ablation"].items() if a not in SGD_ARMS}),
@@ -684,11 +685,8 @@ def plot(result: dict) -> None:
             ax.set_title(f"{dom}, d = {STUDIES[dom].d:,}, {opt}: each map with its own lr sweep", fontsize=8)
             ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(DOCS / "ablation.png", dpi=110)
+        fig.savefig(OUT / "ablation.png", dpi=110)
         plt.close(fig)
-
-
-MARK_BEGIN, MARK_END = "<!-- lr_rule: begin (benchmarks/lr_rule.py report) -->", "<!-- lr_rule: end -->"
 
 
 def collect(runs: Path) -> dict:
@@ -699,19 +697,11 @@ def collect(runs: Path) -> dict:
 
 def cmd_report(args) -> int:
     result = collect(Path(args.runs_dir))
-    _write(DOCS / "lr_rule.json", json.dumps(result, indent=1) + "\n")
+    _write(OUT / "lr_rule.json", json.dumps(result, indent=1) + "\n")
     plot(result)
     body = render(result)
-    _write(DOCS / "lr_rule.md", body + "\n")
-    target = ROOT / "docs" / "results.md"
-    text = target.read_text()
-    block = f"{MARK_BEGIN}\n{body}\n{MARK_END}"
-    if MARK_BEGIN in text:
-        text = text[:text.index(MARK_BEGIN)] + block + text[text.index(MARK_END) + len(MARK_END):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    _write(target, text)
-    print(f"wrote {DOCS / 'lr_rule.md'} and {target}")
+    _write(OUT / "lr_rule.md", body + "\n")
+    print(f"wrote {OUT / 'lr_rule.md'}")
     return 0
 
 

@@ -1,0 +1,58 @@
+"""The docs as files: every relative link resolves, no page is oversized, and the GPU check runs every CUDA test."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = sorted([ROOT / "README.md", *ROOT.glob("docs/**/*.md"), *ROOT.glob("studies/**/*.md"),
+                *ROOT.glob("benchmarks/**/*.md")])
+MAX_PAGE_BYTES = 200_000  # a page this large is a generated dump or a broken edit, not documentation
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
+
+
+def relative_targets(text: str) -> list[str]:
+    """Targets of the markdown links and images that point into the repo (no URL, no bare #anchor)."""
+    text = re.sub(r"```.*?```", "", text, flags=re.S)  # code blocks are not links
+    text = re.sub(r"`[^`\n]*`", "", text)
+    return [t for t in LINK.findall(text) if not re.match(r"[a-z][a-z0-9+.-]*:", t) and not t.startswith("#")]
+
+
+def broken_links(page: Path) -> list[str]:
+    return [t for t in relative_targets(page.read_text()) if not (page.parent / t.split("#")[0]).exists()]
+
+
+def test_link_finder_sees_links_and_images_but_not_urls_anchors_or_code():
+    text = ("[a](docs/a.md) ![b](img/b.png \"title\") [c](https://example.invalid/x) [d](#top) "
+            "[e](f.md#part) `[g](h.md)`\n```\n[i](j.md)\n```\n")
+    assert relative_targets(text) == ["docs/a.md", "img/b.png", "f.md#part"]
+
+
+def test_a_missing_target_is_reported(tmp_path):
+    (tmp_path / "there.md").write_text("x")
+    page = tmp_path / "page.md"
+    page.write_text("[ok](there.md#x) [gone](missing.md) ![fig](sub/fig.png)")
+    assert broken_links(page) == ["missing.md", "sub/fig.png"]
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_resolve(page):
+    assert broken_links(page) == [], f"{page.relative_to(ROOT)} links to files that are not in the repo"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_page_is_not_oversized(page):
+    size = page.stat().st_size
+    assert size <= MAX_PAGE_BYTES, (f"{page.relative_to(ROOT)} is {size:,} bytes (limit {MAX_PAGE_BYTES:,}): "
+                                    "split it, or look for a broken edit that repeated text")
+
+
+def test_gpu_check_runs_every_file_with_cuda_tests():
+    cuda_mark = re.compile(r"^(@pytest\.mark\.cuda|pytestmark = \[?pytest\.mark\.cuda)\b", re.M)
+    marked = {p.relative_to(ROOT).as_posix() for p in ROOT.glob("tests/test_*.py") if cuda_mark.search(p.read_text())}
+    listed = re.search(r'^CUDA_TESTS="([^"]*)"', (ROOT / "benchmarks" / "gpu_check.sh").read_text(), re.M)
+    assert {"tests/test_cuda.py", "tests/test_quantized.py"} <= marked
+    assert listed and not marked - set(listed.group(1).split()), \
+        f"benchmarks/gpu_check.sh misses {sorted(marked - set(listed.group(1).split()))}"
