@@ -162,11 +162,13 @@ CHECKS = {
     "docs/llm.md": [_llm_quantized, _llm_trl, _llm_generation],
     "docs/lr.md": [_lr_trainer],
 }
+# run as written elsewhere, where they need what this process cannot give (a fresh interpreter)
+RUN_ELSEWHERE = {"docs/api.md": "tests/test_autoload.py"}
 SLOW = {"docs/assets.md"}  # fetches the built-in model and dataset (tens of MB) on first use
 
 
 def test_every_snippet_has_a_check():
-    counts = {page: len(snippets(page)) for page in PAGES if snippets(page)}
+    counts = {page: len(snippets(page)) for page in PAGES if snippets(page) and page not in RUN_ELSEWHERE}
     assert counts == {page: len(checks) for page, checks in CHECKS.items()}
 
 
