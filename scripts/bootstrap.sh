@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv (once) and install gpart with its test, training, data, hub and llm (bitsandbytes, TRL) extras,
+# Create .venv (once) and install gpart with its test, training, data, hub, llm (bitsandbytes, TRL) and eval
+# (lm-evaluation-harness) extras,
 # and Triton (gpu extra: on a machine without a GPU the tests run the Triton kernels under its interpreter).
 # torch is installed first, pinned to a CPU build, so that no dependency pulls a multi-GB CUDA build.
 set -euo pipefail
@@ -15,6 +16,6 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/bootstrap.s
   if ! "$VPY" -c "import torch" 2>/dev/null; then
     "$VPY" -m pip install -q "torch==${GPART_TORCH_VERSION:-2.13.0}"
   fi
-  "$VPY" -m pip install -q -e ".[test,train,data,hub,llm,gpu]"
+  "$VPY" -m pip install -q -e ".[test,train,data,hub,llm,eval,gpu]"
   touch "$stamp"
 fi
