@@ -182,6 +182,10 @@ def _quiet_library_noise() -> None:
 def run(args) -> int:
     """Run the parsed command; bad input is one line on stderr and exit status 2."""
     _quiet_library_noise()
+    if getattr(args, "quiet", False):
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()  # loading bars, and gpart's generation and prediction bars
     try:
         return COMMANDS[args.command](args)
     except user_errors() as e:
