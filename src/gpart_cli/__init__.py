@@ -10,7 +10,7 @@ import argparse
 import contextlib
 import sys
 
-# the names of gpart.recipes.TASKS and gpart.recipes.methods.METHODS (tests/test_cli_startup.py ties them)
+# the names of gpart.recipes.TASKS and gpart.recipes.methods.METHODS (tests/test_cli_console.py ties them)
 TASKS = ("text-classification", "image-classification", "causal-lm")
 METHODS = ("gpart", "lora", "vera", "unilora", "full", "head-only")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
@@ -227,11 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-
-
 @contextlib.contextmanager
 def _silenced(*loggers: str):
-    """Only warnings of these loggers' ERROR level and above get through while the block runs."""
+    """Only these loggers' errors get through while the block runs (their warnings are dropped)."""
     import logging
 
     saved = {name: logging.getLogger(name).level for name in loggers}
