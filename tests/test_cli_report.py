@@ -75,17 +75,17 @@ def test_quantized_run_counts_the_unquantized_weights(tiny_lm, float_run, tmp_pa
 
 def test_base_model_eval_scores_the_runs_test_items(tiny_lm, float_run, tmp_path):
     m = json.loads((float_run / "metrics.json").read_text())
-    assert m["test"]["n"] == 4 and m["test"]["items"]["seed"] == 0  # 10% of 40 held out
+    assert m["test"]["n"] == 4 and m["test_items"]["seed"] == 0  # 10% of 40 held out
     base = ["eval", "--task", "causal-lm", "--model", str(tiny_lm / "llama"), "--dataset", str(tiny_lm / "chat.jsonl"),
             "--max-new-tokens", "2"]
     assert main([*base, "--output", str(tmp_path / "base.json")]) == 0
     result = json.loads((tmp_path / "base.json").read_text())
-    assert result["n"] == 4 and result["items"] == m["test"]["items"]
+    assert result["n"] == 4 and result["items"] == m["test_items"]
     assert [e["prompt"] for e in result["examples"]] == [e["prompt"] for e in m["test"]["examples"]]
-    assert m["test"]["items"]["sha256"] in (float_run / "report.md").read_text()
+    assert m["test_items"]["sha256"] in (float_run / "report.md").read_text()
     # another seed draws other items; --split all scores the whole file
     assert main([*base, "--seed", "1", "--output", str(tmp_path / "seed1.json")]) == 0
-    assert json.loads((tmp_path / "seed1.json").read_text())["items"]["sha256"] != m["test"]["items"]["sha256"]
+    assert json.loads((tmp_path / "seed1.json").read_text())["items"]["sha256"] != m["test_items"]["sha256"]
     assert main([*base, "--split", "all", "--output", str(tmp_path / "all.json")]) == 0
     assert json.loads((tmp_path / "all.json").read_text())["n"] == 40
 

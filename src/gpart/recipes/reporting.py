@@ -118,7 +118,7 @@ def write_report(out: Path, m: dict) -> Path:
 
 
 def _test_items(m: dict) -> list[str]:
-    items = m.get("test", {}).get("items")
+    items = m.get("test_items")
     if not items:
         return []
     held_out = ("the validation split (test fraction 0)" if m.get("test_is_validation")

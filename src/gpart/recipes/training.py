@@ -477,8 +477,6 @@ def train(args, recipe: TaskRecipe) -> dict:
     validation = _strip(trainer.evaluate()) if eval_ds is not None else {}
     test_split = data.splits.get("test")
     test = recipe.evaluate(model, processor, test_split, args, data) if _nonempty(test_split) else {}
-    if test:
-        test["items"] = scored_items(test_split, args.seed)
 
     # Every process evaluated (forward passes are collectives under FSDP) and gathers the state to
     # save; the main process alone writes the result files.
@@ -502,6 +500,7 @@ def train(args, recipe: TaskRecipe) -> dict:
                   "mean_loss": result.training_loss},
         "validation": validation, "test": test,
         "test_is_validation": data.splits.get("test") is data.splits.get("validation"),
+        **({"test_items": scored_items(test_split, args.seed)} if test else {}),
         **({"skipped": dict(data.skipped)} if data.skipped else {}),
         "history": {"train": train_pts, "eval": eval_pts},
         "best_checkpoint": trainer.state.best_model_checkpoint,
