@@ -120,3 +120,26 @@ def test_stock_lm_eval_command_loads_a_gpart_adapter(workdir, merged_scores, tmp
     proc, scores = _cli(workdir, tmp_path, sys.executable, "-m", "lm_eval")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert scores["perplexity,none"] == pytest.approx(merged_scores["perplexity,none"], rel=1e-4)
+
+
+@pytest.mark.slow  # SmolLM2-135M: a short `gpart train` on the built-in word-reversal data, then lm-eval (minutes on a CPU)
+def test_lm_eval_scores_a_cli_trained_smollm2_adapter_as_its_merged_model(tmp_path):
+    from gpart.assets import load_dataset
+    from gpart.cli import main
+
+    run = tmp_path / "runs" / "reversal"
+    assert main(["train", "--task", "causal-lm", "--model", "smollm2", "--dataset", "word-reversal",
+                 "--max-steps", "2", "--batch-size", "2", "--max-train-samples", "8", "--max-eval-samples", "2",
+                 "--max-new-tokens", "8", "--output-dir", str(run), "--quiet", "--cpu"]) == 0
+    assert main(["merge", "--adapter", str(run / "adapter"), "--output-dir", str(tmp_path / "merged")]) == 0
+    base = json.loads((run / "adapter" / "gpart_task.json").read_text())["model_path"]
+    (tmp_path / "base").symlink_to(base)
+    rows = load_dataset("word-reversal", task="causal-lm")["test"][:4]
+    (tmp_path / "reversal-test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (yaml,) = _doc_blocks("yaml")
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "reversal.yaml").write_text(yaml)
+    adapter = _scores(tmp_path, f"base,peft={ADAPTER}")
+    merged = _scores(tmp_path, "merged")
+    assert adapter["sample_len"] == 4 and adapter["acc,none"] == merged["acc,none"]
+    assert adapter["perplexity,none"] == pytest.approx(merged["perplexity,none"], rel=1e-3)
