@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv (once) and install gpart with its test, training, data, hub and llm (bitsandbytes, TRL) extras,
+# Create .venv (once) and install gpart with its test, training, data, hub, llm (bitsandbytes, TRL) and eval
+# (lm-evaluation-harness) extras,
 # and Triton (gpu extra: on a machine without a GPU the tests run the Triton kernels under its interpreter).
 #
 # torch is installed first and must be a CPU build, so that no dependency pulls a multi-GB CUDA build.
@@ -50,6 +51,6 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/bootstrap.s
     install_cpu_torch
   fi
   "$VPY" -c "import torch; print('bootstrap: torch', torch.__version__, '(CUDA build)' if torch.version.cuda else '(CPU build)')"
-  "$VPY" -m pip install -q -e ".[test,train,data,hub,llm,gpu]"
+  "$VPY" -m pip install -q -e ".[test,train,data,hub,llm,eval,gpu]"
   touch "$stamp"
 fi

@@ -119,11 +119,16 @@ def test_eval_reproduces_training_test_metrics(trained_text, text_setup, capsys,
 
 
 def test_eval_base_model_without_adapter(text_setup, tmp_path):
-    assert main(["eval", "--task", "text-classification", "--model", str(text_setup / "bert"),
-                 "--dataset", str(text_setup / "data" / "test.csv"), "--labels", "neg,pos",
-                 "--output", str(tmp_path / "base.json")]) == 0
+    base = ["eval", "--task", "text-classification", "--model", str(text_setup / "bert"),
+            "--dataset", str(text_setup / "data" / "test.csv"), "--labels", "neg,pos"]
+    # split as `gpart train` would split the file: the test items a run on it was scored on
+    assert main([*base, "--output", str(tmp_path / "base.json")]) == 0
     result = json.loads((tmp_path / "base.json").read_text())
-    assert result["n"] == 20 and 0 <= result["accuracy"] <= 1  # a single file is the evaluated split
+    assert result["split"] == "test" and result["n"] == 2 and 0 <= result["accuracy"] <= 1  # 10% of 20
+    assert result["items"]["seed"] == 0 and len(result["items"]["sha256"]) == 16
+    assert main([*base, "--split", "all", "--output", str(tmp_path / "all.json")]) == 0
+    whole = json.loads((tmp_path / "all.json").read_text())
+    assert whole["n"] == 20 and whole["items"]["sha256"] != result["items"]["sha256"]
 
 
 def test_merge_gives_the_adapter_logits(trained_text, text_setup, tmp_path):

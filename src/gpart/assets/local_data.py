@@ -156,13 +156,16 @@ def _table_splits(path: Path) -> dict[str, Path]:
 
 
 def table_columns(path: Path) -> list[str]:
-    """The columns of a table: a CSV/TSV header, or the keys of a JSONL file's first row."""
+    """The columns of a table: a CSV/TSV header, or the keys of a JSONL file's first row (none: an error)."""
     if path.suffix.lower() not in (".jsonl", ".ndjson"):
         with open(path, newline="", encoding="utf-8-sig") as fh:
-            return next(csv.reader(fh, delimiter="\t" if path.suffix.lower() == ".tsv" else ","), [])
+            header = next(csv.reader(fh, delimiter="\t" if path.suffix.lower() == ".tsv" else ","), None)
+        if header is None:
+            raise DatasetError(f"{path}: the file is empty (no header row)")
+        return header
     for _, row in _jsonl_records(path, ()):
         return list(row)
-    return []
+    raise DatasetError(f"{path}: the file is empty (no JSON object on any line)")
 
 
 def _records(path: Path, required: Sequence[str]) -> Iterator[tuple[str, dict]]:

@@ -187,7 +187,7 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
              stop_ids: list[int], stop_texts: list[str]) -> list[str]:
     """Greedy continuations of token-id prompts, batched with left padding, each cut at its first
     stop token (EOS, the template's end of turn) or stop text."""
-    from tqdm.auto import tqdm
+    from transformers.utils.logging import tqdm  # off under `gpart train --quiet`
 
     model.eval()
     device = next(model.parameters()).device

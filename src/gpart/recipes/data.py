@@ -6,6 +6,8 @@ seeded shuffle, and --max-*-samples take seeded subsets, so runs stay reproducib
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from pathlib import Path
 
@@ -67,7 +69,7 @@ def limit_splits(splits: dict, args, take=None) -> dict:
     take = take or (lambda rows, idx: [rows[i] for i in idx])
     out = dict(splits)
     limits = {"train": getattr(args, "max_train_samples", None)}
-    limits["validation"] = limits["test"] = getattr(args, "max_eval_samples", None)
+    limits["validation"] = limits["test"] = limits["all"] = getattr(args, "max_eval_samples", None)
     for split, limit in limits.items():
         rows = splits.get(split)
         if rows is None or limit is None or limit >= split_length(rows):
@@ -83,3 +85,17 @@ def limit_splits(splits: dict, args, take=None) -> dict:
 def split_length(rows) -> int:
     """Number of examples in a split: a list of records, or an (images, labels) pair."""
     return len(rows[1]) if isinstance(rows, tuple) else len(rows)
+
+
+def scored_items(rows, seed: int) -> dict:
+    """Which examples a score is on: the seed that drew the split and subsets, and 16 hex digits of a
+    SHA-256 over the examples in order (equal digests: the same items), for numbers put side by side."""
+    h = hashlib.sha256()
+    if isinstance(rows, tuple):  # (images, labels) arrays
+        import numpy as np
+
+        for part in rows:
+            h.update(np.ascontiguousarray(part).tobytes())
+    else:
+        h.update(json.dumps(rows, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8"))
+    return {"seed": seed, "sha256": h.hexdigest()[:16]}

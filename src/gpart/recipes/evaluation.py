@@ -8,7 +8,7 @@ import torch
 
 from . import methods, models
 from .base import TASK_FILE
-from .data import DataError, split_length
+from .data import DataError, scored_items, split_length
 from .io import RunDirError, atomic_dir, atomic_write_json
 
 
@@ -66,12 +66,16 @@ def evaluate(args, recipe, saved_info: dict) -> dict:
     data = recipe.load_data(args, saved=saved_info)
     split = args.split
     present = [s for s, rows in data.splits.items() if rows is not None and split_length(rows)]
+    if split == "all" and split not in present:
+        raise DataError(f"--split all scores a single data file whole; dataset {args.dataset} is not one "
+                        f"(its splits: {', '.join(present)})")
     if split not in present:
         raise DataError(f"dataset {args.dataset} has no {split!r} split; available: {present}")
     model, processor = load_for_eval(recipe, args, saved_info, data.labels)
     metrics = recipe.evaluate(model, processor, data.splits[split], args, data)
     return {"task": recipe.name, "model": args.model or saved_info.get("model"), "adapter": args.adapter,
-            "dataset": args.dataset, "split": split, **metrics}
+            "dataset": args.dataset, "split": split, **metrics,
+            "items": scored_items(data.splits[split], args.seed)}
 
 
 def info(args, recipe) -> dict:

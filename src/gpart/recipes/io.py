@@ -114,7 +114,7 @@ def atomic_dir(path: str | os.PathLike):
 def prepare_output_dir(path: str | os.PathLike, *, resume: bool, overwrite: bool) -> Path:
     """Check that `path` may receive a run; returns it as a Path.
 
-    - new or empty directory: fine;
+    - new or empty directory: fine (a new one is not created here);
     - holds a gpart run: an error unless --resume (continue it) or --overwrite (replace it; the
       deletion waits for reset_run_dir, so a run that fails to start leaves the old one intact);
     - holds anything else: always an error, we never delete files we did not write.
@@ -131,8 +131,7 @@ def prepare_output_dir(path: str | os.PathLike, *, resume: bool, overwrite: bool
             raise RunDirError(f"--resume: {path} holds no gpart run (no {RUN_MARKER}); nothing to resume")
         return path
     if not entries:
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+        return path  # created when the run starts (run.json): input refused before then leaves nothing
     if not is_run:
         raise RunDirError(
             f"output dir {path} is not empty and is not a gpart run; choose another --output-dir "

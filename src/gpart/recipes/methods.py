@@ -189,11 +189,12 @@ def count_params(model: nn.Module, head: list[str]) -> dict[str, int]:
         if id(param) in seen:  # tied weights count once
             continue
         seen.add(id(param))
-        total += param.numel()
+        n = weight_count(param)
+        total += n
         if param.requires_grad:
-            trainable += param.numel()
+            trainable += n
             if is_head_param(name, head):
-                head_n += param.numel()
+                head_n += n
     return {"total": total, "trainable": trainable, "adapter": trainable - head_n, "head": head_n}
 
 
@@ -204,5 +205,12 @@ def adapted_size(model: nn.Module, targets: list[str]) -> int:
         if full.rsplit(".", 1)[-1] in targets and isinstance(getattr(module, "weight", None), nn.Parameter):
             if any(part in ("modules_to_save", "original_module") for part in full.split(".")):
                 continue
-            total += module.weight.numel()
+            total += weight_count(module.weight)
     return total
+
+
+def weight_count(param: nn.Parameter) -> int:
+    """Entries of a parameter as the model defines it: a bitsandbytes 4-bit weight stores two per byte
+    in a flat buffer, and its quant_state keeps the original shape."""
+    quant_state = getattr(param, "quant_state", None)
+    return quant_state.shape.numel() if quant_state is not None else param.numel()

@@ -7,7 +7,7 @@ import torch
 @torch.no_grad()
 def predict_classes(model, features: list[dict], collate, batch_size: int) -> list[int]:
     """Argmax class per feature. Text is batched by length (far less padding); order is restored."""
-    from tqdm.auto import tqdm
+    from transformers.utils.logging import tqdm  # off under `gpart train --quiet`
 
     model.eval()
     order = sorted(range(len(features)), key=lambda i: len(features[i].get("input_ids", ())))

@@ -87,11 +87,12 @@ def _fmt(v):
 
 def write_report(out: Path, m: dict) -> Path:
     run, params = m["run"], m["params"]
+    has_head = params["head"] > 0
     lines = [
         f"# {run['task']}: {run['method']} on {run['model']} / {run['dataset']}",
         "",
         f"- trainable parameters: {_fmt(params['trainable'])} of {_fmt(params['total'])} "
-        f"(adapter {_fmt(params['adapter'])}, head {_fmt(params['head'])})",
+        f"(adapter {_fmt(params['adapter'])}" + (f", head {_fmt(params['head'])})" if has_head else ")"),
     ]
     if m.get("D"):
         lines.append(f"- adapted weights D = {_fmt(m['D'])}, d = {_fmt(run.get('d'))} (D/d = {m['D'] / run['d']:.1f})"
@@ -100,21 +101,53 @@ def write_report(out: Path, m: dict) -> Path:
         f"- saved adapter: {_fmt(m['adapter_bytes'])} bytes in `{m['saved']}`",
         f"- training: {_fmt(m['train']['steps'])} steps, {m['train']['runtime_s']:.1f} s, "
         f"final train loss {_fmt(m['train'].get('final_loss'))}",
-        f"- seed {run['seed']}, lr {run['lr']:g}{_lr_source(run)}, head lr {run['head_lr']:g}",
+        f"- seed {run['seed']}, lr {run['lr']:g}{_lr_source(run)}" + (f", head lr {run['head_lr']:g}" if has_head else ""),
         *([f"- skipped (longer than --max-length): "
            + ", ".join(f"{n:,} {split}" for split, n in m["skipped"].items())] if m.get("skipped") else []),
+        *_test_items(m),
         "",
-        "| split | " + " | ".join(sorted({k for s in ("validation", "test") for k in m.get(s, {})})) + " |",
+        *_metrics_table(m),
+        *_examples(m.get("test", {}).get("examples")),
+        "",
+        f"![training curve]({CURVE_FILE})" if (out / CURVE_FILE).exists() else "(no training curve: "
+        "matplotlib is not installed; pip install 'gpart[train]')",
+        "",
     ]
-    keys = sorted({k for s in ("validation", "test") for k in m.get(s, {})})
-    lines.append("|---" * (len(keys) + 1) + "|")
-    for split in ("validation", "test"):
-        if m.get(split):
-            lines.append(f"| {split} | " + " | ".join(_fmt(m[split].get(k, "")) for k in keys) + " |")
-    lines += ["", f"![training curve]({CURVE_FILE})" if (out / CURVE_FILE).exists() else "(no training curve: "
-              "matplotlib is not installed; pip install 'gpart[train]')", ""]
     atomic_write_text(out / REPORT_FILE, "\n".join(lines))
     return out / REPORT_FILE
+
+
+def _test_items(m: dict) -> list[str]:
+    items = m.get("test_items")
+    if not items:
+        return []
+    held_out = ("the validation split (test fraction 0)" if m.get("test_is_validation")
+                else f"held out of {m['run']['dataset']} by seed {items['seed']}")
+    return [f"- test items: {_fmt(m['test'].get('n'))}, {held_out}; sha256 {items['sha256']} "
+            "(`gpart eval` prints the same digest when it scores the same items)"]
+
+
+def _metrics_table(m: dict) -> list[str]:
+    """validation / test metrics with a number or a short word as value, one row per split."""
+    splits = [s for s in ("validation", "test") if m.get(s)]
+    keys = sorted({k for s in splits for k, v in m[s].items() if isinstance(v, (int, float, str))})
+    if not keys:
+        return []
+    return ["| split | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|",
+            *(f"| {s} | " + " | ".join(_cell(_fmt(m[s].get(k, ""))) for k in keys) + " |" for s in splits)]
+
+
+def _examples(examples: list[dict] | None) -> list[str]:
+    if not examples:
+        return []
+    keys = list(examples[0])
+    return ["", "Test examples:", "", "| " + " | ".join(keys) + " |", "|---" * len(keys) + "|",
+            *("| " + " | ".join(_cell(str(e.get(k, ""))) for k in keys) + " |" for e in examples)]
+
+
+def _cell(text: str) -> str:
+    """Text that stays inside one Markdown table cell."""
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\r\n", "\n").replace("\n", "<br>") or " "
 
 
 def _lr_source(run: dict) -> str:

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from . import methods, models, reporting
+from . import methods, models, progress, reporting
 from .base import TASK_FILE, TaskRecipe
-from .data import DataError, split_length
+from .data import DataError, scored_items, split_length
 from .io import (RUN_MARKER, RunDirError, atomic_dir, atomic_write_json, fsync_tree, prepare_output_dir,
                  reset_run_dir)
 
@@ -115,8 +115,9 @@ def make_trainer_class():
                 if old is not None:
                     shutil.rmtree(old, ignore_errors=True)
                 shutil.rmtree(staging, ignore_errors=True)
+                # the step in each name orders them (mtimes of quick saves tie, and transformers warns)
                 rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
-                                   best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+                                   best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
             self.accelerator.wait_for_everyone()  # nobody reads checkpoint-N before it is in place
 
     return GPartTrainer
@@ -403,6 +404,7 @@ def train(args, recipe: TaskRecipe) -> dict:
 
     config = run_config(args, recipe)
     out = prepare_output_dir(args.output_dir, resume=args.resume, overwrite=args.overwrite)
+    new_dir = not out.exists()
     if args.resume:
         check_resume(out, config)
 
@@ -433,6 +435,7 @@ def train(args, recipe: TaskRecipe) -> dict:
         param_groups_fn=lambda m: methods.param_groups(
             m, lr=args.lr, head_lr=args.head_lr, weight_decay=args.weight_decay, head=head, gpart_lr=choice),
     )
+    progress.use_run_progress(trainer, out, quiet=args.quiet)
     if recipe.loss_is_batch_mean:
         # The Trainer sees a forward that takes **kwargs and assumes the loss divides by its
         # num_items_in_batch: it would skip the 1/grad_accum scaling and multiply by the number of
@@ -444,8 +447,10 @@ def train(args, recipe: TaskRecipe) -> dict:
         if last is not None:
             check_resume_launch(last, trainer)
     except LaunchError:
-        with contextlib.suppress(OSError):  # the Trainer made an empty checkpoints/; leave the dir reusable
+        with contextlib.suppress(OSError):  # the Trainer made an empty checkpoints/; leave the dir as it was
             (out / CHECKPOINTS).rmdir()
+            if new_dir:
+                out.rmdir()
         raise
     # Only the main process touches the run directory; the barrier before makes sure every process
     # has checked it (prepare_output_dir, the checkpoint to resume) before it changes.
@@ -494,6 +499,7 @@ def train(args, recipe: TaskRecipe) -> dict:
                   "mean_loss": result.training_loss},
         "validation": validation, "test": test,
         "test_is_validation": data.splits.get("test") is data.splits.get("validation"),
+        **({"test_items": scored_items(test_split, args.seed)} if test else {}),
         **({"skipped": dict(data.skipped)} if data.skipped else {}),
         "history": {"train": train_pts, "eval": eval_pts},
         "best_checkpoint": trainer.state.best_model_checkpoint,
