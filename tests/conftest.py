@@ -8,6 +8,7 @@ their tests.
 from __future__ import annotations
 
 import csv
+import json
 import importlib.util
 import os
 import random
@@ -261,6 +262,57 @@ def make_tokenizer(template: str | None = CHATML):
     if template:
         out.chat_template = template
     return out
+
+
+def write_tiny_chat_lm(root: Path) -> Path:
+    """A 2-layer Llama (linear layers wide enough for bitsandbytes' 64-weight blocks), its ChatML word
+    tokenizer, and chat.jsonl: 40 conversations, of which `gpart train` holds out 4 for testing."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = make_tokenizer(CHATML)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=0, tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(root / "llama")
+    tokenizer.save_pretrained(root / "llama")
+    with (root / "chat.jsonl").open("w") as f:
+        for i in range(40):
+            a, b = i % 5, (3 * i) % 7
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"what is {a} plus {b} ?"},
+                                             {"role": "assistant", "content": str(a + b)}]}) + "\n")
+    return root
+
+
+# -- arithmetic chats for TRL (a word-level ChatML tokenizer that fits BNB_LLAMA's vocabulary) -----------
+
+QA_WORDS = ("what is one two three four five six plus minus times and the answer question user assistant system "
+            "please add numbers").split()
+QA = [("one plus one", "two"), ("two plus two", "four"), ("three plus three", "six"), ("six minus two", "four"),
+      ("five minus four", "one"), ("two times three", "six"), ("one plus four", "five"), ("four minus one", "three")]
+
+
+def chatml_word_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
+    vocab = {w: i for i, w in enumerate(specials + QA_WORDS)}
+    assert len(vocab) <= BNB_LLAMA["vocab_size"]
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<|im_end|>",
+                                   bos_token="<|im_start|>", additional_special_tokens=specials[2:])
+    fast.chat_template = CHATML
+    return fast
+
+
+def qa_conversations():
+    import datasets
+
+    return datasets.Dataset.from_list([
+        {"messages": [{"role": "user", "content": f"what is {q}"}, {"role": "assistant", "content": a}]} for q, a in QA
+    ])
 
 
 # -- scripts of benchmarks/ and studies/ ----------------------------------------------------------------

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import write_tiny_chat_lm
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 ENTRY = "import sys; from gpart_cli import main; sys.exit(main())"  # what the `gpart` script runs
@@ -54,8 +55,6 @@ BAR = re.compile(r"^\s*(\w[\w ]*: *)?\d+%\|.*\|\s*\d+/\d+ \[.*\]\s*$")
 
 
 def test_float_run_prints_bars_and_its_summary_only(tmp_path):
-    from test_cli_report import write_tiny_chat_lm
-
     data = write_tiny_chat_lm(tmp_path)
     out = tmp_path / "run"
     console = tmp_path / "console.txt"  # what `gpart train ... > console.txt 2>&1` keeps
@@ -78,8 +77,6 @@ def test_float_run_prints_bars_and_its_summary_only(tmp_path):
 
 
 def test_quiet_run_prints_its_summary_only(tmp_path):
-    from test_cli_report import write_tiny_chat_lm
-
     data = write_tiny_chat_lm(tmp_path)
     proc = _gpart("train", "--task", "causal-lm", "--model", str(data / "llama"), "--dataset",
                   str(data / "chat.jsonl"), "--d", "256", "--max-steps", "2", "--logging-steps", "1",

@@ -9,29 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import write_tiny_chat_lm
+
 from gpart.cli import main
-
-
-def write_tiny_chat_lm(root: Path) -> Path:
-    """A 2-layer Llama (linear layers wide enough for bitsandbytes' 64-weight blocks), its ChatML word
-    tokenizer, and chat.jsonl: 40 conversations, of which `gpart train` holds out 4 for testing."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from test_lm_data import CHATML, make_tokenizer
-
-    tokenizer = make_tokenizer(CHATML)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=0, tie_word_embeddings=False)
-    LlamaForCausalLM(config).save_pretrained(root / "llama")
-    tokenizer.save_pretrained(root / "llama")
-    with (root / "chat.jsonl").open("w") as f:
-        for i in range(40):
-            a, b = i % 5, (3 * i) % 7
-            f.write(json.dumps({"messages": [{"role": "user", "content": f"what is {a} plus {b} ?"},
-                                             {"role": "assistant", "content": str(a + b)}]}) + "\n")
-    return root
 
 
 @pytest.fixture(scope="module")

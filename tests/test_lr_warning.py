@@ -10,7 +10,6 @@ import warnings
 import pytest
 import torch
 from conftest import MLP, tiny_bert
-from test_cli import text_setup  # noqa: F401  (a fixture: a tiny BERT and a CSV folder)
 from peft import LoraConfig, get_peft_model
 
 import gpart
@@ -150,16 +149,15 @@ def test_trainer_with_the_rules_lr_trains_silently(tmp_path, how):
 
 def test_trls_sfttrainer_at_its_default_lr_is_told_and_at_the_rules_trains(tmp_path):
     trl = pytest.importorskip("trl")
-    from conftest import bnb_llama
-    from test_trl import chatml_tokenizer, conversational
+    from conftest import bnb_llama, chatml_word_tokenizer, qa_conversations
 
     found = {}
     for name, lr in (("default", None), ("rule", gpart.gpart_lr(gpart.GPartConfig(d=512), 2e-1))):
         config = trl.SFTConfig(output_dir=str(tmp_path / name), max_steps=2, per_device_train_batch_size=4,
                                report_to="none", save_strategy="no", max_length=32, use_cpu=True, seed=0,
                                **({} if lr is None else {"learning_rate": lr}))
-        trainer = trl.SFTTrainer(model=bnb_llama(), args=config, train_dataset=conversational(),
-                                 processing_class=chatml_tokenizer(),
+        trainer = trl.SFTTrainer(model=bnb_llama(), args=config, train_dataset=qa_conversations(),
+                                 processing_class=chatml_word_tokenizer(),
                                  peft_config=gpart.GPartConfig(d=512, target_modules=["q_proj", "v_proj"]))
         theta = trainer.model.base_model.gpart_theta["default"]
         before = theta.detach().clone()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import BNB_LLAMA, bnb_llama, load_quantized
+from conftest import QA, bnb_llama, chatml_word_tokenizer, load_quantized, qa_conversations
 from peft import PeftModel
 
 from gpart import GPartConfig
@@ -15,37 +15,6 @@ trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
 pytestmark = pytest.mark.filterwarnings("ignore")
-
-CHATML = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-WORDS = ("what is one two three four five six plus minus times and the answer question user assistant system "
-         "please add numbers").split()
-QA = [("one plus one", "two"), ("two plus two", "four"), ("three plus three", "six"), ("six minus two", "four"),
-      ("five minus four", "one"), ("two times three", "six"), ("one plus four", "five"), ("four minus one", "three")]
-
-
-def chatml_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
-    vocab = {w: i for i, w in enumerate(specials + WORDS)}
-    assert len(vocab) <= BNB_LLAMA["vocab_size"]
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<|im_end|>",
-                                   bos_token="<|im_start|>", additional_special_tokens=specials[2:])
-    fast.chat_template = CHATML
-    return fast
-
-
-def conversational():
-    return datasets.Dataset.from_list([
-        {"messages": [{"role": "user", "content": f"what is {q}"}, {"role": "assistant", "content": a}]} for q, a in QA
-    ])
-
 
 def prompt_completion():
     return datasets.Dataset.from_list([{"prompt": f"what is {q} answer", "completion": f" {a}"} for q, a in QA])
@@ -62,7 +31,7 @@ def _train(tmp_path, model, data, **config):
     args = trl.SFTConfig(output_dir=str(tmp_path / "run"), max_steps=4, per_device_train_batch_size=4,
                          learning_rate=2e-2, logging_steps=1, report_to="none", save_strategy="no", max_length=32,
                          dataloader_num_workers=0, seed=0, **config)
-    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=chatml_tokenizer(),
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=chatml_word_tokenizer(),
                              peft_config=GPartConfig(d=512, seed=0, target_modules=["q_proj", "k_proj", "v_proj",
                                                                                      "o_proj"]))
     theta = trainer.model.base_model.gpart_theta["default"]
@@ -79,7 +48,7 @@ def _check_reload(trainer, tmp_path, quantized, bnb_llama_dir):
     # without the bf16 autocast wrapper Accelerate put around forward for mixed-precision training
     model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False).eval()
     model.save_pretrained(tmp_path / "adapter")
-    x = torch.tensor([chatml_tokenizer()("what is two plus two")["input_ids"]])
+    x = torch.tensor([chatml_word_tokenizer()("what is two plus two")["input_ids"]])
     loaded = PeftModel.from_pretrained(_base(quantized, bnb_llama_dir), tmp_path / "adapter").eval()
     with torch.no_grad():
         expected = model(input_ids=x).logits.float()
@@ -93,7 +62,7 @@ def _check_reload(trainer, tmp_path, quantized, bnb_llama_dir):
 @pytest.mark.parametrize("quantized", [False, True], ids=["float", "nf4"])
 def test_sft_on_conversational_data(quantized, bnb_llama_dir, tmp_path):
     # use_cpu=True: TRL's default bf16 runs as CPU autocast
-    trainer, theta = _train(tmp_path, _base(quantized, bnb_llama_dir), conversational(), use_cpu=True)
+    trainer, theta = _train(tmp_path, _base(quantized, bnb_llama_dir), qa_conversations(), use_cpu=True)
     _check_reload(trainer, tmp_path, quantized, bnb_llama_dir)
 
 
@@ -104,7 +73,7 @@ def test_sft_on_prompt_completion_data(quantized, bnb_llama_dir, tmp_path):
     example = trainer.train_dataset[0]
     batch = trainer.data_collator([example])
     ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
-    n_prompt = len(chatml_tokenizer()(example["prompt"])["input_ids"])
+    n_prompt = len(chatml_word_tokenizer()(example["prompt"])["input_ids"])
     assert 0 < n_prompt < len(ids)
     assert labels[:n_prompt] == [-100] * n_prompt and labels[n_prompt:] == ids[n_prompt:]
     _check_reload(trainer, tmp_path, quantized, bnb_llama_dir)
@@ -114,7 +83,7 @@ def test_theta_and_adam_state_stay_float32_through_trls_bf16_cast_of_a_quantized
     pytest.importorskip("bitsandbytes")
     model = load_quantized(bnb_llama_dir, "nf4-dq")
     assert model.is_loaded_in_4bit  # what makes TRL cast every trainable parameter to bf16
-    trainer, theta = _train(tmp_path, model, conversational(), use_cpu=True)
+    trainer, theta = _train(tmp_path, model, qa_conversations(), use_cpu=True)
     assert theta.dtype == torch.float32
     state = trainer.optimizer.state[theta]
     assert {k: v.dtype for k, v in state.items() if k != "step"} == {"exp_avg": torch.float32,

@@ -144,8 +144,12 @@ def param_groups(model: nn.Module, *, lr: float, head_lr: float, weight_decay: f
     parameters (LoRA factors, ...) are always decayed; head and full-model parameters only when they are
     matrices (not biases or norms). Empty groups are dropped (torch rejects them).
     """
+    from gpart.lr import CHOSEN
+
+    # the command line sets theta's lr by the rule or by an explicit --lr, and reports it: no first-step check
     if gpart_lr is not None:
-        return _gpart_param_groups(model, gpart_lr, head_lr=head_lr, weight_decay=weight_decay)
+        return [{**group, CHOSEN: True}
+                for group in _gpart_param_groups(model, gpart_lr, head_lr=head_lr, weight_decay=weight_decay)]
     groups = {key: [] for key in ("body_decay", "body_plain", "head_decay", "head_plain")}
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -157,9 +161,6 @@ def param_groups(model: nn.Module, *, lr: float, head_lr: float, weight_decay: f
         "body_decay": (lr, weight_decay), "body_plain": (lr, 0.0),
         "head_decay": (head_lr, weight_decay), "head_plain": (head_lr, 0.0),
     }
-    from gpart.lr import CHOSEN
-
-    # the command line sets theta's lr by the rule or by an explicit --lr, and reports it: no first-step check
     return [
         {"params": params, "lr": spec[key][0], "weight_decay": spec[key][1], "name": key, CHOSEN: True}
         for key, params in groups.items() if params
