@@ -17,7 +17,7 @@ import gpart
 from gpart.fastfood import MAX_LOG2_L, Fastfood, fwht
 from gpart.partition import Partition, PartitionError
 from gpart.projection import GainedPartition, make_projection
-from gpart.slices import DropConnect
+from gpart.functional import DropConnect, TensorSlice, delta, transpose_add
 
 
 def _sylvester(n: int) -> torch.Tensor:
@@ -44,18 +44,24 @@ def test_fastfood_slices_and_transpose_equal_the_dense_matrix(D, d):
         torch.testing.assert_close(ff.delta(theta, start, n), (P[start:start + n] @ theta.double()).float(),
                                    rtol=1e-5, atol=1e-6)
         grad = torch.zeros(d)
-        ff.accumulate(grad, g[start:start + n], start)
+        ff.transpose_add(grad, g[start:start + n], start)
         torch.testing.assert_close(grad, (P[start:start + n].T @ g[start:start + n].double()).float(),
                                    rtol=1e-5, atol=1e-6)
-        # DropConnect scales the same positions forward and backward
+        # DropConnect (added by gpart.functional) scales the same positions forward and backward
+        sl = TensorSlice(ff, start, (n,))
         keep = drop.keep_scale(torch.arange(start, start + n)).double()
-        torch.testing.assert_close(ff.delta(theta, start, n, drop), ((P[start:start + n] @ theta.double()) * keep).float(),
+        torch.testing.assert_close(delta(theta, sl, drop), ((P[start:start + n] @ theta.double()) * keep).float(),
+                                   rtol=1e-5, atol=1e-6)
+        grad = torch.zeros(d)
+        transpose_add(grad, g[start:start + n], sl, drop)
+        torch.testing.assert_close(grad, (P[start:start + n].T @ (g[start:start + n].double() * keep)).float(),
                                    rtol=1e-5, atol=1e-6)
     positions = torch.randint(0, D, (4, 3))
-    torch.testing.assert_close(ff.delta_at(theta, positions), (P @ theta.double()).float()[positions], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ff.delta(theta, 0, 0, positions), (P @ theta.double()).float()[positions].reshape(-1),
+                               rtol=1e-5, atol=1e-6)
     vals = torch.randn(4, 3)
     grad = torch.zeros(d)
-    ff.accumulate_at(grad, vals, positions)
+    ff.transpose_add(grad, vals, 0, positions)
     expect = torch.zeros(D, dtype=torch.float64).index_add_(0, positions.reshape(-1), vals.reshape(-1).double())
     torch.testing.assert_close(grad, (P.T @ expect).float(), rtol=1e-5, atol=1e-6)
 
@@ -93,7 +99,7 @@ def test_fastfood_equals_the_explicit_hadamard_gauss_permutation_product(D, d):
     torch.testing.assert_close(ff.delta(theta, 0, D).double(), P @ theta.double(), rtol=1e-5, atol=1e-6)
     g = torch.randn(D)
     grad = torch.zeros(d)
-    ff.accumulate(grad, g, 0)
+    ff.transpose_add(grad, g, 0)
     torch.testing.assert_close(grad.double(), P.T @ g.double(), rtol=1e-5, atol=1e-6)
 
 
