@@ -297,7 +297,8 @@ def merge_scatter(theta_s, projection, start: int, base, grad, grad_theta_s, dro
         return None
     if backend_for(theta_s.device) != "cpp":
         return None
-    return cpu.merge_scatter(theta_s, projection, start, base, grad, grad_theta_s, drop=drop, out_dtype=out_dtype)
+    out = cpu.merge_scatter(theta_s, projection, start, base, grad, grad_theta_s, drop=drop, out_dtype=out_dtype)
+    return None if out is None else out.view(base.shape)
 
 
 @_opaque
