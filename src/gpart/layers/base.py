@@ -85,6 +85,13 @@ class GPartLayer(BaseTunerLayer):
         """Free what this wrapper keeps for eval mode (all adapters, or one)."""
         self._gpart_cache.drop_adapter(adapter_name)
 
+    def get_base_layer(self) -> nn.Module:
+        # PEFT's own probes with hasattr, which costs a raised AttributeError on every eval-mode step
+        base = self.base_layer
+        while isinstance(base, BaseTunerLayer):
+            base = base.base_layer
+        return base
+
     # -- looking up theta ----------------------------------------------------------------------------
 
     def _theta(self, adapter_name: str) -> torch.Tensor:

@@ -31,7 +31,7 @@ class QuantizedLinear(Linear):
             shapes.append(("bias", (self.out_features,)))
         return shapes
 
-    def _merges_into_base(self) -> bool:
+    def _merges_into_base(self, base) -> bool:
         return False  # the base product is bitsandbytes'
 
     def _base_output(self, x, args, kwargs, adapted: bool):

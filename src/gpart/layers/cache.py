@@ -50,6 +50,12 @@ def _tensor_key(t: torch.Tensor | None):
     return weakref.ref(t.untyped_storage()), t.data_ptr(), t._version, t.dtype, t.device, t.shape, t.stride()
 
 
+def _stamp(t: torch.Tensor | None):
+    """The object, version and address of a tensor: what the shortcut compares (two stamps are equal only
+    for the same object, held alive by the first)."""
+    return None if t is None else (id(t), t._version, t.data_ptr(), t)
+
+
 def _offloaded(module: nn.Module) -> bool:
     """An accelerate hook moves this layer's weights in for each forward and out again: keeping whole
     weights would undo the offloading."""
@@ -59,12 +65,47 @@ def _offloaded(module: nn.Module) -> bool:
 
 class EvalCache(dict):
     """(adapter, tag) -> (key, value) for one wrapper. A copy or a pickle starts empty: the keys hold weak
-    references (which cannot be pickled), and a deep copy should not double the kept memory."""
+    references (which cannot be pickled), and a deep copy should not double the kept memory.
+
+    `hot` shortcuts the commonest step, one adapter whose update is merged into an fp32 product (the
+    decoding step of generation): (x's dtype, the adapter, where theta and the base weight and bias are
+    looked up, their stamps, and the kept (w, b)); checking it costs a few attribute reads instead of the
+    whole key. Every change that frees the cache (adapters switched, disabled, merged, deleted, a move,
+    train()) frees it too; a changed tensor fails its check, and so does the tuner's eval_cache set to
+    False. GPART_EVAL_CACHE is read when an entry is built.
+    """
+
+    hot = None
 
     def __reduce__(self):
         return (EvalCache, ())
 
-    def usable(self, layer, *tensors: torch.Tensor | None) -> bool:
+    def clear(self) -> None:
+        self.hot = None
+        super().clear()
+
+    def remember(self, layer, adapter_name: str, x: torch.Tensor, operands) -> None:
+        """Make (w, b) the shortcut for steps like this one (x's dtype; theta, weight and bias unchanged)."""
+        thetas, params = layer._gpart_owner.gpart_theta._parameters, layer.get_base_layer()._parameters
+        try:
+            stamps = tuple(map(_stamp, (thetas[adapter_name], params["weight"], params.get("bias"))))
+        except RuntimeError:  # an inference tensor has no version counter: no shortcut
+            return
+        self.hot = (x.dtype, adapter_name, thetas, params, stamps, operands)
+
+    def shortcut(self, layer, x: torch.Tensor):
+        """The kept (w, b) when this step is like the remembered one, else None."""
+        hot = self.hot
+        if hot is None or layer.training or torch.is_grad_enabled() or x.dtype is not hot[0]:
+            return None
+        _, name, thetas, params, stamps, operands = hot
+        if stamps != (_stamp(thetas.get(name)), _stamp(params.get("weight")), _stamp(params.get("bias"))):
+            return None
+        if layer._gpart_owner.eval_cache is False or torch.compiler.is_compiling():
+            return None
+        return operands
+
+    def usable(self, layer, base: nn.Module, *tensors: torch.Tensor | None) -> bool:
         """Whether this forward may reuse (and fill) the cache: eval mode, no tensor that autograd must
         track, not while torch.compile traces, no offloading, and the switch on. Training mode frees it."""
         if layer.training:
@@ -72,8 +113,7 @@ class EvalCache(dict):
             return False
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
             return False
-        owner = layer._gpart_owner
-        return not torch.compiler.is_compiling() and eval_cache_enabled(owner) and not _offloaded(layer.base_layer)
+        return not torch.compiler.is_compiling() and eval_cache_enabled(layer._gpart_owner) and not _offloaded(base)
 
     def get(self, layer, adapter_name: str, tag, build, *key_tensors: torch.Tensor | None):
         """build()'s value, kept and reused while the adapter's slices and the key tensors are unchanged.
@@ -87,6 +127,7 @@ class EvalCache(dict):
         if entry is not None:
             if entry[0] == key:
                 return entry[1]
+            self.hot = None
             del self[slot], entry
         value = build()
         self[slot] = (key, value)
@@ -95,6 +136,7 @@ class EvalCache(dict):
 
     def drop_adapter(self, adapter_name: str | None = None) -> None:
         """Free what is kept for one adapter (None: for all)."""
+        self.hot = None
         for slot in [s for s in self if adapter_name is None or s[0] == adapter_name]:
             del self[slot]
 

@@ -31,23 +31,26 @@ class ProductLayer(GPartModule):
         """dL/dx of op(x, w) for the output gradient gy."""
         raise NotImplementedError
 
-    def _merges_into_base(self) -> bool:
+    def _merges_into_base(self, base) -> bool:
         """Whether the wrapper runs the base op itself, with W0 + Delta_W; not when another wrapper sits
         in between (its output would be lost)."""
-        return self.base_layer is self.get_base_layer()
+        return self.base_layer is base
 
     def _base_output(self, x, args, kwargs, adapted: bool):
         """The base layer's own output (adapted: an adapter's update will be added to it)."""
         return self.base_layer(x, *args, **kwargs)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        kept = self._gpart_cache.shortcut(self, x)
+        if kept is not None:  # an eval step like the last one: one product with the kept merged weight
+            return self.op(x, *kept)
         adapters = self._adapters_to_apply()
         if not adapters:
             return self._base_output(x, args, kwargs, False)
         thetas = [self._theta(a) for a in adapters]
         base = self.get_base_layer()
-        weight, bias = (base.weight, base.bias) if self._merges_into_base() else (None, None)
-        if self._gpart_cache.usable(self, x, weight, bias, *thetas):
+        weight, bias = (base.weight, base.bias) if self._merges_into_base(base) else (None, None)
+        if self._gpart_cache.usable(self, base, x, weight, bias, *thetas):
             return self._cached_forward(x, adapters, thetas, weight, bias, args, kwargs)
         y = None if weight is not None else self._base_output(x, args, kwargs, True)
         for name, theta in zip(adapters, thetas):
@@ -70,6 +73,8 @@ class ProductLayer(GPartModule):
                 return (w if dw is None or w is w0 else None), b, dw
 
             w, b, dw = self._gpart_cache.get(self, name, (cdt, w0 is not None), build, theta, w0, b0)
+            if len(adapters) == 1 and dw is None and w is not None and x.dtype == cdt and not autocast:
+                self._gpart_cache.remember(self, name, x, (w, b))
             ops = (w0.to(cdt) if w is None and w0 is not None else w, b, dw)
             if autocast:
                 with torch.autocast(x.device.type, enabled=False):

@@ -51,7 +51,7 @@ class ParamWrapper(GPartModule):
             return self.base_layer(*args, **kwargs)
         w = self._parameter()
         thetas = [self._theta(a) for a in adapters]
-        if self._gpart_cache.usable(self, w, *thetas):
+        if self._gpart_cache.usable(self, self.get_base_layer(), w, *thetas):
             value = self._gpart_cache.get(self, adapters[0], tuple(adapters), lambda: self._value(w, adapters, thetas),
                                           w, *thetas)
         else:
