@@ -1,6 +1,7 @@
-"""The library's layering (README, "The house"): each module imports only modules on lower floors.
+"""The library's layering: each module imports only modules on lower floors.
 
-partition -> the other projections (fastfood; projection chooses among them) -> kernels -> functional -> layers -> model -> the package's entry points; recipes and the CLI sit on top, and nothing below them
+partition -> the other projections (fastfood; projection chooses among them) -> kernels -> functional
+-> layers -> model -> the package's entry points; recipes and the CLI sit on top, and nothing below them
 imports them. A module missing from FLOORS fails here, so a new one gets its floor deliberately.
 """
 

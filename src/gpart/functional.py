@@ -69,8 +69,8 @@ class TensorSlice:
 class AdapterUpdate:
     """One adapter's update of one layer for one call: its slices, theta's column scales, the DropConnect."""
 
-    weight: TensorSlice
-    bias: TensorSlice | None
+    weight_slice: TensorSlice
+    bias_slice: TensorSlice | None
     scales: torch.Tensor
     drop: DropConnect | None = None
 
@@ -134,12 +134,12 @@ def forward_operands(theta, weight, bias, update: AdapterUpdate, cdt: torch.dtyp
     but their arguments, which is what lets an eval-mode cache keep them and give the very same bits."""
     theta_s = update.theta_s(theta.detach())
     b = None if bias is None else bias.to(cdt)
-    if update.bias is not None:
-        db = delta(theta_s, update.bias, update.drop, dtype=cdt)
+    if update.bias_slice is not None:
+        db = delta(theta_s, update.bias_slice, update.drop, dtype=cdt)
         b = db if b is None else b + db
-    if weight is not None and cdt in (torch.float32, torch.float64) and weight.dtype in (torch.float32, cdt):
-        return delta(theta_s, update.weight, update.drop, base=weight, dtype=cdt), b, None
-    dw = delta(theta_s, update.weight, update.drop).to(cdt)
+    if weight is not None and cdt in (torch.float32, torch.float64):
+        return delta(theta_s, update.weight_slice, update.drop, base=weight, dtype=cdt), b, None
+    dw = delta(theta_s, update.weight_slice, update.drop).to(cdt)
     return (None if weight is None else weight.to(cdt)), b, dw
 
 
@@ -164,18 +164,18 @@ class _LayerProduct(torch.autograd.Function):
         theta_s = update.theta_s(theta)
         grad_theta_s = torch.zeros_like(theta_s)
         gy, xc = gy.to(cdt), x.to(cdt)
-        gw, gb = layer.weight_grads(gy, xc, update.bias is not None)
+        gw, gb = layer.weight_grads(gy, xc, update.bias_slice is not None)
         gx = None
         if ctx.needs_input_grad[0]:
             # the merged weight and the scatter of dL/dW share one sweep over the ids (the fused kernel)
-            w = delta(theta_s, update.weight, update.drop, base=weight, dtype=cdt, grad=gw, grad_theta_s=grad_theta_s)
+            w = delta(theta_s, update.weight_slice, update.drop, base=weight, dtype=cdt, grad=gw, grad_theta_s=grad_theta_s)
             gx = layer.input_grad(gy, xc, w).to(x.dtype)
             del w
         else:
-            transpose_add(grad_theta_s, gw, update.weight, update.drop)
+            transpose_add(grad_theta_s, gw, update.weight_slice, update.drop)
         del gw
         if gb is not None:
-            transpose_add(grad_theta_s, gb, update.bias, update.drop)
+            transpose_add(grad_theta_s, gb, update.bias_slice, update.drop)
         return gx, (grad_theta_s * update.scales).to(theta.dtype), None, None, None, None
 
 
@@ -200,8 +200,8 @@ class _RowLookup(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tokens, theta, base_out, update: AdapterUpdate, padding_idx):
         rows, inverse = torch.unique(tokens, return_inverse=True)
-        positions = _row_positions(update.weight, rows)
-        delta_rows = delta(update.theta_s(theta), update.weight, update.drop, positions=positions)
+        positions = _row_positions(update.weight_slice, rows)
+        delta_rows = delta(update.theta_s(theta), update.weight_slice, update.drop, positions=positions)
         ctx.save_for_backward(theta, rows, inverse)
         ctx.update, ctx.padding_idx = update, padding_idx
         return base_out + delta_rows[inverse].to(base_out.dtype)
@@ -210,13 +210,13 @@ class _RowLookup(torch.autograd.Function):
     def backward(ctx, gy):
         theta, rows, inverse = ctx.saved_tensors
         update = ctx.update
-        dim = update.weight.shape[1]
+        dim = update.weight_slice.shape[1]
         grad_rows = torch.zeros(rows.shape[0], dim, dtype=torch.float32, device=gy.device)
         grad_rows.index_add_(0, inverse.reshape(-1), gy.reshape(-1, dim).float())
         if ctx.padding_idx is not None:
             grad_rows[rows == ctx.padding_idx] = 0  # like nn.Embedding, the padding row receives no update
         grad_theta_s = torch.zeros(theta.shape[0], dtype=torch.float32, device=gy.device)
-        transpose_add(grad_theta_s, grad_rows, update.weight, update.drop, positions=_row_positions(update.weight, rows))
+        transpose_add(grad_theta_s, grad_rows, update.weight_slice, update.drop, positions=_row_positions(update.weight_slice, rows))
         return None, (grad_theta_s * update.scales).to(theta.dtype), gy, None, None
 
 
@@ -237,13 +237,13 @@ class _TensorDelta(torch.autograd.Function):
     def forward(ctx, theta, update: AdapterUpdate, dtype):
         ctx.save_for_backward(theta)
         ctx.update = update
-        return delta(update.theta_s(theta), update.weight, update.drop, dtype=dtype)
+        return delta(update.theta_s(theta), update.weight_slice, update.drop, dtype=dtype)
 
     @staticmethod
     def backward(ctx, g):
         (theta,) = ctx.saved_tensors
         grad_theta_s = torch.zeros(theta.shape[0], dtype=torch.float32, device=g.device)
-        transpose_add(grad_theta_s, g, ctx.update.weight, ctx.update.drop)
+        transpose_add(grad_theta_s, g, ctx.update.weight_slice, ctx.update.drop)
         return (grad_theta_s * ctx.update.scales).to(theta.dtype), None, None
 
 

@@ -1,4 +1,5 @@
-"""Fast paths for GPart's element-wise work, each tested against the reference in gpart.functional.
+"""Fast paths for GPart's element-wise work, each tested against the reference: the partition's own
+delta / transpose_add methods, which gpart.functional runs when no fast path applies.
 
 Per adapted tensor and training step GPart computes the group id of every weight (a keyed Feistel
 permutation, gpart.partition) and then either gathers theta into Delta_W (forward, and again in
@@ -9,7 +10,7 @@ backward) or scatter-adds dL/dW into dL/dtheta. The reference does that with ~40
   C++ compiler and cached; ~1-2 ns per weight on two cores. See docs/performance.md.
 - ``triton``: Triton kernels for CUDA tensors (gpart.kernels.triton_kernels); on CPU tensors only under
   Triton's interpreter (TRITON_INTERPRET=1), which is for tests.
-- ``reference``: the plain-PyTorch code in gpart.functional.
+- ``reference``: the projection's plain-PyTorch methods (gpart.partition.Partition.delta, .transpose_add).
 
 Choosing: the environment variable GPART_KERNELS=auto|reference|cpp|triton, or set_backend() /
 use_backend() from Python (these win over the variable). ``auto`` (the default) takes cpp for CPU
@@ -17,9 +18,10 @@ tensors and triton for CUDA tensors when they are available, otherwise the refer
 per process. Naming a backend explicitly makes its absence an error (KernelUnavailableError) rather than
 a silent slowdown; tensors on devices the named backend does not serve use the reference.
 
-The functions used by gpart.functional return None (or False) when no fast path applies: reference
-backend chosen, unsupported dtype or device, theta needing autograd (grad mode on and
-theta_s.requires_grad), d > 2^32. The caller then runs the reference code.
+gather, scatter and merge_scatter (what gpart.functional calls) return None (or False) when no fast path
+applies: a projection other than the partition (Fastfood brings its own transform), reference backend
+chosen, unsupported dtype or device, theta needing autograd (grad mode on and theta_s.requires_grad),
+d > 2^32. The caller then runs the reference.
 """
 
 from __future__ import annotations
