@@ -115,7 +115,7 @@ class EvalCache(dict):
             return False
         return not torch.compiler.is_compiling() and eval_cache_enabled(layer._gpart_owner) and not _offloaded(base)
 
-    def get(self, layer, adapter_name: str, tag, build, *key_tensors: torch.Tensor | None):
+    def get_or_build(self, layer, adapter_name: str, tag, build, *key_tensors: torch.Tensor | None):
         """build()'s value, kept and reused while the adapter's slices and the key tensors are unchanged.
         A stale value is dropped before the new one is built, so a rebuild never holds two."""
         slot = (adapter_name, tag)
@@ -123,7 +123,7 @@ class EvalCache(dict):
             key = (layer.gpart_slices.get(adapter_name), *map(_tensor_key, key_tensors))
         except RuntimeError:  # an inference tensor: nothing to key on, so build every time
             return build()
-        entry = dict.get(self, slot)
+        entry = self.get(slot)
         if entry is not None:
             if entry[0] == key:
                 return entry[1]

@@ -72,7 +72,7 @@ class ProductLayer(GPartModule):
                 # W0 cast to a half dtype under autocast is the base layer's own per-call cast: not kept
                 return (w if dw is None or w is w0 else None), b, dw
 
-            w, b, dw = self._gpart_cache.get(self, name, (cdt, w0 is not None), build, theta, w0, b0)
+            w, b, dw = self._gpart_cache.get_or_build(self, name, (cdt, w0 is not None), build, theta, w0, b0)
             if len(adapters) == 1 and dw is None and w is not None and x.dtype == cdt and not autocast:
                 self._gpart_cache.remember(self, name, x, (w, b))
             ops = (w0.to(cdt) if w is None and w0 is not None else w, b, dw)
