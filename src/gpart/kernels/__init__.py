@@ -79,7 +79,8 @@ def get_backend() -> str:
     """The configured choice: set_backend()'s, else $GPART_KERNELS, else "auto"."""
     if _override is not None:
         return _override
-    return _check(os.environ.get(ENV, "") or "auto", ENV)
+    name = os.environ.get(ENV, "") or "auto"
+    return name if name in BACKENDS else _check(name, ENV)
 
 
 def set_backend(name: str | None) -> None:
@@ -195,16 +196,6 @@ def backend_for(device) -> str:
     return "reference"
 
 
-def _impl(device):
-    """The kernel module for tensors on `device`, or None for the reference."""
-    backend = backend_for(device)
-    if backend == "cpp":
-        return cpu
-    if backend == "triton":
-        return _triton_module(torch.device(device).type == "cpu")
-    return None
-
-
 def build(verbose: bool = True) -> str:
     """Compile (or find in the cache) the C++ kernels now; returns the library's path."""
     path = cpu.build(verbose=verbose)
@@ -228,7 +219,10 @@ def _call(device, method: str, *args, **kwargs):
     disables Triton for the process with one warning; the call then takes the reference path. (Launch
     failures happen before anything is written.) Under an explicit GPART_KERNELS=triton it raises.
     """
-    impl = _impl(device)
+    backend = backend_for(device)
+    impl = cpu if backend == "cpp" else None
+    if backend == "triton":
+        impl = _triton_module(torch.device(device).type == "cpu")
     if impl is None or impl is cpu or impl is _triton_modules.get(True):
         return None if impl is None else getattr(impl, method)(*args, **kwargs)
     try:

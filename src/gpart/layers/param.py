@@ -52,8 +52,8 @@ class ParamWrapper(GPartModule):
         w = self._parameter()
         thetas = [self._theta(a) for a in adapters]
         if self._gpart_cache.usable(self, self.get_base_layer(), w, *thetas):
-            value = self._gpart_cache.get_or_build(self, adapters[0], tuple(adapters), lambda: self._value(w, adapters, thetas),
-                                          w, *thetas)
+            value = self._gpart_cache.get_or_build(self, adapters[0], tuple(adapters),
+                                                   lambda: self._value(w, adapters, thetas), w, *thetas)
         else:
             value = self._value(w, adapters, thetas)
         with self._swapped(value):
