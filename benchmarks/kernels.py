@@ -17,16 +17,14 @@ A revision from before version 2 computes version 1 whatever it is asked.
 
 Paths (see gpart.kernels):
   ids            group ids only (int64 out)
-  delta          Delta_W = theta_s[g(i)] as fp32 (forward/backward update, gpart.functional.delta_flat)
+  delta          Delta_W = theta_s[g(i)] as fp32 (forward/backward update, gpart.functional.delta)
   delta+drop     the same with DropConnect (p = 0.1)
   merged         W0 + Delta_W in one sweep, fp32 W0 -> fp32 (forward weight)
   merged-bf16    (W0.float() + Delta_W).to(bf16) from a bf16 W0 (backward weight, bf16 models)
-  merged+ids     merged, also writing the int32 ids for the scatter that follows
-  grad           dL/dtheta_s += P^T vec(dL/dW) from fp32 dL/dW (gpart.functional.accumulate_grad)
+  grad           dL/dtheta_s += P^T vec(dL/dW) from fp32 dL/dW (gpart.functional.transpose_add)
   grad+drop      the same with DropConnect
   grad-bf16      the same from a bf16 dL/dW
-  grad(ids)      the same reusing the ids written by merged+ids
-  merge+grad     the backward in one sweep: merged (fp32) and grad from the same ids (_GPartOp.backward)
+  merge+grad     the backward in one sweep: merged (fp32) and grad from the same ids (gpart.functional's backward)
   copy / add     memory floor for comparison: W.copy_(W0) and torch.add(W0, Delta, out=W)
 """
 
@@ -56,7 +54,7 @@ sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != HERE]
 sys.path.insert(0, str(ROOT / "src"))
 
 import gpart.kernels as K  # noqa: E402
-from gpart.functional import DropConnect, Slice, accumulate_grad, delta_flat  # noqa: E402
+from gpart.functional import DropConnect, TensorSlice, delta, transpose_add  # noqa: E402
 from gpart.kernels import cpu  # noqa: E402
 from gpart.partition import VERSION, Partition  # noqa: E402
 
@@ -137,11 +135,10 @@ def build_paths(args):
     delta = torch.randn(rows, cols)
     out = torch.empty(rows, cols)
     acc = torch.zeros(part.d)
-    ids32 = torch.empty(n, dtype=torch.int32)
     drop = DropConnect(0.1, 0x1234_5678_9ABC)
 
     nref = min(n, args.ref_len)
-    sl_ref = Slice(part, start, (nref,))
+    sl_ref = TensorSlice(part, start, (nref,))
     grad_ref = grad.reshape(-1)[:nref]
 
     def ref(fn):
@@ -153,10 +150,10 @@ def build_paths(args):
     paths = {
         "reference": {
             "ids": (nref, ref(lambda: part.ids(start, nref))),
-            "delta": (nref, ref(lambda: delta_flat(theta_s, sl_ref))),
-            "delta+drop": (nref, ref(lambda: delta_flat(theta_s, sl_ref, drop))),
-            "grad": (nref, ref(lambda: accumulate_grad(acc, grad_ref, sl_ref))),
-            "grad+drop": (nref, ref(lambda: accumulate_grad(acc, grad_ref, sl_ref, drop))),
+            "delta": (nref, ref(lambda: delta(theta_s, sl_ref))),
+            "delta+drop": (nref, ref(lambda: delta(theta_s, sl_ref, drop))),
+            "grad": (nref, ref(lambda: transpose_add(acc, grad_ref, sl_ref))),
+            "grad+drop": (nref, ref(lambda: transpose_add(acc, grad_ref, sl_ref, drop))),
         },
         "memory floor (torch)": {
             "copy": (n, lambda: out.copy_(w0)),
@@ -172,11 +169,9 @@ def build_paths(args):
             "merged": (n, wrap(lambda: cpu.gather(theta_s, part, start, n, base=w0, out_dtype=torch.float32))),
             "merged-bf16": (n, wrap(lambda: cpu.gather(theta_s, part, start, n, base=w0_bf16,
                                                        out_dtype=torch.bfloat16))),
-            "merged+ids": (n, wrap(lambda: cpu.gather(theta_s, part, start, n, base=w0, ids_out=ids32))),
             "grad": (n, wrap(lambda: cpu.scatter(acc, grad, part, start))),
             "grad+drop": (n, wrap(lambda: cpu.scatter(acc, grad, part, start, drop=drop))),
             "grad-bf16": (n, wrap(lambda: cpu.scatter(acc, grad_bf16, part, start))),
-            "grad(ids)": (n, wrap(lambda: cpu.scatter(acc, grad, part, start, ids=ids32))),
         }
         if lib is None or hasattr(lib, "gpart_merge_scatter"):
             ps["merge+grad"] = (n, wrap(lambda: cpu.merge_scatter(theta_s, part, start, w0, grad, acc)))
@@ -194,7 +189,7 @@ def build_paths(args):
         if args.baseline_rev:
             paths[f"cpp@{args.baseline_rev}"] = cpp_paths(baseline_library(args.baseline_rev))
     else:
-        print(f"C++ kernels unavailable: {cpu._error}", file=sys.stderr)
+        print(f"C++ kernels unavailable: {cpu.load_error()}", file=sys.stderr)
     if torch.cuda.is_available():
         try:
             tk = K._triton_module(False)
@@ -342,8 +337,6 @@ def step_estimates(results, D):
              ("cpp", "grad")])
         add("cpp fused: merged, merged, grad", [("cpp", "merged"), ("cpp", "merged"), ("cpp", "grad")])
         for backend in sorted({r["backend"] for r in sel if r["backend"].startswith("cpp")}):
-            add(f"{backend} fused, ids reused: merged, merged+ids, grad(ids)",
-                [(backend, "merged"), (backend, "merged+ids"), (backend, "grad(ids)")])
             add(f"{backend}, backward in one sweep: merged, merge+grad",
                 [(backend, "merged"), (backend, "merge+grad")])
     return rows

@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.cuda,
 
 import gpart.kernels as K  # noqa: E402
 from gpart import GPartConfig, VERSIONS  # noqa: E402
-from gpart.functional import DropConnect, Slice, accumulate_grad, delta_flat  # noqa: E402
+from gpart.functional import DropConnect, TensorSlice, delta, transpose_add  # noqa: E402
 from gpart.partition import Partition  # noqa: E402
 
 # (seed, D, d, start, length): narrow and wide paths, cycle-walking heavy, d = 1, d = D
@@ -44,12 +44,12 @@ def test_compiled_triton_ids_gather_scatter_equal_the_reference(case, version):
     theta_s = torch.randn(d)
     grad = torch.randn(n)
     for drop in DROPS:
-        ref = _reference(lambda: delta_flat(theta_s, Slice(part, start, (n,)), drop))
-        assert torch.equal(delta_flat(theta_s.cuda(), Slice(part, start, (n,)), drop).cpu(), ref)
+        ref = _reference(lambda: delta(theta_s, TensorSlice(part, start, (n,)), drop))
+        assert torch.equal(delta(theta_s.cuda(), TensorSlice(part, start, (n,)), drop).cpu(), ref)
         acc_ref = torch.zeros(d)
-        _reference(lambda: accumulate_grad(acc_ref, grad, Slice(part, start, (n,)), drop))
+        _reference(lambda: transpose_add(acc_ref, grad, TensorSlice(part, start, (n,)), drop))
         acc = torch.zeros(d, device="cuda")
-        accumulate_grad(acc, grad.cuda(), Slice(part, start, (n,)), drop)
+        transpose_add(acc, grad.cuda(), TensorSlice(part, start, (n,)), drop)
         torch.testing.assert_close(acc.cpu(), acc_ref, rtol=1e-5, atol=1e-5)  # fp32 atomics: any order
 
 

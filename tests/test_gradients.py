@@ -102,7 +102,7 @@ def test_dropconnect_uses_the_same_mask_forward_and_backward():
     torch.manual_seed(7)
     y = layer(x)
     torch.manual_seed(7)
-    drop = layer._drop("default")
+    drop = layer._update("default", model.base_model.gpart_theta["default"]).drop
     # rebuild the masked update densely and check both the output and the gradient against it
     cfg = model.peft_config["default"]
     theta = model.base_model.gpart_theta["default"]
@@ -165,8 +165,8 @@ def test_no_per_weight_tensor_is_saved_for_backward():
      lambda: (torch.randint(0, 100, (2, 5)),)),
 ], ids=["linear", "gpt2-conv1d"])
 def test_two_active_adapters_add_exact_updates_and_keep_nothing_per_weight(make, kwargs, inputs):
-    """The second active adapter's update goes through the separate update product (gpart_update_product):
-    exact against W0 + P_a theta_a + P_b theta_b, and nothing per weight saved for backward."""
+    """The second active adapter's update goes through the separate update product (gpart.functional.
+    layer_product without the base weight): exact against W0 + P_a theta_a + P_b theta_b, and nothing per weight saved for backward."""
     base = make()
     ref_base = copy.deepcopy(base)
     for p in ref_base.parameters():

@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gpart.kernels as K
-from gpart.functional import DropConnect, Slice, accumulate_grad, accumulate_grad_at, delta_at, delta_flat
+from gpart.functional import DropConnect, TensorSlice, delta, transpose_add
 from gpart.kernels import cpu
 from gpart.partition import CHUNK, VERSIONS, Partition
 
@@ -65,7 +65,7 @@ DROPS = [None, DropConnect(0.3, (1 << 40) + 17), DropConnect(0.1, 987_654_321_01
 @pytest.fixture(scope="module")
 def cpp():
     if not cpu.available():
-        pytest.skip(f"C++ kernels unavailable here: {cpu._error}")
+        pytest.skip(f"C++ kernels unavailable here: {cpu.load_error()}")
     return cpu
 
 
@@ -89,15 +89,33 @@ def threads():
     torch.set_num_threads(before)
 
 
+def delta_flat(theta_s, sl, drop=None):
+    return delta(theta_s, sl, drop).reshape(-1)
+
+
+def delta_at(theta_s, part, positions, drop=None):
+    """Delta at global positions (embedding rows), shaped like them."""
+    return delta(theta_s, TensorSlice(part, 0, ()), drop, positions=positions)
+
+
+def accumulate_grad_at(acc, grad, part, positions, drop=None):
+    transpose_add(acc, grad, TensorSlice(part, 0, ()), drop, positions=positions)
+
+
+def merged_weight(theta_s, part, start, base, drop=None, out_dtype=None):
+    return delta(theta_s, TensorSlice(part, start, tuple(base.shape)), drop, base=base,
+                 dtype=base.dtype if out_dtype is None else out_dtype)
+
+
 def _ref_delta(theta_s, part, start, n, drop):
     with K.use_backend("reference"):
-        return delta_flat(theta_s, Slice(part, start, (n,)), drop)
+        return delta_flat(theta_s, TensorSlice(part, start, (n,)), drop)
 
 
 def _ref_grad(part, start, grad, drop):
     acc = torch.zeros(part.d)
     with K.use_backend("reference"):
-        accumulate_grad(acc, grad, Slice(part, start, tuple(grad.shape)), drop)
+        transpose_add(acc, grad, TensorSlice(part, start, tuple(grad.shape)), drop)
     return acc
 
 
@@ -157,12 +175,12 @@ def test_reference_paths_at_positions_use_the_partitions_version(version):
     theta_s = torch.randn(part.d)
     positions = torch.arange(300, 500).view(10, 20)
     grad = torch.randn(10, 20)
-    sl = Slice(part, 300, (200,))
+    sl = TensorSlice(part, 300, (200,))
     a, b = torch.zeros(part.d), torch.zeros(part.d)
     with K.use_backend("reference"):
         assert torch.equal(delta_at(theta_s, part, positions).reshape(-1), delta_flat(theta_s, sl))
         accumulate_grad_at(a, grad, part, positions)
-        accumulate_grad(b, grad.reshape(-1), sl)
+        transpose_add(b, grad.reshape(-1), sl)
     assert torch.equal(a, b)
     assert torch.equal(part.ids_at(positions), part.ids(300, 200))
 
@@ -192,7 +210,7 @@ def test_cpp_delta_is_bit_equal(cpp, case, drop, version):
     theta_s = torch.randn(d)
     ref = _ref_delta(theta_s, part, start, n, drop)
     with K.use_backend("cpp"):
-        out = delta_flat(theta_s, Slice(part, start, (n,)), drop)
+        out = delta_flat(theta_s, TensorSlice(part, start, (n,)), drop)
     assert out.dtype == torch.float32 and torch.equal(out, ref)
 
 
@@ -205,26 +223,10 @@ def test_cpp_merged_weight_is_bit_equal(cpp, base_dtype, out_dtype, drop):
     theta_s = torch.randn(part.d) * 1e-3
     start = 5_000_000
     with K.use_backend("cpp"):
-        out = K.merged_weight(theta_s, part, start, base, drop, out_dtype=out_dtype)
+        out = merged_weight(theta_s, part, start, base, drop, out_dtype=out_dtype)
     ref = (base.float() + _ref_delta(theta_s, part, start, base.numel(), drop).view(base.shape)).to(out_dtype)
     assert out.shape == base.shape and out.dtype == out_dtype
     assert torch.equal(out, ref)
-
-
-@pytest.mark.parametrize("backend", ["cpp", "reference"])
-def test_merged_weight_into_an_output_buffer_and_in_place(cpp, backend):
-    part = Partition(8, 85_000_000, 131072)
-    w0 = torch.randn(64, 1000)
-    theta_s = torch.randn(part.d)
-    expected = w0 + _ref_delta(theta_s, part, 777, w0.numel(), DROPS[1]).view(w0.shape)
-    buf = torch.empty(64, 1000)
-    with K.use_backend(backend):
-        res = K.merged_weight(theta_s, part, 777, w0, DROPS[1], out=buf)
-    assert res.data_ptr() == buf.data_ptr() and torch.equal(buf, expected)
-    w = w0.clone()
-    with K.use_backend(backend):
-        K.merged_weight(theta_s, part, 777, w, DROPS[1], out=w)  # W0 += Delta_W in place
-    assert torch.equal(w, expected)
 
 
 def test_cpp_merged_weight_special_values(cpp):
@@ -233,7 +235,7 @@ def test_cpp_merged_weight_special_values(cpp):
     base = torch.tensor([1e38, 0.0, -0.0, float("nan"), 1.0, 70000.0, 1e-45, -1.0] * 125).view(10, 100)
     for out_dtype in (torch.float32, torch.bfloat16, torch.float16):
         with K.use_backend("cpp"):
-            out = K.merged_weight(theta_s, part, 0, base, None, out_dtype=out_dtype)
+            out = merged_weight(theta_s, part, 0, base, None, out_dtype=out_dtype)
         ref = (base.float() + _ref_delta(theta_s, part, 0, 1000, None).view(10, 100)).to(out_dtype)
         torch.testing.assert_close(out, ref, rtol=0, atol=0, equal_nan=True)
 
@@ -256,12 +258,12 @@ def test_cpp_slice_crossing_reference_chunks(cpp, drop):
     start, n = 1000, 2 * CHUNK + 77
     theta_s = torch.randn(part.d)
     with K.use_backend("cpp"):
-        out = delta_flat(theta_s, Slice(part, start, (n,)), drop)
+        out = delta_flat(theta_s, TensorSlice(part, start, (n,)), drop)
     assert torch.equal(out, _ref_delta(theta_s, part, start, n, drop))
     grad = torch.randn(n)
     acc = torch.zeros(part.d)
     with K.use_backend("cpp"):
-        accumulate_grad(acc, grad, Slice(part, start, (n,)), drop)
+        transpose_add(acc, grad, TensorSlice(part, start, (n,)), drop)
     torch.testing.assert_close(acc, _ref_grad(part, start, grad, drop), rtol=1e-5, atol=1e-4)
 
 
@@ -277,7 +279,7 @@ def test_cpp_grad_equals_reference(cpp, case, drop, version):
     ref = _ref_grad(part, start, grad, drop)
     acc = torch.zeros(d)
     with K.use_backend("cpp"):
-        accumulate_grad(acc, grad, Slice(part, start, (n,)), drop)
+        transpose_add(acc, grad, TensorSlice(part, start, (n,)), drop)
     # a group sums ~n/d values; fp32 addition order differs from index_add_'s
     torch.testing.assert_close(acc, ref, rtol=1e-5, atol=1e-5 * max(1.0, (n / d) ** 0.5))
 
@@ -326,22 +328,6 @@ def test_cpp_grad_accumulates_into_existing_values(cpp):
     torch.testing.assert_close(acc, expected, rtol=1e-5, atol=1e-4)
 
 
-def test_cpp_ids_reused_between_gather_and_scatter(cpp):
-    part = Partition(12, 85_000_000, 131072)
-    base = torch.randn(768, 300)
-    theta_s = torch.randn(part.d)
-    ids = torch.empty(base.numel(), dtype=torch.int32)
-    merged = cpp.gather(theta_s, part, 4242, base.numel(), drop=DROPS[1], base=base, ids_out=ids)
-    assert torch.equal(ids.long(), part.ids(4242, base.numel()))
-    assert torch.equal(merged.view(base.shape),
-                       base + _ref_delta(theta_s, part, 4242, base.numel(), DROPS[1]).view(base.shape))
-    grad = torch.randn_like(base)
-    a, b = torch.zeros(part.d), torch.zeros(part.d)
-    assert cpp.scatter(a, grad, part, 4242, drop=DROPS[1], ids=ids)
-    assert cpp.scatter(b, grad, part, 4242, drop=DROPS[1])
-    assert torch.equal(a, b)
-
-
 # ---- C++: the backward's fused merge + scatter ------------------------------------------------------
 
 FUSED_CASES = [
@@ -370,10 +356,10 @@ def test_cpp_merge_scatter_equals_the_two_sweeps(cpp, threads, case, drop, nthre
     grad = torch.randn(n)
     acc0 = torch.randn(d)
     a, b = acc0.clone(), acc0.clone()
-    merged = K.merged_weight_and_grad(theta_s, part, start, base, grad, a, drop)
+    merged = K.merge_scatter(theta_s, part, start, base, grad, a, drop)
     assert merged is not None and merged.shape == base.shape and merged.dtype == torch.float32
     with K.use_backend("cpp"):
-        assert torch.equal(merged, K.merged_weight(theta_s, part, start, base, drop))
+        assert torch.equal(merged, merged_weight(theta_s, part, start, base, drop))
     assert cpp.scatter(b, grad, part, start, drop=drop)
     assert torch.equal(a, b)
     assert torch.equal(merged, base + _ref_delta(theta_s, part, start, n, drop))
@@ -396,7 +382,7 @@ def test_cpp_merge_scatter_half_precision(cpp, base_dtype, out_dtype, grad_dtype
     grad = torch.randn(300, 257).to(grad_dtype)
     theta_s = torch.randn(part.d) * 1e-3
     acc = torch.zeros(part.d)
-    merged = K.merged_weight_and_grad(theta_s, part, 5_000_000, base, grad, acc, DROPS[1], out_dtype=out_dtype)
+    merged = K.merge_scatter(theta_s, part, 5_000_000, base, grad, acc, DROPS[1], out_dtype=out_dtype)
     ref = (base.float() + _ref_delta(theta_s, part, 5_000_000, base.numel(), DROPS[1]).view(base.shape)).to(out_dtype)
     assert merged.shape == base.shape and merged.dtype == out_dtype and torch.equal(merged, ref)
     torch.testing.assert_close(acc, _ref_grad(part, 5_000_000, grad, DROPS[1]), rtol=1e-5, atol=1e-5)
@@ -406,10 +392,10 @@ def test_merge_scatter_declines_without_doing_anything(cpp):
     part = Partition(8, 85_000_000, 131072)
     theta_s, base, acc = torch.randn(part.d), torch.randn(10, 20), torch.zeros(part.d)
     with K.use_backend("reference"):
-        assert K.merged_weight_and_grad(theta_s, part, 0, base, torch.randn(10, 20), acc) is None
-    assert K.merged_weight_and_grad(theta_s, part, 0, base, torch.randn(10, 21), acc) is None  # sizes differ
-    assert K.merged_weight_and_grad(theta_s, part, 0, base.double(), torch.randn(10, 20), acc) is None
-    assert K.merged_weight_and_grad(theta_s, part, 0, base, torch.randn(10, 20), acc, out_dtype=torch.float64) is None
+        assert K.merge_scatter(theta_s, part, 0, base, torch.randn(10, 20), acc) is None
+    assert K.merge_scatter(theta_s, part, 0, base, torch.randn(10, 21), acc) is None  # sizes differ
+    assert K.merge_scatter(theta_s, part, 0, base.double(), torch.randn(10, 20), acc) is None
+    assert K.merge_scatter(theta_s, part, 0, base, torch.randn(10, 20), acc, out_dtype=torch.float64) is None
     assert torch.equal(acc, torch.zeros(part.d))
 
 
@@ -470,19 +456,19 @@ def test_backend_choice(monkeypatch):
 def test_theta_needing_autograd_uses_the_reference(cpp):
     part = Partition(1, 1000, 10)
     theta_s = torch.randn(10, requires_grad=True)
-    assert K.delta_flat(theta_s, part, 0, 1000) is None
-    out = delta_flat(theta_s, Slice(part, 0, (1000,)))
+    assert K.gather(theta_s, part, 0, 1000) is None
+    out = delta_flat(theta_s, TensorSlice(part, 0, (1000,)))
     assert out.requires_grad  # the reference's gather is differentiable
     with torch.no_grad():
-        assert K.delta_flat(theta_s, part, 0, 1000) is not None
+        assert K.gather(theta_s, part, 0, 1000) is not None
 
 
 def test_unsupported_dtypes_use_the_reference(cpp):
     part = Partition(1, 1000, 10)
-    assert K.delta_flat(torch.randn(10, dtype=torch.float64), part, 0, 1000) is None
-    assert not K.accumulate_grad(torch.zeros(10), torch.randn(1000, dtype=torch.float64), part, 0)
+    assert K.gather(torch.randn(10, dtype=torch.float64), part, 0, 1000) is None
+    assert not K.scatter(torch.zeros(10), torch.randn(1000, dtype=torch.float64), part, 0)
     acc = torch.zeros(10)
-    accumulate_grad(acc, torch.ones(1000, dtype=torch.float64), Slice(part, 0, (1000,)))
+    transpose_add(acc, torch.ones(1000, dtype=torch.float64), TensorSlice(part, 0, (1000,)))
     assert acc.sum().item() == 1000
 
 
@@ -501,22 +487,22 @@ def test_without_compiler_auto_falls_back_with_one_warning(no_cpp):
     part = Partition(3, 5000, 50)
     theta_s = torch.randn(50)
     with pytest.warns(RuntimeWarning, match="C\\+\\+ kernels are unavailable"):
-        out = delta_flat(theta_s, Slice(part, 0, (5000,)))
+        out = delta_flat(theta_s, TensorSlice(part, 0, (5000,)))
     assert torch.equal(out, theta_s[part.ids(0, 5000)])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         acc = torch.zeros(50)
-        accumulate_grad(acc, torch.ones(5000), Slice(part, 0, (5000,)))  # no second warning
+        transpose_add(acc, torch.ones(5000), TensorSlice(part, 0, (5000,)))  # no second warning
     assert torch.equal(acc, part.group_sizes().float())
 
 
 def test_without_compiler_an_explicit_cpp_choice_is_an_error(no_cpp):
     with K.use_backend("cpp"):
         with pytest.raises(K.KernelUnavailableError, match="no C\\+\\+ compiler"):
-            delta_flat(torch.randn(5), Slice(Partition(1, 100, 5), 0, (100,)))
+            delta_flat(torch.randn(5), TensorSlice(Partition(1, 100, 5), 0, (100,)))
     with K.use_backend("reference"), warnings.catch_warnings():
         warnings.simplefilter("error")
-        delta_flat(torch.randn(5), Slice(Partition(1, 100, 5), 0, (100,)))  # silent
+        delta_flat(torch.randn(5), TensorSlice(Partition(1, 100, 5), 0, (100,)))  # silent
 
 
 def test_a_failing_compiled_triton_kernel_falls_back_once(monkeypatch):
@@ -628,14 +614,14 @@ def test_linear_backward_paths_match_reference(cpp, threads, monkeypatch, fused,
 
     torch.set_num_threads(nthreads)
     calls = []
-    real = K.merged_weight_and_grad
+    real = K.merge_scatter
 
     def spy(*args, **kwargs):
         res = real(*args, **kwargs) if fused else None
         calls.append(res is not None)
         return res
 
-    monkeypatch.setattr(K, "merged_weight_and_grad", spy)
+    monkeypatch.setattr(K, "merge_scatter", spy)
     results = _output_and_theta_grad_by_backend(
         lambda: get_peft_model(
             torch.nn.Sequential(torch.nn.Linear(300, 257), torch.nn.GELU(), torch.nn.Linear(257, 301)),
@@ -707,7 +693,7 @@ def test_triton_backend_through_functional(tri, monkeypatch):
     drop = DROPS[1]
     with K.use_backend("triton"):
         assert K.backend_for("cpu") == "triton"
-        out = delta_flat(theta_s, Slice(part, 500, (40, 30)), drop)
+        out = delta_flat(theta_s, TensorSlice(part, 500, (40, 30)), drop)
         rows = delta_at(theta_s, part, positions, drop)
         acc = torch.zeros(part.d)
         accumulate_grad_at(acc, torch.ones(3, dim), part, positions, drop)

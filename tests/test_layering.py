@@ -1,7 +1,7 @@
 """The library's layering: each module imports only modules on lower floors.
 
-partition -> the other projections (fastfood; projection chooses among them) and slices (value types
-both kernels and functional use) -> kernels -> functional -> layers and lr -> model -> the package's entry points; recipes and the CLI sit on top, and nothing below them
+partition -> the other projections (fastfood; projection chooses among them) -> kernels -> functional
+-> layers and lr -> model -> the package's entry points; recipes and the CLI sit on top, and nothing below them
 imports them. A module missing from FLOORS fails here, so a new one gets its floor deliberately.
 """
 
@@ -19,7 +19,6 @@ FLOORS = {
     "version": 0,
     "partition": 0,
     "fastfood": 1,
-    "slices": 1,
     "theta": 1,
     "quantization": 1,
     "projection": 2,
@@ -95,7 +94,7 @@ def test_imports_only_lower_floors(path):
 def test_kernels_and_functional_do_not_import_each_other():
     kernel_imports = set().union(*(_gpart_imports(p) for p in (SRC / "kernels").glob("*.py")))
     assert not {i for i in kernel_imports if _unit(i) == "functional"}
-    assert "slices" in kernel_imports  # the shared value types come from the floor below both
+    assert "partition" in kernel_imports  # the kernels compute the partition's ids, nothing above it
 
 
 def test_cpu_kernels_ship_as_a_cpp_source():

@@ -340,16 +340,7 @@ def _features(base_layer):
     return base_layer.in_features, base_layer.out_features
 
 
-PENDING = "in_features/out_features on every wrapper comes with the core refactor of layers.py (issue 15)"
-
-
-@pytest.mark.parametrize("case", [
-    "linear",
-    pytest.param("conv1d/2d/3d", marks=pytest.mark.xfail(strict=True, reason=PENDING)),
-    pytest.param("embedding", marks=pytest.mark.xfail(strict=True, reason=PENDING)),
-    pytest.param("transformers-Conv1D", marks=pytest.mark.xfail(strict=True, reason=PENDING)),
-    pytest.param("target_parameters", marks=pytest.mark.xfail(strict=True, reason=PENDING)),
-])
+@pytest.mark.parametrize("case", ["linear", "conv1d/2d/3d", "embedding", "transformers-Conv1D", "target_parameters"])
 def test_every_wrapper_exposes_in_and_out_features(case):
     _, model, _ = _adapted(case)
     for wrapper in _wrappers(model):

@@ -17,7 +17,7 @@ import gpart
 from gpart.fastfood import MAX_LOG2_L, Fastfood, fwht
 from gpart.partition import Partition, PartitionError
 from gpart.projection import GainedPartition, make_projection
-from gpart.slices import DropConnect
+from gpart.functional import DropConnect, TensorSlice, delta, transpose_add
 
 
 def _sylvester(n: int) -> torch.Tensor:
@@ -44,20 +44,63 @@ def test_fastfood_slices_and_transpose_equal_the_dense_matrix(D, d):
         torch.testing.assert_close(ff.delta(theta, start, n), (P[start:start + n] @ theta.double()).float(),
                                    rtol=1e-5, atol=1e-6)
         grad = torch.zeros(d)
-        ff.accumulate(grad, g[start:start + n], start)
+        ff.transpose_add(grad, g[start:start + n], start)
         torch.testing.assert_close(grad, (P[start:start + n].T @ g[start:start + n].double()).float(),
                                    rtol=1e-5, atol=1e-6)
-        # DropConnect scales the same positions forward and backward
+        # DropConnect (added by gpart.functional) scales the same positions forward and backward
+        sl = TensorSlice(ff, start, (n,))
         keep = drop.keep_scale(torch.arange(start, start + n)).double()
-        torch.testing.assert_close(ff.delta(theta, start, n, drop), ((P[start:start + n] @ theta.double()) * keep).float(),
+        torch.testing.assert_close(delta(theta, sl, drop), ((P[start:start + n] @ theta.double()) * keep).float(),
+                                   rtol=1e-5, atol=1e-6)
+        grad = torch.zeros(d)
+        transpose_add(grad, g[start:start + n], sl, drop)
+        torch.testing.assert_close(grad, (P[start:start + n].T @ (g[start:start + n].double() * keep)).float(),
                                    rtol=1e-5, atol=1e-6)
     positions = torch.randint(0, D, (4, 3))
-    torch.testing.assert_close(ff.delta_at(theta, positions), (P @ theta.double()).float()[positions], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ff.delta(theta, 0, 0, positions), (P @ theta.double()).float()[positions].reshape(-1),
+                               rtol=1e-5, atol=1e-6)
     vals = torch.randn(4, 3)
     grad = torch.zeros(d)
-    ff.accumulate_at(grad, vals, positions)
+    ff.transpose_add(grad, vals, 0, positions)
     expect = torch.zeros(D, dtype=torch.float64).index_add_(0, positions.reshape(-1), vals.reshape(-1).double())
     torch.testing.assert_close(grad, (P.T @ expect).float(), rtol=1e-5, atol=1e-6)
+
+
+def _explicit_fastfood(ff: Fastfood) -> torch.Tensor:
+    """P built from the definition, matrix by matrix: block b is c * H G_b Pi_b H B_b applied to theta
+    zero-padded to L, the blocks stacked and cut to D rows. Only the random draws (signs, Gaussians,
+    permutations) come from the projection; the transforms and their order are built here."""
+    L, K = ff.L, -(-ff.D // ff.L)
+    H = _sylvester(L)
+    pad = torch.eye(L, ff.d, dtype=torch.float64)  # theta -> theta zero-padded to L
+    blocks = torch.arange(K)
+    signs, gauss, perms = ff._signs(blocks).double(), ff._gauss(blocks).double(), ff._perms(blocks)
+    rows = []
+    for b in range(K):
+        B = torch.diag(signs[b])
+        Pi = torch.zeros(L, L, dtype=torch.float64)
+        Pi[torch.arange(L), perms[b]] = 1.0  # (Pi v)[i] = v[perm[i]]
+        G = torch.diag(gauss[b])
+        rows.append(ff.c * H @ G @ Pi @ H @ B @ pad)
+    return torch.cat(rows)[: ff.D]
+
+
+@pytest.mark.parametrize("D,d", [(64, 8), (50, 5), (1000, 33), (7, 1)])
+def test_fastfood_equals_the_explicit_hadamard_gauss_permutation_product(D, d):
+    ff = Fastfood(seed=3, D=D, d=d)
+    blocks = torch.arange(-(-D // ff.L))
+    signs, gauss, perms = ff._signs(blocks), ff._gauss(blocks), ff._perms(blocks)
+    # the random draws are what the definition asks for: signs, permutations, Gaussians of squared norm L
+    assert torch.equal(signs.abs(), torch.ones_like(signs))
+    assert all(torch.equal(row.sort().values, torch.arange(ff.L)) for row in perms)
+    torch.testing.assert_close(gauss.double().square().sum(1), torch.full((len(blocks),), float(ff.L), dtype=torch.float64))
+    P = _explicit_fastfood(ff)
+    theta = torch.randn(d)
+    torch.testing.assert_close(ff.delta(theta, 0, D).double(), P @ theta.double(), rtol=1e-5, atol=1e-6)
+    g = torch.randn(D)
+    grad = torch.zeros(d)
+    ff.transpose_add(grad, g, 0)
+    torch.testing.assert_close(grad.double(), P.T @ g.double(), rtol=1e-5, atol=1e-6)
 
 
 def test_fastfood_is_an_isometry_in_expectation_only():

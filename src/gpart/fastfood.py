@@ -22,9 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .partition import VERSION, PartitionError, _round_function, permute, round_keys, splitmix64
+from .partition import VERSION, PartitionError, hash64, permute, round_keys, splitmix64
 
-_M32 = 0xFFFFFFFF
 # The largest Walsh-Hadamard transform built: one block is L floats per adapted tensor and call.
 MAX_LOG2_L = 24
 _SIGN, _GAUSS_A, _GAUSS_B = 0x5167, 0x6A55, 0x7E21  # salts separating the three random streams
@@ -41,12 +40,6 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
         x = torch.stack((a + b, a - b), dim=-2)
         h *= 2
     return x.reshape(*lead, n)
-
-
-def _hash(positions: torch.Tensor, key: int) -> torch.Tensor:
-    """32-bit hash of int64 positions (any value below 2^63) under a 64-bit key."""
-    low = _round_function(positions & _M32, key & _M32)
-    return _round_function(low ^ (positions >> 32), key >> 32)
 
 
 @dataclass(frozen=True)
@@ -77,14 +70,14 @@ class Fastfood:
 
     def _signs(self, blocks: torch.Tensor) -> torch.Tensor:
         pos = blocks[:, None] * self.L + torch.arange(self.L, device=blocks.device)
-        bit = _hash(pos, splitmix64(self.stream_key ^ _SIGN)) & 1
+        bit = hash64(pos, splitmix64(self.stream_key ^ _SIGN)) & 1
         return 1.0 - 2.0 * bit.to(torch.float32)
 
     def _gauss(self, blocks: torch.Tensor) -> torch.Tensor:
         """Box-Muller Gaussians from two hash streams, each block rescaled to squared norm L."""
         pos = blocks[:, None] * self.L + torch.arange(self.L, device=blocks.device)
-        u1 = (_hash(pos, splitmix64(self.stream_key ^ _GAUSS_A)).double() + 0.5) / 2.0**32
-        u2 = (_hash(pos, splitmix64(self.stream_key ^ _GAUSS_B)).double() + 0.5) / 2.0**32
+        u1 = (hash64(pos, splitmix64(self.stream_key ^ _GAUSS_A)).double() + 0.5) / 2.0**32
+        u2 = (hash64(pos, splitmix64(self.stream_key ^ _GAUSS_B)).double() + 0.5) / 2.0**32
         g = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
         g = g * torch.sqrt(self.L / (g * g).sum(1, keepdim=True))
         return g.to(torch.float32)
@@ -111,58 +104,35 @@ class Fastfood:
         w = torch.zeros_like(u).scatter_(1, self._perms(blocks), u)
         return (fwht(w) * self._signs(blocks))[:, : self.d].sum(0)
 
-    def _covering(self, start: int, length: int, device) -> torch.Tensor:
-        return torch.arange(start // self.L, (start + length - 1) // self.L + 1, device=device)
-
-    # -- what gpart.functional calls ---------------------------------------------------------------------
+    # -- the projection interface (gpart.functional) ---------------------------------------------------
 
     def scales(self, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Column scales applied to theta before the transform: none (c is inside the transform)."""
         return torch.ones(self.d, dtype=dtype, device=device)
 
-    def delta(self, theta_s: torch.Tensor, start: int, length: int, drop=None) -> torch.Tensor:
-        """vec(Delta) at positions [start, start + length), fp32."""
-        self._check_range(start, length)
-        blocks = self._covering(start, length, theta_s.device)
-        flat = self._blocks(theta_s, blocks).reshape(-1)
-        off = start - int(blocks[0]) * self.L
-        out = flat[off : off + length]
-        if drop is not None:
-            out = out * drop.keep_scale(torch.arange(start, start + length, device=theta_s.device))
-        return out
-
-    def accumulate(self, grad_theta_s: torch.Tensor, grad: torch.Tensor, start: int, drop=None) -> None:
-        """grad_theta_s += P[start:start+n]^T vec(grad), in fp32."""
-        g = grad.reshape(-1).float()
-        length = g.numel()
-        self._check_range(start, length)
-        if drop is not None:
-            g = g * drop.keep_scale(torch.arange(start, start + length, device=g.device))
-        blocks = self._covering(start, length, g.device)
-        u = torch.zeros(len(blocks) * self.L, dtype=torch.float32, device=g.device)
-        off = start - int(blocks[0]) * self.L
-        u[off : off + length] = g
-        grad_theta_s += self._blocks_t(u.view(len(blocks), self.L), blocks)
-
-    def delta_at(self, theta_s: torch.Tensor, positions: torch.Tensor, drop=None) -> torch.Tensor:
-        """Delta at arbitrary positions (any shape), fp32."""
-        flat = positions.reshape(-1)
+    def delta(self, theta_s: torch.Tensor, start: int, length: int, positions: torch.Tensor | None = None):
+        """(P theta) at positions [start, start + length), or at `positions`; flat fp32. Only the blocks
+        that hold those positions are transformed."""
+        flat = self._positions(start, length, positions, theta_s.device)
         blocks, where = torch.unique(flat // self.L, return_inverse=True)
-        vals = self._blocks(theta_s, blocks)[where, flat % self.L]
-        if drop is not None:
-            vals = vals * drop.keep_scale(flat)
-        return vals.view(positions.shape)
+        return self._blocks(theta_s, blocks)[where, flat % self.L]
 
-    def accumulate_at(self, grad_theta_s: torch.Tensor, grad_vals: torch.Tensor, positions: torch.Tensor,
-                      drop=None) -> None:
-        flat = positions.reshape(-1)
-        vals = grad_vals.reshape(-1).float()
-        if drop is not None:
-            vals = vals * drop.keep_scale(flat)
+    def transpose_add(self, acc: torch.Tensor, grad: torch.Tensor, start: int,
+                      positions: torch.Tensor | None = None) -> None:
+        """acc += P^T grad for the positions of `delta`, in fp32, in place."""
+        vals = grad.reshape(-1).float()
+        flat = self._positions(start, vals.numel(), positions, vals.device)
         blocks, where = torch.unique(flat // self.L, return_inverse=True)
         u = torch.zeros(len(blocks), self.L, dtype=torch.float32, device=vals.device)
         u.index_put_((where, flat % self.L), vals, accumulate=True)
-        grad_theta_s += self._blocks_t(u, blocks)
+        acc += self._blocks_t(u, blocks)
+
+    def _positions(self, start: int, length: int, positions: torch.Tensor | None, device) -> torch.Tensor:
+        if positions is not None:
+            return positions.reshape(-1)
+        if start < 0 or length < 1 or start + length > self.D:
+            raise PartitionError(f"slice [{start}, {start + length}) is outside [0, D={self.D})")
+        return torch.arange(start, start + length, device=device)
 
     def dense(self) -> torch.Tensor:
         """The D x d matrix P, materialised (for tests and small models only)."""
@@ -170,7 +140,3 @@ class Fastfood:
             raise PartitionError(f"refusing to materialise a {self.D} x {self.d} matrix; this is for small tests")
         eye = torch.eye(self.d)
         return torch.stack([self.delta(eye[j], 0, self.D) for j in range(self.d)], 1).double()
-
-    def _check_range(self, start: int, length: int) -> None:
-        if start < 0 or length < 1 or start + length > self.D:
-            raise PartitionError(f"slice [{start}, {start + length}) is outside [0, D={self.D})")

@@ -22,11 +22,11 @@ from torch import nn
 
 from . import quantization as Q
 from .config import GPartConfig
-from .layers import Embedding, GPartLayer, LinearLike, ParamWrapper, QuantizedLinear, clear_gpart_cache
+from .functional import TensorSlice
+from .layers import GPartLayer, ParamWrapper, clear_gpart_cache, wrapper_for
 from .lr import watch_theta_lr
 from .partition import check_sizes
 from .projection import make_projection
-from .slices import Slice
 from .theta import ThetaDict
 
 THETA_KEY = "base_model.gpart_theta"
@@ -54,23 +54,6 @@ def layout_fingerprint(layout: list) -> str:
 def _clean_name(key: str) -> str:
     """Module key without the `.base_layer` hops that nested wrappers add."""
     return ".".join(part for part in key.split(".") if part != "base_layer")
-
-
-def _layer_kind(module: nn.Module) -> str | None:
-    """Which GPart wrapper fits `module`, or None when none does."""
-    from transformers.pytorch_utils import Conv1D
-
-    if Q.bnb_kind(module) is not None:  # before nn.Linear: bitsandbytes' layers subclass it
-        return "quantized"
-    if type(module) in (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear):
-        return "linear"
-    if isinstance(module, Conv1D):
-        return "conv1d"
-    if type(module) in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
-        return "conv"
-    if type(module) is nn.Embedding:
-        return "embedding"
-    return None
 
 
 def _check_adaptable(module: nn.Module, key: str) -> None:
@@ -163,20 +146,14 @@ class GPartModel(BaseTuner):
                 "be stacked on it."
             )
         _check_adaptable(target, current_key)
-        kind = _layer_kind(target)
-        if kind is None:
+        wrapper = wrapper_for(target)
+        if wrapper is None:
             raise TypeError(
                 f"GPart cannot adapt '{current_key}' of type {type(target).__name__}. Supported: {Q.SUPPORTED}; "
                 "other tensors can be adapted by name with target_parameters. Adjust target_modules or "
                 "exclude_modules."
             )
-        if kind == "quantized":
-            new = QuantizedLinear(target, adapter_name, self, config)
-        elif kind == "embedding":
-            new = Embedding(target, adapter_name, self, config)
-        else:
-            new = LinearLike(target, adapter_name, self, config, kind)
-        self._replace_module(parent, target_name, new, target)
+        self._replace_module(parent, target_name, wrapper(target, adapter_name, self, config), target)
 
     def _replace_module(self, parent, child_name, new_module, child) -> None:
         # GPart wrappers hold no tensors of their own, so swapping a module in or out is a plain setattr
@@ -222,7 +199,7 @@ class GPartModel(BaseTuner):
                 continue
             slices = []
             for _, shape in layer.adapted_shapes():
-                slices.append(Slice(partition, offset, shape))
+                slices.append(TensorSlice(partition, offset, shape))
                 offset += _numel(shape)
             layer.gpart_slices[adapter_name] = (slices[0], slices[1] if len(slices) > 1 else None)
         first = layout and self._first_adapted_tensor(adapter_name)

@@ -43,7 +43,7 @@ VERSION = 2  # what new adapters use
 VERSIONS = (1, 2)  # what this gpart computes; an adapter records its version and keeps it
 
 ROUNDS = 4
-_M32 = 0xFFFFFFFF
+M32 = 0xFFFFFFFF
 _M64 = 0xFFFFFFFFFFFFFFFF
 # Multipliers of the 32-bit round function (a well-known low-bias integer hash); both below 2^31 so
 # that a 32-bit value times either stays below 2^63 in int64 arithmetic.
@@ -73,7 +73,7 @@ def round_keys(seed: int, rounds: int = ROUNDS) -> list[int]:
     keys, state = [], seed
     for _ in range(rounds):
         state = splitmix64(state)
-        keys.append(state & _M32)
+        keys.append(state & M32)
     return keys
 
 
@@ -83,14 +83,24 @@ def domain_bits(D: int) -> tuple[int, int]:
     return (total + 1) // 2, total // 2
 
 
-def _round_function(x: torch.Tensor, key: int) -> torch.Tensor:
-    """A 32-bit integer hash of (x + key); x holds non-negative values below 2^32."""
-    x = (x + key) & _M32
+def hash32(x: torch.Tensor, key: int) -> torch.Tensor:
+    """A 32-bit integer hash of (x + key); x holds non-negative values below 2^32 (the round function)."""
+    x = (x + key) & M32
     x = x ^ (x >> 16)
-    x = (x * _MUL1) & _M32
+    x = (x * _MUL1) & M32
     x = x ^ (x >> 15)
-    x = (x * _MUL2) & _M32
+    x = (x * _MUL2) & M32
     return x ^ (x >> 15)
+
+
+def hash64(positions: torch.Tensor, key: int) -> torch.Tensor:
+    """A 32-bit hash of int64 positions (any value below 2^63) under a 64-bit key: both halves, chained."""
+    return hash32(hash32(positions & M32, key & M32) ^ (positions >> 32), key >> 32)
+
+
+def check_version(version) -> None:
+    if version not in VERSIONS:
+        raise PartitionError(f"unknown partition version {version!r}; this gpart knows versions {VERSIONS}")
 
 
 def feistel(x: torch.Tensor, keys: list[int], a: int, b: int) -> torch.Tensor:
@@ -102,7 +112,7 @@ def feistel(x: torch.Tensor, keys: list[int], a: int, b: int) -> torch.Tensor:
     wl, wr = a, b
     left, right = x >> wr, x & ((1 << wr) - 1)
     for key in keys:
-        left, right = right, left ^ (_round_function(right, key) & ((1 << wl) - 1))
+        left, right = right, left ^ (hash32(right, key) & ((1 << wl) - 1))
         wl, wr = wr, wl
     return (left << wr) | right
 
@@ -126,23 +136,22 @@ def feistel_grid(v: torch.Tensor, keys: list[int], p: int, B: int) -> torch.Tens
     column, row = v & mask, v >> p
     for r, key in enumerate(keys):
         if r % 2 == 0:
-            column = (column + _round_function(row, key)) & mask
+            column = (column + hash32(row, key)) & mask
         else:
-            row = row + spread(_round_function(column, key), B)
+            row = row + spread(hash32(column, key), B)
             row = torch.where(row >= B, row - B, row)
     return (row << p) | column
 
 
 def permute(positions: torch.Tensor, D: int, keys: list[int], version: int) -> torch.Tensor:
     """pi(positions): the version's Feistel permutation, cycle-walked so that it maps [0, D) onto itself."""
+    check_version(version)
     if version == 1:
         a, b = domain_bits(D)
         step = lambda x: feistel(x, keys, a, b)  # noqa: E731
-    elif version == 2:
+    else:
         p, B = grid_shape(D)
         step = lambda x: feistel_grid(x, keys, p, B)  # noqa: E731
-    else:
-        raise PartitionError(f"unknown partition version {version!r}; this gpart knows versions {VERSIONS}")
     out = step(positions)
     outside = out >= D
     # Cycle-walking: re-apply pi to the values that left [0, D) (at most half in version 1, fewer
@@ -184,8 +193,7 @@ class Partition:
 
     def __post_init__(self) -> None:
         check_sizes(self.D, self.d)
-        if self.version not in VERSIONS:
-            raise PartitionError(f"unknown partition version {self.version!r}; this gpart knows versions {VERSIONS}")
+        check_version(self.version)
         object.__setattr__(self, "keys", tuple(round_keys(self.seed)))
 
     def ids(self, start: int, length: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -212,6 +220,28 @@ class Partition:
         out = torch.full((self.d,), small, dtype=torch.float64, device=device)
         out[:r] = big
         return out.to(dtype)
+
+    # -- the projection interface (gpart.functional): plain-PyTorch reference of the kernels ------------
+
+    def delta(self, theta_s: torch.Tensor, start: int, length: int, positions: torch.Tensor | None = None):
+        """(P theta)[i] = theta_s[g(i)] (theta_s: theta with the column scales applied) at positions
+        [start, start + length), or at `positions`; flat fp32. Ids are built a chunk at a time."""
+        if positions is not None:
+            return theta_s.float()[self.ids_at(positions)]
+        out = torch.empty(length, dtype=torch.float32, device=theta_s.device)
+        for s, n in chunks(start, length):
+            out[s - start : s - start + n] = theta_s[self.ids(s, n, device=theta_s.device)]
+        return out
+
+    def transpose_add(self, acc: torch.Tensor, grad: torch.Tensor, start: int,
+                      positions: torch.Tensor | None = None) -> None:
+        """acc += P^T grad for the positions of `delta`: acc[g(i)] += grad[i], in fp32, in place."""
+        flat = grad.reshape(-1).float()
+        if positions is not None:
+            acc.index_add_(0, self.ids_at(positions), flat)
+            return
+        for s, n in chunks(start, flat.numel()):
+            acc.index_add_(0, self.ids(s, n, device=acc.device), flat[s - start : s - start + n])
 
     def dense(self) -> torch.Tensor:
         """The D x d matrix P, materialised (for tests and small models only)."""

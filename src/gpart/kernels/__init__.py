@@ -1,4 +1,5 @@
-"""Fast paths for GPart's element-wise work, each tested against the reference in gpart.functional.
+"""Fast paths for GPart's element-wise work, each tested against the reference: the partition's own
+delta / transpose_add methods, which gpart.functional runs when no fast path applies.
 
 Per adapted tensor and training step GPart computes the group id of every weight (a keyed Feistel
 permutation, gpart.partition) and then either gathers theta into Delta_W (forward, and again in
@@ -9,7 +10,7 @@ backward) or scatter-adds dL/dW into dL/dtheta. The reference does that with ~40
   C++ compiler and cached; ~1-2 ns per weight on two cores. See docs/performance.md.
 - ``triton``: Triton kernels for CUDA tensors (gpart.kernels.triton_kernels); on CPU tensors only under
   Triton's interpreter (TRITON_INTERPRET=1), which is for tests.
-- ``reference``: the plain-PyTorch code in gpart.functional.
+- ``reference``: the projection's plain-PyTorch methods (gpart.partition.Partition.delta, .transpose_add).
 
 Choosing: the environment variable GPART_KERNELS=auto|reference|cpp|triton, or set_backend() /
 use_backend() from Python (these win over the variable). ``auto`` (the default) takes cpp for CPU
@@ -17,9 +18,10 @@ tensors and triton for CUDA tensors when they are available, otherwise the refer
 per process. Naming a backend explicitly makes its absence an error (KernelUnavailableError) rather than
 a silent slowdown; tensors on devices the named backend does not serve use the reference.
 
-The functions used by gpart.functional return None (or False) when no fast path applies: reference
-backend chosen, unsupported dtype or device, theta needing autograd (grad mode on and
-theta_s.requires_grad), d > 2^32. The caller then runs the reference code.
+gather, scatter and merge_scatter (what gpart.functional calls) return None (or False) when no fast path
+applies: a projection other than the partition (Fastfood brings its own transform), reference backend
+chosen, unsupported dtype or device, theta needing autograd (grad mode on and theta_s.requires_grad),
+d > 2^32. The caller then runs the reference.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import torch
 
 from . import cpu
 from .cpu import KernelBuildError
-from ..slices import Slice, reference_delta_flat
+from ..partition import Partition
 
 ENV = "GPART_KERNELS"
 BACKENDS = ("auto", "reference", "cpp", "triton")
@@ -45,16 +47,13 @@ __all__ = [
     "ENV",
     "KernelBuildError",
     "KernelUnavailableError",
-    "accumulate_grad",
-    "accumulate_grad_at",
     "backend_for",
     "build",
-    "delta_at",
-    "delta_flat",
+    "gather",
     "get_backend",
     "ids",
-    "merged_weight",
-    "merged_weight_and_grad",
+    "merge_scatter",
+    "scatter",
     "set_backend",
     "use_backend",
 ]
@@ -80,7 +79,8 @@ def get_backend() -> str:
     """The configured choice: set_backend()'s, else $GPART_KERNELS, else "auto"."""
     if _override is not None:
         return _override
-    return _check(os.environ.get(ENV, "") or "auto", ENV)
+    name = os.environ.get(ENV, "") or "auto"
+    return name if name in BACKENDS else _check(name, ENV)
 
 
 def set_backend(name: str | None) -> None:
@@ -172,10 +172,10 @@ def backend_for(device) -> str:
         if cpu.available():
             return "cpp"
         if choice == "cpp":
-            raise KernelUnavailableError(f"{ENV}=cpp, but the C++ kernels are unavailable: {cpu._error}")
+            raise KernelUnavailableError(f"{ENV}=cpp, but the C++ kernels are unavailable: {cpu.load_error()}")
         _warn_once(
             "cpp",
-            f"gpart: the C++ kernels are unavailable ({str(cpu._error).splitlines()[0]}); GPart runs its reference "
+            f"gpart: the C++ kernels are unavailable ({str(cpu.load_error()).splitlines()[0]}); GPart runs its reference "
             f"path on CPU, about 100x slower per weight. Install a C++ compiler (g++ or clang++), or set "
             f"{ENV}=reference to silence this warning.",
         )
@@ -196,16 +196,6 @@ def backend_for(device) -> str:
     return "reference"
 
 
-def _impl(device):
-    """The kernel module for tensors on `device`, or None for the reference."""
-    backend = backend_for(device)
-    if backend == "cpp":
-        return cpu
-    if backend == "triton":
-        return _triton_module(torch.device(device).type == "cpu")
-    return None
-
-
 def build(verbose: bool = True) -> str:
     """Compile (or find in the cache) the C++ kernels now; returns the library's path."""
     path = cpu.build(verbose=verbose)
@@ -218,10 +208,8 @@ def build(verbose: bool = True) -> str:
 
 def _opaque(fn):
     """Keep torch.compile from tracing into the kernels (ctypes and Triton launches): a clean graph
-    break instead of dynamo's warning about an unknown C function. (Registering them as torch.library
-    custom ops would let compiled graphs keep them instead; not done yet.)"""
-    disable = getattr(getattr(torch, "compiler", None), "disable", None)
-    return disable(fn) if disable is not None else fn
+    break instead of dynamo's warning about an unknown C function."""
+    return torch.compiler.disable(fn)
 
 
 def _call(device, method: str, *args, **kwargs):
@@ -231,7 +219,10 @@ def _call(device, method: str, *args, **kwargs):
     disables Triton for the process with one warning; the call then takes the reference path. (Launch
     failures happen before anything is written.) Under an explicit GPART_KERNELS=triton it raises.
     """
-    impl = _impl(device)
+    backend = backend_for(device)
+    impl = cpu if backend == "cpp" else None
+    if backend == "triton":
+        impl = _triton_module(torch.device(device).type == "cpu")
     if impl is None or impl is cpu or impl is _triton_modules.get(True):
         return None if impl is None else getattr(impl, method)(*args, **kwargs)
     try:
@@ -247,105 +238,63 @@ def _call(device, method: str, *args, **kwargs):
         return None
 
 
-def _theta_ok(theta_s: torch.Tensor) -> bool:
-    # the reference's theta_s[ids] is differentiable; the kernels are not
-    return theta_s.dtype == torch.float32 and not (theta_s.requires_grad and torch.is_grad_enabled())
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _applies(projection, theta_s: torch.Tensor, *tensors) -> bool:
+    """The kernels compute the partition's ids (not Fastfood's transform), from fp32 theta_s on one device,
+    and are not differentiable: theta_s must not need autograd."""
+    return (isinstance(projection, Partition) and theta_s.dtype == torch.float32
+            and not (theta_s.requires_grad and torch.is_grad_enabled())
+            and all(t is None or t.device == theta_s.device for t in tensors))
+
+
+def _accumulates(grad_theta_s: torch.Tensor, grad: torch.Tensor) -> bool:
+    # fp32 atomics on CUDA: in deterministic mode the reference's index_add_ is deterministic instead
+    return (grad_theta_s.is_contiguous() and grad.dtype in _KERNEL_DTYPES
+            and not (grad_theta_s.is_cuda and torch.are_deterministic_algorithms_enabled()))
 
 
 @_opaque
-def delta_flat(theta_s: torch.Tensor, partition, start: int, numel: int, drop=None) -> torch.Tensor | None:
-    """vec(Delta_W) of positions [start, start + numel) in fp32, or None (use the reference)."""
-    if not _theta_ok(theta_s):
+def gather(theta_s, projection, start: int, length: int, positions=None, drop=None, base=None,
+           out_dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+    """base + Delta (Delta alone when base is None) at positions [start, start + length) or at
+    `positions` (int64), flat, in out_dtype; None when no kernel applies (the caller runs the reference)."""
+    if not _applies(projection, theta_s, positions, base) or out_dtype not in _KERNEL_DTYPES:
         return None
-    return _call(theta_s.device, "gather", theta_s, partition, start, numel, drop=drop)
-
-
-@_opaque
-def delta_at(theta_s: torch.Tensor, partition, positions: torch.Tensor, drop=None) -> torch.Tensor | None:
-    """Delta values at arbitrary global positions, shaped like `positions`, or None."""
-    if not _theta_ok(theta_s) or positions.device != theta_s.device or positions.dtype != torch.int64:
+    if positions is not None and positions.dtype != torch.int64:
         return None
-    out = _call(theta_s.device, "gather", theta_s, partition, 0, positions.numel(), positions=positions, drop=drop)
-    return None if out is None else out.view(positions.shape)
-
-
-def _grad_ok(grad_theta_s: torch.Tensor, grad: torch.Tensor) -> bool:
-    return (
-        grad_theta_s.dtype == torch.float32
-        and grad_theta_s.is_contiguous()
-        and grad.device == grad_theta_s.device
-        and not (torch.is_grad_enabled() and (grad.requires_grad or grad_theta_s.requires_grad))
-    )
+    return _call(theta_s.device, "gather", theta_s, projection, start if positions is None else 0, length,
+                 positions=positions, drop=drop, base=base, out_dtype=out_dtype)
 
 
 @_opaque
-def accumulate_grad(grad_theta_s: torch.Tensor, grad_w: torch.Tensor, partition, start: int, drop=None) -> bool:
-    """grad_theta_s[g(i)] += vec(grad_w)[i] (times the DropConnect factor) in place; False: nothing done."""
-    if not _grad_ok(grad_theta_s, grad_w):
+def scatter(grad_theta_s, grad, projection, start: int, positions=None, drop=None) -> bool:
+    """grad_theta_s += P^T vec(grad) (times the DropConnect factors) in place; False: nothing was done."""
+    if not (_applies(projection, grad_theta_s, grad, positions) and _accumulates(grad_theta_s, grad)):
         return False
-    if grad_theta_s.is_cuda and torch.are_deterministic_algorithms_enabled():
-        return False  # fp32 atomics; the reference's index_add_ is deterministic in this mode
-    return bool(_call(grad_theta_s.device, "scatter", grad_theta_s, grad_w, partition, start, drop=drop))
+    if grad.requires_grad and torch.is_grad_enabled():
+        return False
+    if positions is not None and (positions.dtype != torch.int64 or positions.numel() != grad.numel()):
+        return False
+    return bool(_call(grad_theta_s.device, "scatter", grad_theta_s, grad, projection,
+                      start if positions is None else 0, positions=positions, drop=drop))
 
 
 @_opaque
-def accumulate_grad_at(grad_theta_s: torch.Tensor, grad_vals: torch.Tensor, partition, positions: torch.Tensor,
-                       drop=None) -> bool:
-    """grad_theta_s[g(p)] += grad_vals[p] for arbitrary global positions, in place; False: nothing done."""
-    if not _grad_ok(grad_theta_s, grad_vals) or positions.device != grad_theta_s.device:
-        return False
-    if positions.dtype != torch.int64 or positions.numel() != grad_vals.numel():
-        return False
-    if grad_theta_s.is_cuda and torch.are_deterministic_algorithms_enabled():
-        return False
-    return bool(_call(grad_theta_s.device, "scatter", grad_theta_s, grad_vals, partition, 0, positions=positions,
-                      drop=drop))
-
-
-# ---- building blocks for the autograd functions --------------------------------------------------------
-
-
-@_opaque
-def merged_weight(theta_s: torch.Tensor, partition, start: int, base: torch.Tensor, drop=None,
-                  out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """(base.float() + Delta_W).to(out_dtype) in one pass, shaped like `base` (out_dtype: base's dtype).
-
-    This is the forward's `W0 + Delta_W` (fp32) and the backward's `(W0.float() + Delta_W).to(bf16)`
-    without the fp32 Delta_W in between. out: a contiguous tensor to write into (may be `base` itself:
-    W0 += Delta_W in place). Always returns a tensor: it falls back to the reference composite when no
-    fast path applies.
-    """
-    out_dtype = base.dtype if out_dtype is None else out_dtype
-    res = None
-    if _theta_ok(theta_s) and base.device == theta_s.device:
-        res = _call(theta_s.device, "gather", theta_s, partition, start, base.numel(), drop=drop, base=base,
-                    out_dtype=out_dtype, out=out)
-    if res is None:
-        delta = reference_delta_flat(theta_s, Slice(partition, start, tuple(base.shape)), drop)
-        res = (base.float() + delta.view(base.shape)).to(out_dtype)
-        if out is not None:
-            out.copy_(res.view(out.shape))
-            res = out
-    return res.view(base.shape)
-
-
-@_opaque
-def merged_weight_and_grad(theta_s: torch.Tensor, partition, start: int, base: torch.Tensor, grad_w: torch.Tensor,
-                           grad_theta_s: torch.Tensor, drop=None, out_dtype: torch.dtype | None = None):
-    """The backward's element-wise work in one sweep that computes each id once: returns
-    (base.float() + Delta_W).to(out_dtype) shaped like `base` (as merged_weight) and adds
-    P^T vec(grad_w) (times the DropConnect factor) to grad_theta_s in place (as accumulate_grad).
-
-    Returns None, having done nothing, when no fused path applies (today: anything but the C++ kernels);
-    the caller then calls merged_weight and accumulate_grad.
-    """
-    if not (_theta_ok(theta_s) and _grad_ok(grad_theta_s, grad_w)) or base.device != theta_s.device:
+def merge_scatter(theta_s, projection, start: int, base, grad, grad_theta_s, drop=None,
+                  out_dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+    """The backward's element-wise work in one sweep that computes each id once: returns gather's
+    base + Delta and does scatter's grad_theta_s += P^T vec(grad). None, having done nothing, when no
+    fused kernel applies (today: anything but the C++ kernels)."""
+    if base is None or base.numel() != grad.numel() or out_dtype not in _KERNEL_DTYPES:
         return None
-    if base.numel() != grad_w.numel() or backend_for(theta_s.device) != "cpp":
+    if not (_applies(projection, theta_s, base, grad) and _accumulates(grad_theta_s, grad)):
         return None
-    out_dtype = base.dtype if out_dtype is None else out_dtype
-    res = cpu.merge_scatter(theta_s, partition, start, base, grad_w, grad_theta_s, drop=drop, out_dtype=out_dtype)
-    return None if res is None else res.view(base.shape)
+    if backend_for(theta_s.device) != "cpp":
+        return None
+    out = cpu.merge_scatter(theta_s, projection, start, base, grad, grad_theta_s, drop=drop, out_dtype=out_dtype)
+    return None if out is None else out.view(base.shape)
 
 
 @_opaque

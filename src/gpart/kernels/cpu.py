@@ -33,13 +33,12 @@ from pathlib import Path
 
 import torch
 
-from ..partition import VERSIONS, Partition, domain_bits, grid_shape
+from ..partition import M32, VERSIONS, Partition, domain_bits, grid_shape
 
 ABI = 3
 # The kernels' C++ source, shipped inside the package; its text is part of the build cache key.
 SOURCE_PATH = Path(__file__).with_name("cpu_kernels.cpp")
 SOURCE = SOURCE_PATH.read_text()
-_M32 = 0xFFFFFFFF
 # ids are computed as uint32, so the fast path needs d <= 2^32 (theta would hold 17 GB beyond that)
 MAX_GROUPS = 1 << 32
 
@@ -250,21 +249,28 @@ def available() -> bool:
         return False
 
 
-def _reset_for_tests(error: Exception | None = None) -> None:
-    """Forget the loaded library (and optionally pretend that loading failed with `error`)."""
-    global _lib, _error
-    _lib, _error = None, error
+def load_error() -> Exception | None:
+    """Why the library could not be loaded (None: it loaded, or no load was tried yet)."""
+    return _error
 
 
 # ---- parameters ----------------------------------------------------------------------------------------
 
 
 @functools.lru_cache(maxsize=64)
-def drop_values(p: float) -> tuple[float, float]:
+def _drop_factors(p: float) -> tuple[float, float]:
     """The keep/drop factors exactly as the reference computes them: float32 divisions by (1 - p)."""
     scale = (torch.ones(1, dtype=torch.float32) / (1.0 - p)).item()
     zero = (torch.zeros(1, dtype=torch.float32) / (1.0 - p)).item()
     return scale, zero
+
+
+def drop_scalars(drop) -> tuple[int, int, int, float, float]:
+    """What both kernel families take for DropConnect: the key's two 32-bit halves, the keep threshold on
+    the 32-bit hash, and the factors of kept and dropped positions (zeros when drop is None)."""
+    if drop is None:
+        return 0, 0, 0, 0.0, 0.0
+    return (drop.key & M32, (drop.key >> 32) & M32, max(0, int(drop.p * (1 << 32))), *_drop_factors(float(drop.p)))
 
 
 def _params(part: Partition, drop, nthreads: int = 1) -> _Params:
@@ -277,12 +283,8 @@ def _params(part: Partition, drop, nthreads: int = 1) -> _Params:
     if part.version == 2:
         prm.grid_p, prm.grid_B = grid_shape(part.D)
     prm.nthreads = nthreads
-    if drop is not None:
-        prm.drop = 1
-        prm.drop_klo = drop.key & _M32
-        prm.drop_khi = (drop.key >> 32) & _M32
-        prm.drop_thr = max(0, int(drop.p * (1 << 32)))
-        prm.drop_scale, prm.drop_zero = drop_values(float(drop.p))
+    prm.drop = drop is not None
+    prm.drop_klo, prm.drop_khi, prm.drop_thr, prm.drop_scale, prm.drop_zero = drop_scalars(drop)
     return prm
 
 
@@ -311,16 +313,10 @@ def ids(part: Partition, start: int, length: int, positions: torch.Tensor | None
 
 
 def gather(theta_s: torch.Tensor, part: Partition, start: int, length: int, *, positions=None, drop=None,
-           base: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32,
-           ids_out: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor | None:
+           base: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
     """base + theta_s[g(i)] * keep(i) for each position, as a flat tensor of `out_dtype`.
 
-    theta_s: contiguous fp32 (d,); base: None or a tensor of `length` elements (fp32, bf16 or fp16);
-    ids_out: None or an int32 tensor of `length` elements that receives the group ids (d <= 2^31), for
-    scatter(ids=...); training does not use it (merge_scatter computes each id once without storing
-    it), benchmarks/kernels.py does, to time that schedule against the one-sweep backward;
-    out: None (a new tensor) or a contiguous tensor of `length` elements and dtype `out_dtype` to write
-    into; `base` may be `out` itself (adds Delta in place).
+    theta_s: contiguous fp32 (d,); base: None or a tensor of `length` elements (fp32, bf16 or fp16).
     Returns None when this case is not supported (the caller uses the reference).
     """
     lib = load()
@@ -336,20 +332,14 @@ def gather(theta_s: torch.Tensor, part: Partition, start: int, length: int, *, p
         if not base.is_contiguous():
             base = base.contiguous()
         bdt = _DTYPE_CODES[base.dtype]
-    if ids_out is not None and (ids_out.dtype != torch.int32 or ids_out.numel() != n or not ids_out.is_contiguous()
-                                or part.d > 1 << 31):
-        return None
-    if out is None:
-        out = torch.empty(n, dtype=out_dtype)
-    elif out.dtype != out_dtype or out.numel() != n or not out.is_contiguous() or out.device.type != "cpu":
-        return None
+    out = torch.empty(n, dtype=out_dtype)
     theta_s = theta_s.contiguous()
     rc = lib.gpart_gather(
         ctypes.byref(_params(part, drop, torch.get_num_threads())), start, None if pos is None else pos.data_ptr(), n,
         theta_s.data_ptr(), None if base is None else base.data_ptr(), bdt, out.data_ptr(), _DTYPE_CODES[out_dtype],
-        None if ids_out is None else ids_out.data_ptr(),
+        None,
     )
-    return out.view(-1) if rc == 0 else None
+    return out if rc == 0 else None
 
 
 def merge_scatter(theta_s: torch.Tensor, part: Partition, start: int, base: torch.Tensor, grad: torch.Tensor,
@@ -380,12 +370,11 @@ def merge_scatter(theta_s: torch.Tensor, part: Partition, start: int, base: torc
     return out if rc == 0 else None
 
 
-def scatter(acc: torch.Tensor, grad: torch.Tensor, part: Partition, start: int, *, positions=None, drop=None,
-            ids: torch.Tensor | None = None) -> bool:
+def scatter(acc: torch.Tensor, grad: torch.Tensor, part: Partition, start: int, *, positions=None,
+            drop=None) -> bool:
     """acc[g(i)] += grad[i] * keep(i) in fp32, in place; False when not supported (nothing was done).
 
-    acc: contiguous fp32 (d,); grad: fp32, bf16 or fp16; ids: None, or the int32 ids of these positions
-    as gather(ids_out=...) wrote them (skips recomputing them).
+    acc: contiguous fp32 (d,); grad: fp32, bf16 or fp16.
     """
     lib = load()
     if not supports(part) or acc.dtype != torch.float32 or not acc.is_contiguous() or grad.dtype not in _DTYPE_CODES:
@@ -395,10 +384,8 @@ def scatter(acc: torch.Tensor, grad: torch.Tensor, part: Partition, start: int, 
     n = flat.numel()
     if pos is not None and pos.numel() != n:
         return False
-    if ids is not None and (ids.dtype != torch.int32 or ids.numel() != n or not ids.is_contiguous()):
-        return False
     rc = lib.gpart_scatter(
         ctypes.byref(_params(part, drop, torch.get_num_threads())), start, None if pos is None else pos.data_ptr(), n,
-        None if ids is None else ids.data_ptr(), flat.data_ptr(), _DTYPE_CODES[flat.dtype], acc.data_ptr(),
+        None, flat.data_ptr(), _DTYPE_CODES[flat.dtype], acc.data_ptr(),
     )
     return rc == 0

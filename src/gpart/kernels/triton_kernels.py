@@ -25,11 +25,10 @@ import triton
 import triton.language as tl
 
 from ..partition import Partition, domain_bits, grid_shape
-from .cpu import drop_values
+from .cpu import drop_scalars
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 BLOCK = 1024
-_M32 = 0xFFFFFFFF
 _SCALARS = ["start", "n", "D", "Dm1", "d", "k0", "k1", "k2", "k3", "b", "ma", "mb", "klo", "khi", "thr"]
 
 
@@ -279,12 +278,9 @@ def _common(part: Partition, drop):
         a, b = domain_bits(part.D)
         shape, domain = dict(b=b, ma=(1 << a) - 1, mb=(1 << b) - 1), 1 << (a + b)
     scalars = dict(D=part.D, Dm1=part.D - 1, d=part.d, k0=part.keys[0], k1=part.keys[1], k2=part.keys[2],
-                   k3=part.keys[3], **shape, klo=0, khi=0, thr=0)
+                   k3=part.keys[3], **shape)
     flags = dict(NARROW=part.D <= 1 << 32, WALK=part.D != domain, IDENTITY=part.d == part.D, GRID=part.version == 2)
-    scale = zero = 0.0
-    if drop is not None:
-        scalars.update(klo=drop.key & _M32, khi=(drop.key >> 32) & _M32, thr=max(0, int(drop.p * (1 << 32))))
-        scale, zero = drop_values(float(drop.p))
+    scalars["klo"], scalars["khi"], scalars["thr"], scale, zero = drop_scalars(drop)
     return scalars, flags, scale, zero
 
 
@@ -315,7 +311,7 @@ def ids(part: Partition, start: int, length: int, positions=None, device=None) -
 
 
 def gather(theta_s: torch.Tensor, part: Partition, start: int, length: int, *, positions=None, drop=None,
-           base: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32, out=None):
+           base: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32):
     if not supports(part) or theta_s.dtype != torch.float32:
         return None
     device = theta_s.device
@@ -326,11 +322,7 @@ def gather(theta_s: torch.Tensor, part: Partition, start: int, length: int, *, p
             return None
         base = base.reshape(-1).contiguous()
     theta_s = theta_s.contiguous()
-    if out is None:
-        out = torch.empty(n, dtype=out_dtype, device=device)
-    elif out.dtype != out_dtype or out.numel() != n or not out.is_contiguous() or out.device != device:
-        return None
-    out = out.view(-1)
+    out = torch.empty(n, dtype=out_dtype, device=device)
     if n == 0:
         return out
     scalars, flags, scale, zero = _common(part, drop)
