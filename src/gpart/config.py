@@ -204,6 +204,7 @@ class GPartConfig(PeftConfig):
                 f"pickled file can run code when loaded. If you trust this adapter, set {ALLOW_PICKLE_ENV}=1 to "
                 "load its adapter_model.bin."
             )
+        _check_weights_file(os.path.join(path, "adapter_model.safetensors"))
         return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
@@ -231,6 +232,21 @@ class GPartConfig(PeftConfig):
             )
         _check_saved_types(kwargs)
         return kwargs
+
+
+def _check_weights_file(path: str) -> None:
+    """Refuse a damaged adapter_model.safetensors here: PEFT wraps the base model's layers before it reads
+    the weights, so a file that fails to load there would leave the model half-adapted."""
+    if not os.path.isfile(path):
+        return
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt"):  # parses the header and checks the data it names is all there
+            pass
+    except Exception as error:
+        raise ValueError(f"{path} is damaged or truncated ({error}); the model was left untouched. Save or copy "
+                         "the adapter again.") from None
 
 
 def _upgrade_hint(saved_by: Optional[str]) -> str:
