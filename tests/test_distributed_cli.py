@@ -161,7 +161,10 @@ def test_torchrun_ddp_matches_one_process(ddp_run, reference):
     assert stdout.count('"output_dir"') == 1
     assert json.loads(stdout[stdout.index('{\n  "output_dir"'):])["trainable"] == 48 + 2 * 32 + 2  # theta + head
     assert sorted(p.name for p in out.iterdir()) == ["adapter", "checkpoints", "metrics.json", "report.md", "run.json",
-                                                    "training_curve.png"]
+                                                    "train_log.jsonl", "training_curve.png"]
+    lines = (out / "train_log.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in lines]
+    assert steps == sorted(steps) and len(lines) == len(set(lines))  # the main process alone wrote each log line
     assert not [p for p in out.rglob(".*")]  # no temporaries left by the atomic writes
     assert json.loads((out / "run.json").read_text())["batch_size"] == 4
 
