@@ -264,9 +264,9 @@ def make_tokenizer(template: str | None = CHATML):
     return out
 
 
-def write_tiny_chat_lm(root: Path) -> Path:
+def write_tiny_chat_lm(root: Path, conversations: int = 40) -> Path:
     """A 2-layer Llama (linear layers wide enough for bitsandbytes' 64-weight blocks), its ChatML word
-    tokenizer, and chat.jsonl: 40 conversations, of which `gpart train` holds out 4 for testing."""
+    tokenizer, and chat.jsonl: `conversations` of them (`gpart train` holds out a tenth for testing)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = make_tokenizer(CHATML)
@@ -277,7 +277,7 @@ def write_tiny_chat_lm(root: Path) -> Path:
     LlamaForCausalLM(config).save_pretrained(root / "llama")
     tokenizer.save_pretrained(root / "llama")
     with (root / "chat.jsonl").open("w") as f:
-        for i in range(40):
+        for i in range(conversations):
             a, b = i % 5, (3 * i) % 7
             f.write(json.dumps({"messages": [{"role": "user", "content": f"what is {a} plus {b} ?"},
                                              {"role": "assistant", "content": str(a + b)}]}) + "\n")

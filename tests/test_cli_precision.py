@@ -9,6 +9,7 @@ import os
 
 import pytest
 import torch
+from conftest import write_tiny_chat_lm
 
 from gpart.cli import main
 
@@ -20,26 +21,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:Fu
 
 @pytest.fixture(scope="module")
 def tiny_lm(tmp_path_factory):
-    """A 2-layer Llama whose linear layers are large enough for bitsandbytes' 64-weight blocks, its
-    ChatML tokenizer, and a small conversational JSONL file."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from conftest import CHATML, make_tokenizer
-
-    root = tmp_path_factory.mktemp("prec")
-    tok = make_tokenizer(CHATML)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
-                         eos_token_id=tok.eos_token_id, pad_token_id=0, tie_word_embeddings=False)
-    LlamaForCausalLM(config).save_pretrained(root / "llama")
-    tok.save_pretrained(root / "llama")
-    with (root / "chat.jsonl").open("w") as f:
-        for i in range(20):
-            a, b = i % 5, (3 * i) % 7
-            f.write(json.dumps({"messages": [{"role": "user", "content": f"what is {a} plus {b} ?"},
-                                             {"role": "assistant", "content": str(a + b)}]}) + "\n")
-    return root
+    return write_tiny_chat_lm(tmp_path_factory.mktemp("prec"), conversations=20)
 
 
 def _train(tiny_lm, out, *flags, method="lora"):
