@@ -13,6 +13,7 @@ from peft.config import PeftConfig
 from .model_card import update_model_card
 from .partition import ALGORITHM, VERSION, VERSIONS
 from .projection import PROJECTIONS
+from .scope import SCOPES
 from .version import __version__
 
 
@@ -66,6 +67,11 @@ class GPartConfig(PeftConfig):
         projection: the map from theta to the weights. "partition" (GPart, the default): the balanced
             isometric partition. "fastfood": the intrinsic-dimension baseline's Fastfood transform,
             isometric in expectation only (an ablation; slower). See docs/method.md.
+        partition_scope: "global" (default): one partition of all adapted weights over all of theta.
+            "transformer_block" (the authors' option): each numbered transformer block (a container named
+            layers/layer/h/block/blocks, or layers_pattern, followed by an index) gets its own partition
+            over its own contiguous slice of theta, d split evenly across blocks, block i seeded seed + i.
+            Every adapted tensor must lie in a block. See docs/method.md.
         column_gain_ratio: 1 (default) keeps the partition isometric. A value r > 1 gives its columns
             unequal gains, log-spaced with max/min ratio r and mean square 1, so P^T P = diag(gain^2):
             the non-isometric ablation. Partition only.
@@ -87,6 +93,7 @@ class GPartConfig(PeftConfig):
     init_scale: float = field(default=0.0, metadata={"help": "Std of theta's initial values (0: zero init)."})
     modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Modules trained in full."})
     projection: str = field(default="partition", metadata={"help": "partition (GPart) or fastfood (ablation)."})
+    partition_scope: str = field(default="global", metadata={"help": "global or transformer_block."})
     column_gain_ratio: float = field(default=1.0, metadata={"help": "Column gain max/min ratio (1: isometric)."})
     bias: str = field(default="none", metadata={"help": "Base biases stay frozen; see partition_bias."})
     partition_algorithm: str = field(default=ALGORITHM, metadata={"help": "Filled in automatically."})
@@ -130,6 +137,11 @@ class GPartConfig(PeftConfig):
         if self.projection not in PROJECTIONS:
             raise ValueError(
                 f"GPartConfig.projection={self.projection!r} is not supported; choose one of {', '.join(PROJECTIONS)}."
+            )
+        if self.partition_scope not in SCOPES:
+            raise ValueError(
+                f"GPartConfig.partition_scope={self.partition_scope!r} is not supported; choose one of "
+                f"{', '.join(SCOPES)}."
             )
         ratio = self.column_gain_ratio
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 1.0 <= ratio < float("inf"):
@@ -273,8 +285,9 @@ def _check_saved_types(kwargs: dict) -> None:
     fp = kwargs["layout_fingerprint"]
     if not isinstance(fp, str) or not re.fullmatch(r"[0-9a-f]{64}", fp):
         raise ValueError("adapter_config.json: layout_fingerprint must be a sha256 hex digest.")
-    if "projection" in kwargs and not isinstance(kwargs["projection"], str):
-        raise ValueError("adapter_config.json: projection must be a string.")
+    for name in ("projection", "partition_scope"):
+        if name in kwargs and not isinstance(kwargs[name], str):
+            raise ValueError(f"adapter_config.json: {name} must be a string.")
     for name in ("dropout", "init_scale", "column_gain_ratio"):
         if name in kwargs and (isinstance(kwargs[name], bool) or not isinstance(kwargs[name], (int, float))):
             raise ValueError(f"adapter_config.json: {name} must be a number, got {kwargs[name]!r}.")
