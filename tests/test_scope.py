@@ -195,3 +195,31 @@ def test_a_failed_block_scope_injection_leaves_the_model_unwrapped():
     with pytest.raises(ValueError, match="smaller than the 2 transformer blocks"):
         get_peft_model(base, gpart.GPartConfig(d=1, partition_scope="transformer_block", target_modules=["query"]))
     assert not any(isinstance(m, gpart.GPartLayer) for m in base.modules())
+
+
+# -- the command line -----------------------------------------------------------------------------------
+
+
+def test_cli_partition_scope_reaches_the_adapter_and_run_json(text_setup, tmp_path):
+    from gpart.cli import main
+
+    out = tmp_path / "block"
+    assert main(["train", "--task", "text-classification", "--model", str(text_setup / "bert"), "--dataset",
+                 str(text_setup / "data"), "--d", "32", "--max-steps", "2", "--batch-size", "8", "--quiet",
+                 "--partition-scope", "transformer_block", "--output-dir", str(out)]) == 0
+    saved = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert saved["partition_scope"] == "transformer_block"
+    assert json.loads((out / "run.json").read_text())["partition_scope"] == "transformer_block"
+    assert json.loads((out / "metrics.json").read_text())["run"]["partition_scope"] == "transformer_block"
+
+
+def test_cli_partition_scope_errors(text_setup, capsys):
+    from conftest import run_cli
+
+    info = ["info", "--task", "text-classification", "--model", str(text_setup / "bert")]
+    rc, err = run_cli(info + ["--method", "lora", "--partition-scope", "transformer_block"], capsys)
+    assert rc == 2 and "--partition-scope choose GPart's projection" in err and "--method lora takes none" in err
+    rc, err = run_cli(info + ["--d", "1", "--partition-scope", "transformer_block"], capsys)
+    assert rc == 2 and "d=1 is smaller than the 2 transformer blocks" in err
+    rc, err = run_cli(info + ["--partition-scope", "layer"], capsys)
+    assert rc == 2 and "invalid choice: 'layer'" in err
