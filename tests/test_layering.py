@@ -19,6 +19,7 @@ FLOORS = {
     "version": 0,
     "partition": 0,
     "scope": 1,
+    "grouping": 1,
     "fastfood": 1,
     "theta": 1,
     "quantization": 1,

@@ -23,6 +23,7 @@ from torch import nn
 from . import quantization as Q
 from .config import GPartConfig
 from .functional import TensorSlice
+from .grouping import SignedMagnitudeGroups
 from .layers import GPartLayer, ParamWrapper, clear_gpart_cache, wrapper_for
 from .lr import watch_theta_lr
 from .partition import check_sizes
@@ -199,7 +200,10 @@ class GPartModel(BaseTuner):
         config.D, config.layout = D, [[name, list(shape)] for name, shape in layout]
         config.layout_fingerprint = layout_fingerprint(layout, config.partition_scope, config.layers_pattern)
         scope = plan(config.partition_scope, layout, config.d, config.seed, config.layers_pattern)
-        projections = [_projection(config, block.seed, block.D, block.d) for block in scope.blocks]
+        if config.grouping == "signed_magnitude":
+            projections = [self._signed_magnitude_groups(adapter_name, config)]
+        else:
+            projections = [_projection(config, block.seed, block.D, block.d) for block in scope.blocks]
         self._gpart_projections[adapter_name] = projections
         placements = iter(scope.placements)
         for _, layer in self._gpart_layers():
@@ -213,6 +217,26 @@ class GPartModel(BaseTuner):
         first = layout and self._first_adapted_tensor(adapter_name)
         device = first.device if first is not None and not low_cpu_mem_usage else torch.device("meta")
         self.gpart_theta[adapter_name] = nn.Parameter(_initial_theta(config, device))
+
+    def _signed_magnitude_groups(self, adapter_name: str, config: GPartConfig) -> SignedMagnitudeGroups:
+        """The W0-dependent groups, checked against the fingerprint a loaded config records."""
+        weights = [t for _, layer in self._gpart_layers() if adapter_name in layer.gpart_slices
+                   for _, t in layer.adapted_tensors()]
+        if any(t.is_meta or not t.dtype.is_floating_point for t in weights):
+            raise ValueError(
+                "grouping='signed_magnitude' computes its groups from the base weights' values, but some adapted "
+                "weights are quantized or not loaded yet (meta). Load the base model unquantized, without "
+                "low_cpu_mem_usage, or use grouping='random'."
+            )
+        groups = SignedMagnitudeGroups(weights, config.d)
+        if config.grouping_fingerprint is not None and config.grouping_fingerprint != groups.fingerprint():
+            raise LayoutMismatchError(
+                "This adapter's grouping='signed_magnitude' groups were computed from other base weights: the signs "
+                "and magnitudes of this model's W0 give different groups, so theta would update other weights. Load "
+                "it onto the base model it was trained on."
+            )
+        config.grouping_fingerprint = groups.fingerprint()
+        return groups
 
     def _first_adapted_tensor(self, adapter_name: str):
         for _, layer in self._gpart_layers():
@@ -324,7 +348,7 @@ class GPartModel(BaseTuner):
         for name in adapters[1:]:
             other = self.peft_config[name]
             for attr in ("seed", "d", "layout_fingerprint", "partition_version", "projection", "column_gain_ratio",
-                         "partition_scope"):
+                         "partition_scope", "grouping_fingerprint"):
                 if getattr(other, attr) != getattr(ref, attr):
                     raise ValueError(
                         f"Cannot combine '{adapters[0]}' and '{name}' in theta space: their {attr} differs "

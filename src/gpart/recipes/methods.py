@@ -50,7 +50,7 @@ def default_lr(method: str, task_defaults: dict) -> float | None:
 
 
 GPART_FLAGS = {"projection": "--projection", "column_gain_ratio": "--column-gain-ratio",
-               "partition_scope": "--partition-scope"}
+               "partition_scope": "--partition-scope", "grouping": "--grouping"}
 
 
 def check_gpart_options(method: str, **choices) -> None:
@@ -83,7 +83,7 @@ def build_peft_config(method: str, *, d: int, targets: list[str], seed: int, dro
                       **gpart_choices):
     """The PEFT config for one of PEFT_METHODS; heads in `head` are trained fully and saved too.
 
-    gpart_choices (GPART_FLAGS' keys: projection, column_gain_ratio, partition_scope): GPart's map from
+    gpart_choices (GPART_FLAGS' keys: projection, column_gain_ratio, partition_scope, grouping): GPart's map from
     theta to the weights (None: GPartConfig's defaults, the isometric global partition); other methods
     reject them.
     """
