@@ -99,3 +99,15 @@ def test_signed_magnitude_needs_the_base_weights_values():
         base = MLP()
     with pytest.raises(ValueError, match="computes its groups from the base weights' values.*meta"):
         get_peft_model(base, gpart.GPartConfig(d=10, grouping="signed_magnitude", target_modules=["lin0"]))
+
+
+def test_cli_grouping_reaches_the_adapter_and_run_json(text_setup, tmp_path):
+    from gpart.cli import main
+
+    out = tmp_path / "signed"
+    assert main(["train", "--task", "text-classification", "--model", str(text_setup / "bert"), "--dataset",
+                 str(text_setup / "data"), "--d", "32", "--max-steps", "2", "--batch-size", "8", "--quiet",
+                 "--grouping", "signed_magnitude", "--output-dir", str(out)]) == 0
+    saved = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert saved["grouping"] == "signed_magnitude" and len(saved["grouping_fingerprint"]) == 64
+    assert json.loads((out / "run.json").read_text())["grouping"] == "signed_magnitude"
