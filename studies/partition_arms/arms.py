@@ -2,7 +2,7 @@
 """The authors' partition variants as arms of the quality study's text domain (issue 17).
 
     python studies/partition_arms/arms.py run [--arms block,signed] [--jobs 1 --threads 1]
-    python studies/partition_arms/arms.py report   # studies/partition_arms/arms.{json,md}
+    python studies/partition_arms/arms.py report   # studies/partition_arms/arms.{json,md}, docs/results.md's section
 
 Arms, each at the quality study's text settings (benchmarks/quality.py DOMAINS["text"]: all-MiniLM-L6-v2
 on SpamAssassin, 60 steps, d = 23,040, default targets):
@@ -46,6 +46,7 @@ ARMS = {  # arm -> its `gpart train` flags
     "block": ("--partition-scope", "transformer_block"),
     "signed": ("--grouping", "signed_magnitude"),
 }
+TITLE = "## The authors' partition variants as arms of the text domain"
 LRS = (0.02, 0.04, 0.08)  # around the global partition's chosen 0.04, a factor 2 apart
 SEEDS_MORE = (1, 2)
 COMMAND = "python studies/partition_arms/arms.py run --arms block,signed && python studies/partition_arms/arms.py report"
@@ -69,12 +70,20 @@ def cmd_run(args) -> int:
     return 0
 
 
-def summary(runs: Path, reference: dict) -> dict:
+def llm_step_s(llm: dict) -> dict:
+    """GPart's seconds per training step in the quality study's LLM domain (its committed train_s), which
+    says what a 300-step LLM arm would cost on this CPU."""
+    steps = int(llm["args"][llm["args"].index("--max-steps") + 1])
+    return {"train_s": llm["methods"]["gpart"]["train_s"], "steps": steps,
+            "step_s": llm["methods"]["gpart"]["train_s"] / steps}
+
+
+def summary(runs: Path, reference: dict, llm: dict | None = None) -> dict:
     """Per arm: its sweep, and test accuracy per seed at the chosen lr beside the global partition's."""
     glob = reference["methods"]["gpart"]
     out = {"settings": {"domain": DOMAIN, "args": quality.DOMAINS[DOMAIN]["args"], "d": quality.DOMAINS[DOMAIN]["d"],
                         "lrs": list(LRS)},
-           "command": COMMAND,
+           "command": COMMAND, "llm": None if llm is None else llm_step_s(llm),
            "global": {"lr": glob["lr"], "seeds": glob["seeds"], "test": glob["test"], "mean": glob["mean"],
                       "sweep": reference["lr_sweep"]["gpart"]},
            "arms": {}}
@@ -97,10 +106,13 @@ def summary(runs: Path, reference: dict) -> dict:
 
 def render(result: dict) -> str:
     g = result["global"]
-    lines = ["# The authors' partition variants as arms of the text domain", "",
-             f"all-MiniLM-L6-v2 on SpamAssassin, {result['settings']['args'][5]} steps, d = {result['settings']['d']:,}, "
-             "default targets (the quality study's text settings). lr chosen on validation accuracy (seed 0), "
-             "test accuracy on 500 items per seed; the global partition is the quality study's committed result.", "",
+    lines = [TITLE, "",
+             "`partition_scope=\"transformer_block\"` and the experimental `grouping=\"signed_magnitude\"` "
+             f"(docs/method.md, \"Partition scope\") at the quality study's text settings: all-MiniLM-L6-v2 on SpamAssassin, "
+             f"{result['settings']['args'][5]} steps, d = {result['settings']['d']:,}, default targets. Each arm's lr "
+             "is chosen on validation accuracy (seed 0); test accuracy on 500 items per seed; the global partition is "
+             "this study's GPart result (same budget, d and seeds). Script and data: `studies/partition_arms/` "
+             "(`arms.py`, `arms.json`).", "",
              f"Command: `{result['command']}`", "",
              "| arm | lr | test accuracy (seeds 0, 1, 2) | mean | paired diff vs global (mean +- sd) |",
              "|---|---|---|---|---|",
@@ -116,15 +128,27 @@ def render(result: dict) -> str:
         cells = [gval.get(lr)] + [next((s["validation"] for s in a["sweep"] if s["lr"] == lr), None)
                                   for a in result["arms"].values()]
         lines.append(f"| {lr:g} | " + " | ".join("-" if c is None else f"{c:.3f}" for c in cells) + " |")
+    if result["llm"]:
+        llm = result["llm"]
+        lines += ["", f"No LLM arm: GPart's LLM runs of this study took {llm['train_s']:.0f} s for {llm['steps']} steps "
+                      f"of 8 ({llm['step_s']:.0f} s per step), so one 300-step run would take about "
+                      f"{300 * llm['step_s'] / 60:.0f} minutes on this CPU, and an arm (an lr sweep and 3 seeds) "
+                      "several hours."]
     return "\n".join(lines) + "\n"
 
 
 def cmd_report(args) -> int:
-    reference = json.loads((quality.ROOT / "docs" / "quality" / "results.json").read_text())["domains"][DOMAIN]
-    result = summary(Path(args.runs_dir), reference)
+    domains = json.loads((quality.ROOT / "docs" / "quality" / "results.json").read_text())["domains"]
+    result = summary(Path(args.runs_dir), domains[DOMAIN], domains["llm"])
     (OUT / "arms.json").write_text(json.dumps(result, indent=1) + "\n")
-    (OUT / "arms.md").write_text(render(result))
-    print(render(result))
+    text = render(result)
+    (OUT / "arms.md").write_text(text)
+    # docs/results.md ends with this section (benchmarks/quality.py report appends arms.md the same way)
+    results = quality.ROOT / "docs" / "results.md"
+    body = results.read_text()
+    head = body.split(TITLE)[0].rstrip("\n")
+    results.write_text(head + "\n\n" + text)
+    print(text)
     return 0
 
 
