@@ -44,3 +44,4 @@ def test_lr_chosen_on_validation_and_paired_with_the_global_partition(tmp_path):
     assert "signed" not in result["arms"]
     assert "| block (`--partition-scope transformer_block`) | 0.04 | 0.500, 0.950, 0.930 |" in arms.render(result)
     assert result["llm"]["step_s"] == 16.0 and "one 300-step run would take about 80 minutes" in arms.render(result)
+    assert "- block: -0.153 against the global partition, within the spread" in arms.render(result)

@@ -111,7 +111,8 @@ def render(result: dict) -> str:
              f"(docs/method.md, \"Partition scope\") at the quality study's text settings: all-MiniLM-L6-v2 on SpamAssassin, "
              f"{result['settings']['args'][5]} steps, d = {result['settings']['d']:,}, default targets. Each arm's lr "
              "is chosen on validation accuracy (seed 0); test accuracy on 500 items per seed; the global partition is "
-             "this study's GPart result (same budget, d and seeds). Script and data: `studies/partition_arms/` "
+             "the quality study's committed GPart result (docs/quality/results.json: same budget, d and seeds). "
+             "Script and data: `studies/partition_arms/` "
              "(`arms.py`, `arms.json`).", "",
              f"Command: `{result['command']}`", "",
              "| arm | lr | test accuracy (seeds 0, 1, 2) | mean | paired diff vs global (mean +- sd) |",
@@ -128,6 +129,13 @@ def render(result: dict) -> str:
         cells = [gval.get(lr)] + [next((s["validation"] for s in a["sweep"] if s["lr"] == lr), None)
                                   for a in result["arms"].values()]
         lines.append(f"| {lr:g} | " + " | ".join("-" if c is None else f"{c:.3f}" for c in cells) + " |")
+    lines.append("")
+    for arm, a in result["arms"].items():
+        spread = "within" if abs(a["diff_mean"]) <= a["diff_sd"] else "beyond"
+        edge = (" Its best lr is at an end of the sweep (not extended)."
+                if a["lr"] in (min(result["settings"]["lrs"]), max(result["settings"]["lrs"])) else "")
+        lines.append(f"- {arm}: {a['diff_mean']:+.3f} against the global partition, {spread} the spread of the "
+                     f"paired differences over 3 seeds.{edge}")
     if result["llm"]:
         llm = result["llm"]
         lines += ["", f"No LLM arm: GPart's LLM runs of this study took {llm['train_s']:.0f} s for {llm['steps']} steps "
