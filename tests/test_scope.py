@@ -166,18 +166,18 @@ def test_unknown_scope_is_refused_naming_the_choices():
 
 
 def test_block_scope_without_numbered_blocks_is_refused():
-    with pytest.raises(ValueError, match="needs numbered transformer blocks, but no adapted tensor lies in one"):
+    with pytest.raises(gpart.PartitionError, match="needs numbered transformer blocks, but no adapted tensor lies in one"):
         get_peft_model(MLP(), gpart.GPartConfig(d=10, partition_scope="transformer_block", target_modules=["lin0"]))
 
 
 def test_block_scope_with_a_tensor_outside_every_block_is_refused():
-    with pytest.raises(ValueError, match=r"'classifier.weight' lies in no numbered transformer block"):
+    with pytest.raises(gpart.PartitionError, match=r"'classifier.weight' lies in no numbered transformer block"):
         get_peft_model(tiny_bert(), gpart.GPartConfig(d=10, partition_scope="transformer_block",
                                                       target_modules=["query", "classifier"]))
 
 
 def test_d_smaller_than_the_number_of_blocks_is_refused():
-    with pytest.raises(ValueError, match=r"d=1 is smaller than the 2 transformer blocks.*choose d >= 2"):
+    with pytest.raises(gpart.PartitionError, match=r"d=1 is smaller than the 2 transformer blocks.*choose d >= 2"):
         get_peft_model(tiny_bert(), gpart.GPartConfig(d=1, partition_scope="transformer_block",
                                                       target_modules=["query"]))
 
