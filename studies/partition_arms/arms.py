@@ -136,9 +136,12 @@ def render(result: dict) -> str:
                 if a["lr"] in (min(result["settings"]["lrs"]), max(result["settings"]["lrs"])) else "")
         lines.append(f"- {arm}: {a['diff_mean']:+.3f} against the global partition, {spread} the spread of the "
                      f"paired differences over 3 seeds.{edge}")
+    lines += ["", "Three seeds of one task at 60 steps: the defaults (global scope, random grouping) are unchanged, and "
+                  "signed_magnitude stays an experimental option (it keeps D int64 ids computed from W0 and runs "
+                  "without a fused kernel)."]
     if result["llm"]:
         llm = result["llm"]
-        lines += ["", f"No LLM arm: GPart's LLM runs of this study took {llm['train_s']:.0f} s for {llm['steps']} steps "
+        lines += ["", f"No LLM arm: the quality study's GPart LLM runs took {llm['train_s']:.0f} s for {llm['steps']} steps "
                       f"of 8 ({llm['step_s']:.0f} s per step), so one 300-step run would take about "
                       f"{300 * llm['step_s'] / 60:.0f} minutes on this CPU, and an arm (an lr sweep and 3 seeds) "
                       "several hours."]
