@@ -475,6 +475,9 @@ def cmd_report(args) -> int:
     if analysis.exists():
         body += "\n" + analysis.read_text()
     body += "\n" + LR_RULE_POINTER + "\n"
+    arms = ROOT / "studies" / "partition_arms" / "arms.md"
+    if arms.exists():  # the authors' partition variants (studies/partition_arms/arms.py)
+        body += "\n" + arms.read_text()
     target = ROOT / "docs" / "results.md"
     tmp = target.with_suffix(".md.tmp")
     tmp.write_text(body)

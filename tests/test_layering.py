@@ -18,6 +18,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "gpart"
 FLOORS = {
     "version": 0,
     "partition": 0,
+    "scope": 1,
+    "grouping": 1,
     "fastfood": 1,
     "theta": 1,
     "quantization": 1,

@@ -10,9 +10,11 @@ from typing import Optional, Union
 
 from peft.config import PeftConfig
 
+from .grouping import GROUPINGS
 from .model_card import update_model_card
 from .partition import ALGORITHM, VERSION, VERSIONS
 from .projection import PROJECTIONS
+from .scope import SCOPES
 from .version import __version__
 
 
@@ -40,6 +42,8 @@ PEFT_TYPE = PeftTypeName("GPART")
 # What a saved adapter_config.json must state for its theta to mean anything.
 SAVED_REQUIRED = ("d", "seed", "partition_algorithm", "partition_version", "D", "layout", "layout_fingerprint")
 ALLOW_PICKLE_ENV = "GPART_ALLOW_PICKLE"
+# Options added after adapters were first saved: written only when they differ from these defaults.
+OPTIONAL_DEFAULTS = {"partition_scope": "global", "grouping": "random", "grouping_fingerprint": None}
 
 
 @dataclass
@@ -66,6 +70,15 @@ class GPartConfig(PeftConfig):
         projection: the map from theta to the weights. "partition" (GPart, the default): the balanced
             isometric partition. "fastfood": the intrinsic-dimension baseline's Fastfood transform,
             isometric in expectation only (an ablation; slower). See docs/method.md.
+        partition_scope: "global" (default): one partition of all adapted weights over all of theta.
+            "transformer_block" (the authors' option): each numbered transformer block (a container named
+            layers/layer/h/block/blocks, or layers_pattern, followed by an index) gets its own partition
+            over its own contiguous slice of theta, d split evenly across blocks, block i seeded seed + i.
+            Every adapted tensor must lie in a block. See docs/method.md.
+        grouping: "random" (default): GPart's seeded partition. "signed_magnitude" (experimental, an ablation,
+            global scope and the partition only): groups by the sign and magnitude of the base weights W0,
+            computed at injection and kept as an index of D ids; the config records a fingerprint of them,
+            so loading onto other base weights is refused. See docs/method.md.
         column_gain_ratio: 1 (default) keeps the partition isometric. A value r > 1 gives its columns
             unequal gains, log-spaced with max/min ratio r and mean square 1, so P^T P = diag(gain^2):
             the non-isometric ablation. Partition only.
@@ -87,6 +100,8 @@ class GPartConfig(PeftConfig):
     init_scale: float = field(default=0.0, metadata={"help": "Std of theta's initial values (0: zero init)."})
     modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Modules trained in full."})
     projection: str = field(default="partition", metadata={"help": "partition (GPart) or fastfood (ablation)."})
+    partition_scope: str = field(default="global", metadata={"help": "global or transformer_block."})
+    grouping: str = field(default="random", metadata={"help": "random, or signed_magnitude (experimental)."})
     column_gain_ratio: float = field(default=1.0, metadata={"help": "Column gain max/min ratio (1: isometric)."})
     bias: str = field(default="none", metadata={"help": "Base biases stay frozen; see partition_bias."})
     partition_algorithm: str = field(default=ALGORITHM, metadata={"help": "Filled in automatically."})
@@ -94,6 +109,7 @@ class GPartConfig(PeftConfig):
     D: Optional[int] = field(default=None, metadata={"help": "Filled in automatically: number of adapted weights."})
     layout: Optional[list] = field(default=None, metadata={"help": "Filled in automatically: [name, shape] list."})
     layout_fingerprint: Optional[str] = field(default=None, metadata={"help": "Filled in automatically."})
+    grouping_fingerprint: Optional[str] = field(default=None, metadata={"help": "Filled in automatically."})
     gpart_version: Optional[str] = field(default=None, metadata={"help": "gpart version; leave empty to auto-fill."})
 
     def __new__(cls, *args, **kwargs):
@@ -130,6 +146,21 @@ class GPartConfig(PeftConfig):
         if self.projection not in PROJECTIONS:
             raise ValueError(
                 f"GPartConfig.projection={self.projection!r} is not supported; choose one of {', '.join(PROJECTIONS)}."
+            )
+        if self.partition_scope not in SCOPES:
+            raise ValueError(
+                f"GPartConfig.partition_scope={self.partition_scope!r} is not supported; choose one of "
+                f"{', '.join(SCOPES)}."
+            )
+        if self.grouping not in GROUPINGS:
+            raise ValueError(
+                f"GPartConfig.grouping={self.grouping!r} is not supported; choose one of {', '.join(GROUPINGS)}."
+            )
+        if self.grouping != "random" and (self.projection, self.column_gain_ratio, self.partition_scope) != (
+                "partition", 1.0, "global"):
+            raise ValueError(
+                f"GPartConfig.grouping={self.grouping!r} applies to the global isometric partition only "
+                "(projection='partition', column_gain_ratio=1, partition_scope='global')."
             )
         ratio = self.column_gain_ratio
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 1.0 <= ratio < float("inf"):
@@ -183,6 +214,15 @@ class GPartConfig(PeftConfig):
             raise ValueError("layers_pattern cannot be used when target_modules is a str (a regex).")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("When layers_pattern is given, layers_to_transform must be given too.")
+
+    def to_dict(self) -> dict:
+        """The config's fields, without the options added after the first release while they hold their
+        defaults: an adapter that does not use them stays loadable by a gpart that predates them."""
+        out = super().to_dict()
+        for name, default in OPTIONAL_DEFAULTS.items():
+            if out.get(name) == default:
+                del out[name]
+        return out
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
@@ -289,8 +329,9 @@ def _check_saved_types(kwargs: dict) -> None:
     fp = kwargs["layout_fingerprint"]
     if not isinstance(fp, str) or not re.fullmatch(r"[0-9a-f]{64}", fp):
         raise ValueError("adapter_config.json: layout_fingerprint must be a sha256 hex digest.")
-    if "projection" in kwargs and not isinstance(kwargs["projection"], str):
-        raise ValueError("adapter_config.json: projection must be a string.")
+    for name in ("projection", "partition_scope", "grouping"):
+        if name in kwargs and not isinstance(kwargs[name], str):
+            raise ValueError(f"adapter_config.json: {name} must be a string.")
     for name in ("dropout", "init_scale", "column_gain_ratio"):
         if name in kwargs and (isinstance(kwargs[name], bool) or not isinstance(kwargs[name], (int, float))):
             raise ValueError(f"adapter_config.json: {name} must be a number, got {kwargs[name]!r}.")

@@ -51,11 +51,17 @@ def draw_dropconnect(p: float, training: bool) -> DropConnect | None:
 
 @dataclass(frozen=True)
 class TensorSlice:
-    """Where one adapted tensor sits in the global flattening of the weights `projection` maps theta to."""
+    """Where one adapted tensor sits in the flattening of the weights `projection` maps theta to, and which
+    slice of theta that projection reads: theta[theta_offset : theta_offset + projection.d] (all of theta
+    under the global scope; a block's share under gpart.scope's block scope)."""
 
     projection: object
     start: int
     shape: tuple[int, ...]
+    theta_offset: int = 0
+
+    def window(self, theta: torch.Tensor) -> torch.Tensor:
+        return theta.narrow(0, self.theta_offset, self.projection.d)
 
     @property
     def numel(self) -> int:
@@ -95,9 +101,11 @@ def delta(theta_s, sl: TensorSlice, drop=None, *, positions=None, base=None, dty
     n = sl.numel if positions is None else positions.numel()
     out = None
     if grad is not None:
-        out = kernels.merge_scatter(theta_s, sl.projection, sl.start, base, grad, grad_theta_s, drop, dtype)
+        out = kernels.merge_scatter(sl.window(theta_s), sl.projection, sl.start, base, grad, sl.window(grad_theta_s),
+                                    drop, dtype)
         if out is None:
             transpose_add(grad_theta_s, grad, sl, drop)
+    theta_s = sl.window(theta_s)
     if out is None:
         out = kernels.gather(theta_s, sl.projection, sl.start, n, positions, drop, base, dtype)
     if out is None:
@@ -113,6 +121,7 @@ def delta(theta_s, sl: TensorSlice, drop=None, *, positions=None, base=None, dty
 
 def transpose_add(grad_theta_s, grad, sl: TensorSlice, drop=None, *, positions=None) -> None:
     """grad_theta_s += P^T vec(grad) (times the DropConnect factors) for one tensor, in fp32, in place."""
+    grad_theta_s = sl.window(grad_theta_s)
     if kernels.scatter(grad_theta_s, grad, sl.projection, sl.start, positions, drop):
         return
     if drop is not None:

@@ -23,10 +23,12 @@ from torch import nn
 from . import quantization as Q
 from .config import GPartConfig
 from .functional import TensorSlice
+from .grouping import SignedMagnitudeGroups
 from .layers import GPartLayer, ParamWrapper, clear_gpart_cache, wrapper_for
 from .lr import watch_theta_lr
 from .partition import check_sizes
 from .projection import make_projection
+from .scope import block_names, plan
 from .theta import ThetaDict
 
 THETA_KEY = "base_model.gpart_theta"
@@ -45,9 +47,13 @@ class LayoutMismatchError(ValueError):
     """The model's adapted tensors differ from those the adapter was trained on."""
 
 
-def layout_fingerprint(layout: list) -> str:
-    """sha256 of the ordered [name, shape] list, as canonical JSON."""
-    blob = json.dumps([[name, list(shape)] for name, shape in layout], separators=(",", ":"))
+def layout_fingerprint(layout: list, partition_scope: str = "global", layers_pattern=None) -> str:
+    """sha256 of the ordered [name, shape] list, as canonical JSON; under a block scope the scope and every
+    tensor's block go into it too (the global scope's fingerprint is the layout's alone, as it always was)."""
+    entries = [[name, list(shape)] for name, shape in layout]
+    if partition_scope != "global":
+        entries = {"partition_scope": partition_scope, "blocks": block_names(layout, layers_pattern), "layout": entries}
+    blob = json.dumps(entries, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -103,6 +109,7 @@ class GPartModel(BaseTuner):
         if "gpart_theta" not in self._modules:
             self.gpart_theta = ThetaDict()  # theta stays float32 when a trainer casts trainables to bf16
             self._gpart_scales: dict = {}
+            self._gpart_projections: dict = {}  # adapter -> its projections, one per block of its scope
         if adapter_name in self.gpart_theta:
             raise ValueError(f"An adapter named '{adapter_name}' already exists; choose another name.")
         config = self.peft_config[adapter_name]
@@ -191,20 +198,45 @@ class GPartModel(BaseTuner):
             _check_layout(config, layout, D)
         check_sizes(D, config.d)
         config.D, config.layout = D, [[name, list(shape)] for name, shape in layout]
-        config.layout_fingerprint = layout_fingerprint(layout)
-        partition = _projection(config, D)
-        offset = 0
+        config.layout_fingerprint = layout_fingerprint(layout, config.partition_scope, config.layers_pattern)
+        scope = plan(config.partition_scope, layout, config.d, config.seed, config.layers_pattern)
+        if config.grouping == "signed_magnitude":
+            projections = [self._signed_magnitude_groups(adapter_name, config)]
+        else:
+            projections = [_projection(config, block.seed, block.D, block.d) for block in scope.blocks]
+        self._gpart_projections[adapter_name] = projections
+        placements = iter(scope.placements)
         for _, layer in self._gpart_layers():
             if adapter_name not in layer.gpart_slices:
                 continue
             slices = []
             for _, shape in layer.adapted_shapes():
-                slices.append(TensorSlice(partition, offset, shape))
-                offset += _numel(shape)
+                block, start = next(placements)
+                slices.append(TensorSlice(projections[block], start, shape, scope.blocks[block].theta_offset))
             layer.gpart_slices[adapter_name] = (slices[0], slices[1] if len(slices) > 1 else None)
         first = layout and self._first_adapted_tensor(adapter_name)
         device = first.device if first is not None and not low_cpu_mem_usage else torch.device("meta")
         self.gpart_theta[adapter_name] = nn.Parameter(_initial_theta(config, device))
+
+    def _signed_magnitude_groups(self, adapter_name: str, config: GPartConfig) -> SignedMagnitudeGroups:
+        """The W0-dependent groups, checked against the fingerprint a loaded config records."""
+        weights = [t for _, layer in self._gpart_layers() if adapter_name in layer.gpart_slices
+                   for _, t in layer.adapted_tensors()]
+        if any(t.is_meta or not t.dtype.is_floating_point for t in weights):
+            raise ValueError(
+                "grouping='signed_magnitude' computes its groups from the base weights' values, but some adapted "
+                "weights are quantized or not loaded yet (meta). Load the base model unquantized, without "
+                "low_cpu_mem_usage, or use grouping='random'."
+            )
+        groups = SignedMagnitudeGroups(weights, config.d)
+        if config.grouping_fingerprint is not None and config.grouping_fingerprint != groups.fingerprint():
+            raise LayoutMismatchError(
+                "This adapter's grouping='signed_magnitude' groups were computed from other base weights: the signs "
+                "and magnitudes of this model's W0 give different groups, so theta would update other weights. Load "
+                "it onto the base model it was trained on."
+            )
+        config.grouping_fingerprint = groups.fingerprint()
+        return groups
 
     def _first_adapted_tensor(self, adapter_name: str):
         for _, layer in self._gpart_layers():
@@ -222,17 +254,18 @@ class GPartModel(BaseTuner):
             del self.gpart_theta[adapter_name]
         self.peft_config.pop(adapter_name, None)
         self._gpart_scales = {k: v for k, v in self._gpart_scales.items() if k[0] != adapter_name}
+        self._gpart_projections.pop(adapter_name, None)
         for param, flag in self._gpart_requires_grad.pop(adapter_name, []):
             param.requires_grad_(flag)
 
     # -- theta bookkeeping -----------------------------------------------------------------------------
 
     def scales_for(self, adapter_name: str, device) -> torch.Tensor:
-        """1/sqrt(n_j) of the adapter's partition on `device` (d floats, cached)."""
+        """theta's column scales on `device` (1/sqrt(n_j) of the partition; its blocks' in turn; d floats, cached)."""
         key = (adapter_name, str(device))
         if key not in self._gpart_scales:
-            config = self.peft_config[adapter_name]
-            self._gpart_scales[key] = _projection(config, config.D).scales(device=device)
+            scales = [p.scales() for p in self._gpart_projections[adapter_name]]
+            self._gpart_scales[key] = torch.cat(scales).to(device)
         return self._gpart_scales[key]
 
     def _set_theta_trainability(self, inference_mode: bool = False) -> None:
@@ -294,6 +327,7 @@ class GPartModel(BaseTuner):
         if was_active:  # PEFT activates what is left, trainable as set_adapter makes it
             self._set_theta_trainability()
         self._gpart_scales = {k: v for k, v in self._gpart_scales.items() if k[0] != adapter_name}
+        self._gpart_projections.pop(adapter_name, None)
         # unwrap layers that no adapter uses any more, so nothing of the adapter is left behind
         self._unwrap_empty_layers()
 
@@ -313,7 +347,8 @@ class GPartModel(BaseTuner):
         ref = self.peft_config[adapters[0]]
         for name in adapters[1:]:
             other = self.peft_config[name]
-            for attr in ("seed", "d", "layout_fingerprint", "partition_version", "projection", "column_gain_ratio"):
+            for attr in ("seed", "d", "layout_fingerprint", "partition_version", "projection", "column_gain_ratio",
+                         "partition_scope", "grouping_fingerprint"):
                 if getattr(other, attr) != getattr(ref, attr):
                     raise ValueError(
                         f"Cannot combine '{adapters[0]}' and '{name}' in theta space: their {attr} differs "
@@ -364,9 +399,8 @@ def _numel(shape) -> int:
     return n
 
 
-def _projection(config: GPartConfig, D: int):
-    return make_projection(config.projection, config.seed, D, config.d, config.partition_version,
-                           config.column_gain_ratio)
+def _projection(config: GPartConfig, seed: int, D: int, d: int):
+    return make_projection(config.projection, seed, D, d, config.partition_version, config.column_gain_ratio)
 
 
 def _initial_theta(config: GPartConfig, device) -> torch.Tensor:
@@ -395,8 +429,14 @@ def _check_layout(config: GPartConfig, layout: list, D: int) -> None:
         )
     if config.D is not None and config.D != D:
         raise LayoutMismatchError(f"The adapter was trained on D={config.D} weights but the model has D={D}.")
-    if config.layout_fingerprint is not None and config.layout_fingerprint != layout_fingerprint(layout):
-        raise LayoutMismatchError("The adapter's layout fingerprint does not match its own layout: the file is corrupt.")
+    scope = config.partition_scope
+    if config.layout_fingerprint is not None and config.layout_fingerprint != layout_fingerprint(
+            layout, scope, config.layers_pattern):
+        raise LayoutMismatchError(
+            f"The adapter's layout fingerprint does not match its layout under partition_scope={scope!r}: the adapter "
+            "was made under another partition scope (or layers_pattern), which maps theta differently, or the file is "
+            "corrupt. Load it with the adapter_config.json it was saved with."
+        )
 
 
 def _theta_problem(state_dict: dict, config: GPartConfig) -> str | None:

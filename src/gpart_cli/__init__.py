@@ -100,6 +100,12 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--column-gain-ratio", type=_gain_ratio, default=None,
                    help="gpart, partition: max/min ratio of the column gains (1, the default: isometric; "
                         "> 1: the non-isometric ablation)")
+    g.add_argument("--partition-scope", choices=("global", "transformer_block"), default=None,
+                   help="gpart: one partition of all adapted weights (global, the default), or one per numbered "
+                        "transformer block on its own slice of theta (transformer_block, the authors' option)")
+    g.add_argument("--grouping", choices=("random", "signed_magnitude"), default=None,
+                   help="gpart: which weights share a coordinate: random (GPart's partition, the default) or "
+                        "signed_magnitude (experimental ablation: bins by the sign and magnitude of the base weights)")
     g.add_argument("--dropout", type=_fraction, default=None, help="adapter dropout")
     g.add_argument("--seed", type=int, default=0, help="seed of the run and of the GPart partition")
 

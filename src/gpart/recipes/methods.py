@@ -49,11 +49,14 @@ def default_lr(method: str, task_defaults: dict) -> float | None:
     return DEFAULT_LR[method]
 
 
-def check_gpart_options(method: str, *, projection: str | None = None,
-                        column_gain_ratio: float | None = None) -> None:
-    """The projection choices (the isometry ablations) are GPart's: a clear error for any other method."""
-    given = [flag for flag, value in (("--projection", projection), ("--column-gain-ratio", column_gain_ratio))
-             if value is not None]
+GPART_FLAGS = {"projection": "--projection", "column_gain_ratio": "--column-gain-ratio",
+               "partition_scope": "--partition-scope", "grouping": "--grouping"}
+
+
+def check_gpart_options(method: str, **choices) -> None:
+    """The projection choices (the isometry ablations, the partition scope) are GPart's: a clear error for any
+    other method. `choices`: GPART_FLAGS' keys, None when not given."""
+    given = [GPART_FLAGS[key] for key, value in choices.items() if value is not None]
     if given and method != "gpart":
         raise MethodError(f"{' and '.join(given)} choose GPart's projection and apply to --method gpart only; "
                           f"--method {method} takes none (drop {' and '.join(given)}, or use --method gpart)")
@@ -77,19 +80,19 @@ def resolve_gpart_lr(model: nn.Module, *, lr: float | None, base_lr: float | Non
 
 def build_peft_config(method: str, *, d: int, targets: list[str], seed: int, dropout: float,
                       head: list[str], task_type: str | None, r: int | None = None,
-                      projection: str | None = None, column_gain_ratio: float | None = None):
+                      **gpart_choices):
     """The PEFT config for one of PEFT_METHODS; heads in `head` are trained fully and saved too.
 
-    projection / column_gain_ratio: GPart's map from theta to the weights (None: GPartConfig's
-    defaults, the isometric partition); other methods reject them.
+    gpart_choices (GPART_FLAGS' keys: projection, column_gain_ratio, partition_scope, grouping): GPart's map from
+    theta to the weights (None: GPartConfig's defaults, the isometric global partition); other methods
+    reject them.
     """
-    check_gpart_options(method, projection=projection, column_gain_ratio=column_gain_ratio)
+    check_gpart_options(method, **gpart_choices)
     common = dict(target_modules=list(targets), modules_to_save=list(head) or None, task_type=task_type)
     if method == "gpart":
         import gpart
 
-        choice = {k: v for k, v in (("projection", projection), ("column_gain_ratio", column_gain_ratio))
-                  if v is not None}
+        choice = {k: v for k, v in gpart_choices.items() if v is not None}
         return gpart.GPartConfig(d=d, seed=seed, dropout=dropout, **choice, **common)
     from peft import LoraConfig, UniLoraConfig, VeraConfig
 
@@ -105,16 +108,14 @@ def build_peft_config(method: str, *, d: int, targets: list[str], seed: int, dro
 
 def projection_options(args) -> dict:
     """GPart's projection flags of a parsed command line (absent or None: the default map)."""
-    return {"projection": getattr(args, "projection", None),
-            "column_gain_ratio": getattr(args, "column_gain_ratio", None)}
+    return {key: getattr(args, key, None) for key in GPART_FLAGS}
 
 
 def apply_method(model: nn.Module, method: str, *, head: list[str], **peft_kwargs) -> nn.Module:
     """Return the model ready to train with `method`; raises ValueError for impossible combinations."""
     if method not in METHODS:
         raise MethodError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    check_gpart_options(method, projection=peft_kwargs.get("projection"),
-                        column_gain_ratio=peft_kwargs.get("column_gain_ratio"))
+    check_gpart_options(method, **{key: peft_kwargs.get(key) for key in GPART_FLAGS})
     if method == "head-only" and not head:
         raise MethodError("head-only needs a fresh task head (a classifier); this task has none")
     if method in PEFT_METHODS:

@@ -21,7 +21,7 @@ from .io import (RUN_MARKER, RunDirError, atomic_dir, atomic_write_json, fsync_t
 CHECKPOINTS = "checkpoints"
 # run.json fields that define a run: --resume refuses to continue a run whose identity differs.
 IDENTITY = ("task", "model", "dataset", "method", "d", "targets", "seed", "r", "projection", "column_gain_ratio",
-            "optimizer")
+            "partition_scope", "grouping", "optimizer")
 # --optimizer sgd: momentum 0.9 (without it SGD's steps in a few-hundred-step budget are too timid to compare)
 SGD_ARGS = "momentum=0.9"
 
