@@ -166,7 +166,7 @@ def test_no_per_weight_tensor_is_saved_for_backward():
 ], ids=["linear", "gpt2-conv1d"])
 def test_two_active_adapters_add_exact_updates_and_keep_nothing_per_weight(make, kwargs, inputs):
     """The second active adapter's update goes through the separate update product (gpart.functional.
-    layer_product without the base weight): exact against W0 + P_a theta_a + P_b theta_b, and nothing per weight saved for backward."""
+    LayerProduct without the base weight): exact against W0 + P_a theta_a + P_b theta_b, and nothing per weight saved for backward."""
     base = make()
     ref_base = copy.deepcopy(base)
     for p in ref_base.parameters():
