@@ -35,7 +35,7 @@ import torch
 
 from ..partition import M32, VERSIONS, Partition, domain_bits, grid_shape
 
-ABI = 3
+ABI = 4
 # The kernels' C++ source, shipped inside the package; its text is part of the build cache key.
 SOURCE_PATH = Path(__file__).with_name("cpu_kernels.cpp")
 SOURCE = SOURCE_PATH.read_text()
@@ -185,8 +185,8 @@ _vp, _P, _int = ctypes.c_void_p, ctypes.POINTER(_Params), ctypes.c_int
 _SIGNATURES = {  # name: (restype, argtypes)
     "gpart_abi": (_int, []),
     "gpart_ids": (_int, [_P, ctypes.c_uint64, _vp, ctypes.c_int64, _vp]),
-    "gpart_gather": (_int, [_P, ctypes.c_uint64, _vp, ctypes.c_int64, _vp, _vp, _int, _vp, _int, _vp]),
-    "gpart_scatter": (_int, [_P, ctypes.c_uint64, _vp, ctypes.c_int64, _vp, _vp, _int, _vp]),
+    "gpart_gather": (_int, [_P, ctypes.c_uint64, _vp, ctypes.c_int64, _vp, _vp, _int, _vp, _int]),
+    "gpart_scatter": (_int, [_P, ctypes.c_uint64, _vp, ctypes.c_int64, _vp, _int, _vp]),
     "gpart_merge_scatter": (_int, [_P, ctypes.c_uint64, _vp, ctypes.c_int64, _vp, _vp, _int, _vp, _int, _vp, _int,
                                    _vp]),
 }
@@ -343,7 +343,6 @@ def gather(theta_s: torch.Tensor, part: Partition, start: int, length: int, *, p
     rc = lib.gpart_gather(
         ctypes.byref(_params(part, drop, torch.get_num_threads())), start, None if pos is None else pos.data_ptr(), n,
         theta_s.data_ptr(), None if base is None else base.data_ptr(), bdt, out.data_ptr(), _DTYPE_CODES[out_dtype],
-        None,
     )
     return out if rc == 0 else None
 
@@ -392,6 +391,6 @@ def scatter(acc: torch.Tensor, grad: torch.Tensor, part: Partition, start: int, 
         return False
     rc = lib.gpart_scatter(
         ctypes.byref(_params(part, drop, torch.get_num_threads())), start, None if pos is None else pos.data_ptr(), n,
-        None, flat.data_ptr(), _DTYPE_CODES[flat.dtype], acc.data_ptr(),
+        flat.data_ptr(), _DTYPE_CODES[flat.dtype], acc.data_ptr(),
     )
     return rc == 0
