@@ -774,14 +774,6 @@ extern "C" {
 
 int gpart_abi(void) { return GPART_ABI; }
 
-int gpart_max_threads(void) {
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-}
-
 // ids (int64) of positions start.. (pos == NULL) or pos[0..n)
 int gpart_ids(const GPartParams* p, u64 start, const int64_t* pos, int64_t n, int64_t* out) {
     Ctx c = make_ctx(p);

@@ -138,24 +138,21 @@ class GPartLayer(BaseTunerLayer):
         for name in adapter_names:
             if name not in self.gpart_slices:
                 continue
-            updates = [self._delta(name, k) for k in range(len(tensors))]
-            merged = []
-            for tensor, upd in zip(tensors, updates):
+            merged = []  # every tensor is checked before any is written
+            for k, tensor in enumerate(tensors):
+                upd = self._delta(name, k)
                 if upd is None:
-                    merged.append(None)
                     continue
-                # merge in fp32, cast once
-                new = (tensor.detach().float() + upd.to(tensor.device)).to(tensor.dtype)
+                new = (tensor.detach().float() + upd.to(tensor.device)).to(tensor.dtype)  # in fp32, cast once
                 if safe_merge and not torch.isfinite(new).all():
                     raise ValueError(
                         f"NaNs or infs detected in the merged weights of adapter '{name}'; the base weights were left "
                         "untouched. Check theta for non-finite values."
                     )
                 _warn_if_merge_loses(name, tensor, new, upd)
-                merged.append(new)
-            for tensor, new in zip(tensors, merged):
-                if new is not None:
-                    tensor.data.copy_(new)
+                merged.append((tensor, new))
+            for tensor, new in merged:
+                tensor.data.copy_(new)
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
