@@ -95,9 +95,12 @@ def baseline_library(rev: str):
     if err is not None:
         raise RuntimeError(f"could not compile the kernels of {rev}: {err}")
     lib = ctypes.CDLL(so)
+    abi = lib.gpart_abi() if hasattr(lib, "gpart_abi") else None
+    if abi != cpu.ABI:  # the calls below pass today's arguments
+        raise RuntimeError(f"the kernels of {rev} have ABI {abi}, this checkout's have ABI {cpu.ABI}: "
+                           "compare with a revision of the same ABI")
     for name in ("gpart_ids", "gpart_gather", "gpart_scatter", "gpart_merge_scatter"):
-        if hasattr(lib, name):  # the entry points an older revision has kept their signatures
-            cpu._declare_one(lib, name)
+        cpu._declare_one(lib, name)
     return lib
 
 

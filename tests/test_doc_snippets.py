@@ -150,7 +150,7 @@ def _llm_trl(ns):
 
 def _llm_generation(ns):
     model, out = ns["model"], ns["out"]
-    assert model.base_model._gpart_cache_used  # generation reused what the first call built
+    assert model.base_model.gpart_cache_used  # generation reused what the first call built
     model.base_model.eval_cache = False
     with torch.no_grad():
         assert torch.equal(model.generate(**ns["batch"], max_new_tokens=64), out)

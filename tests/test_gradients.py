@@ -34,11 +34,28 @@ def _dense_reference(base, peft_model, adapter="default"):
     return theta, run
 
 
+class PaddedConvNet(torch.nn.Module):
+    """Convolutions that aten's backward serves (zero padding, groups, dilation) and ones that pad
+    themselves (padding="same", a padding mode), whose backward runs through their own conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.grouped = torch.nn.Conv2d(4, 6, 3, padding=2, dilation=2, groups=2)
+        self.same = torch.nn.Conv2d(6, 4, 4, padding="same")
+        self.reflect = torch.nn.Conv1d(4, 3, 3, padding=1, padding_mode="reflect")
+
+    def forward(self, x):  # x: (B, 4, 5, 5)
+        y = self.same(torch.tanh(self.grouped(x)))
+        return self.reflect(y.flatten(2))
+
+
 CASES = [
     ("mlp", lambda: MLP(), dict(target_modules=["lin0", "lin1"]), lambda: (torch.randn(4, 10),)),
     ("mlp-bias", lambda: MLP(), dict(target_modules=["lin0", "lin1"], partition_bias=True), lambda: (torch.randn(4, 10),)),
     ("conv", lambda: ConvNet(), dict(target_modules=["conv1d", "conv2d", "conv3d"], partition_bias=True),
      lambda: (torch.randn(3, 3, 8),)),
+    ("conv-padding", lambda: PaddedConvNet(), dict(target_modules=["grouped", "same", "reflect"], partition_bias=True),
+     lambda: (torch.randn(2, 4, 5, 5),)),
     ("embedding", lambda: EmbNet(), dict(target_modules=["emb", "lin"]), lambda: (torch.randint(0, 50, (4, 6)),)),
     ("gpt2-conv1d", lambda: tiny_gpt2(), dict(target_modules=["c_attn", "c_proj"], partition_bias=True),
      lambda: (torch.randint(0, 100, (2, 5)),)),
@@ -73,7 +90,7 @@ def test_update_and_gradient_equal_dense_reference(name, make, kwargs, inputs):
     torch.testing.assert_close(grad, theta_ref.grad, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name,make,kwargs,inputs", CASES[:4], ids=[c[0] for c in CASES[:4]])
+@pytest.mark.parametrize("name,make,kwargs,inputs", CASES[:5], ids=[c[0] for c in CASES[:5]])
 def test_update_is_an_isometry_of_theta(name, make, kwargs, inputs):
     model = get_peft_model(make(), gpart.GPartConfig(d=60, seed=1, init_scale=1.0, **kwargs))
     cfg = model.peft_config["default"]
@@ -166,7 +183,7 @@ def test_no_per_weight_tensor_is_saved_for_backward():
 ], ids=["linear", "gpt2-conv1d"])
 def test_two_active_adapters_add_exact_updates_and_keep_nothing_per_weight(make, kwargs, inputs):
     """The second active adapter's update goes through the separate update product (gpart.functional.
-    layer_product without the base weight): exact against W0 + P_a theta_a + P_b theta_b, and nothing per weight saved for backward."""
+    LayerProduct without the base weight): exact against W0 + P_a theta_a + P_b theta_b, and nothing per weight saved for backward."""
     base = make()
     ref_base = copy.deepcopy(base)
     for p in ref_base.parameters():

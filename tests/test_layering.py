@@ -16,7 +16,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "gpart"
 
 # module (dotted, relative to gpart; a package stands for all its modules) -> floor
 FLOORS = {
-    "version": 0,
+    "version": -1,  # imports nothing; the partition names it in its version check
     "partition": 0,
     "scope": 1,
     "grouping": 1,
@@ -104,3 +104,43 @@ def test_cpu_kernels_ship_as_a_cpp_source():
 
     assert cpu.SOURCE_PATH.name == "cpu_kernels.cpp" and cpu.SOURCE_PATH.is_file()
     assert 'extern "C"' in cpu.SOURCE and cpu.SOURCE == cpu.SOURCE_PATH.read_text()
+
+
+def test_a_linear_forward_is_at_most_six_calls_deep():
+    """One fp32 nn.Linear training forward through the C++ kernels, counted over gpart's own frames: the
+    kernels are chosen once, and no pass-through wrapper sits between the layer and them."""
+    import sys
+
+    import torch
+    from peft import get_peft_model
+
+    import gpart
+    from gpart.kernels import cpu, use_backend
+
+    if not cpu.available():
+        pytest.skip(f"C++ kernels unavailable here: {cpu.load_error()}")
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(16, 8)),
+                           gpart.GPartConfig(d=64, seed=0, target_modules=["0"]))
+    model.train()
+    layer, x = model.base_model.model[0], torch.randn(2, 16)
+    deepest, chain = [], []
+
+    def profile(frame, event, arg):
+        nonlocal deepest
+        if str(SRC) not in frame.f_code.co_filename:
+            return
+        if event == "call":
+            chain.append(frame.f_code.co_name)
+            deepest = max(deepest, list(chain), key=len)
+        elif event == "return":
+            chain.pop()
+
+    with use_backend("cpp"):
+        layer(x)  # the first call chooses the kernels
+        sys.setprofile(profile)
+        try:
+            layer(x)
+        finally:
+            sys.setprofile(None)
+    assert deepest[:4] == ["forward", "forward", "forward_operands", "delta"], deepest
+    assert len(deepest) <= 6, " > ".join(deepest)

@@ -12,7 +12,7 @@ from peft.config import PeftConfig
 
 from .grouping import GROUPINGS
 from .model_card import update_model_card
-from .partition import ALGORITHM, VERSION, VERSIONS
+from .partition import ALGORITHM, VERSION, check_version
 from .projection import PROJECTIONS
 from .scope import SCOPES
 from .version import __version__
@@ -175,21 +175,13 @@ class GPartConfig(PeftConfig):
                 f"GPartConfig.bias={self.bias!r} is not supported: GPart keeps base biases frozen. Use "
                 "partition_bias=True to adapt biases through theta, or modules_to_save to train a module in full."
             )
-        if self.partition_algorithm != ALGORITHM or not isinstance(self.partition_version, int):
+        if self.partition_algorithm != ALGORITHM:
             raise ValueError(
-                f"This adapter uses partition algorithm {self.partition_algorithm!r} version "
-                f"{self.partition_version!r}; gpart {__version__} knows {ALGORITHM!r} versions {VERSIONS}. Loading "
-                f"it would silently change the update, so it is refused; {_upgrade_hint(self.gpart_version)}"
+                f"This adapter uses partition algorithm {self.partition_algorithm!r}; gpart {__version__} knows "
+                f"{ALGORITHM!r}. Loading it would silently change the update, so it is refused; "
+                f"{_upgrade_hint(self.gpart_version)}"
             )
-        if self.partition_version > VERSION:
-            raise ValueError(
-                f"This adapter uses partition version {self.partition_version}, which gpart {__version__} does not "
-                f"know (newer than this gpart's versions {VERSIONS}); {_upgrade_hint(self.gpart_version)}"
-            )
-        if self.partition_version not in VERSIONS:
-            raise ValueError(
-                f"Unknown partition version {self.partition_version}; gpart {__version__} knows {VERSIONS}."
-            )
+        check_version(self.partition_version, _upgrade_hint(self.gpart_version))
         if self.gpart_version is None:
             self.gpart_version = __version__
         if not isinstance(self.gpart_version, str):

@@ -35,7 +35,7 @@ def merge_and_dequantize(model, dtype: torch.dtype | None = None, adapter_names:
         )
     dtype = _target_dtype(tuner.model, dtype)
     replacements = []
-    for key, layer in list(tuner._gpart_layers()):
+    for key, layer in list(tuner.model.named_modules()):
         if isinstance(layer, QuantizedLinear):
             new = layer.to_float_linear(dtype, adapter_names)
             if safe_merge and not torch.isfinite(new.weight).all():

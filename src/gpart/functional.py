@@ -85,7 +85,7 @@ class AdapterUpdate:
         return theta.float() * self.scales
 
 
-def _keep(drop: DropConnect | None, sl: TensorSlice, n: int, positions, device):
+def _keep(drop: DropConnect, sl: TensorSlice, n: int, positions, device):
     if positions is None:
         positions = torch.arange(sl.start, sl.start + n, device=device)
     return drop.keep_scale(positions.reshape(-1))
@@ -99,15 +99,18 @@ def delta(theta_s, sl: TensorSlice, drop=None, *, positions=None, base=None, dty
     grad_theta_s in the same sweep over the ids where the kernel can (the backward's two jobs)."""
     shape = sl.shape if positions is None else positions.shape
     n = sl.numel if positions is None else positions.numel()
+    fast = kernels.kernel_for(sl.projection, theta_s, positions, base)
     out = None
     if grad is not None:
-        out = kernels.merge_scatter(sl.window(theta_s), sl.projection, sl.start, base, grad, sl.window(grad_theta_s),
-                                    drop, dtype)
+        if fast is not None and fast.merge_scatter is not None and base is not None:
+            out = fast.merge_scatter(sl.window(theta_s), sl.projection, sl.start, base, grad, sl.window(grad_theta_s),
+                                     drop=drop, out_dtype=dtype)
         if out is None:
             transpose_add(grad_theta_s, grad, sl, drop)
     theta_s = sl.window(theta_s)
-    if out is None:
-        out = kernels.gather(theta_s, sl.projection, sl.start, n, positions, drop, base, dtype)
+    if out is None and fast is not None:
+        out = fast.gather(theta_s, sl.projection, sl.start if positions is None else 0, n, positions=positions,
+                          drop=drop, base=base, out_dtype=dtype)
     if out is None:
         out = sl.projection.delta(theta_s, sl.start, n, positions)
         if drop is not None:
@@ -122,7 +125,9 @@ def delta(theta_s, sl: TensorSlice, drop=None, *, positions=None, base=None, dty
 def transpose_add(grad_theta_s, grad, sl: TensorSlice, drop=None, *, positions=None) -> None:
     """grad_theta_s += P^T vec(grad) (times the DropConnect factors) for one tensor, in fp32, in place."""
     grad_theta_s = sl.window(grad_theta_s)
-    if kernels.scatter(grad_theta_s, grad, sl.projection, sl.start, positions, drop):
+    fast = kernels.kernel_for(sl.projection, grad_theta_s, grad, positions)
+    if fast is not None and fast.scatter(grad_theta_s, grad, sl.projection, sl.start if positions is None else 0,
+                                         positions=positions, drop=drop):
         return
     if drop is not None:
         grad = grad.reshape(-1).float() * _keep(drop, sl, grad.numel(), positions, grad.device)
@@ -152,7 +157,7 @@ def forward_operands(theta, weight, bias, update: AdapterUpdate, cdt: torch.dtyp
     return (None if weight is None else weight.to(cdt)), b, dw
 
 
-class _LayerProduct(torch.autograd.Function):
+class LayerProduct(torch.autograd.Function):
     """y = op(x, W0 + Delta_W, b0 + Delta_b), or op(x, Delta_W, Delta_b) when weight is None (the adapter's
     share beside a base output computed elsewhere: bitsandbytes, stacked wrappers). `layer` supplies op and
     its two gradients (gpart.layers): it is the only thing that knows the layer's kind."""
@@ -198,12 +203,7 @@ def apply_operands(layer, x, operands):
     return y if dw is None else y + layer.op(xc, dw, None)
 
 
-def layer_product(x, theta, weight, bias, update: AdapterUpdate, layer):
-    """op(x, W0 + Delta_W, b0 + Delta_b) (weight None: op(x, Delta_W, Delta_b)), differentiable in x and theta."""
-    return _LayerProduct.apply(x, theta, weight, bias, update, layer)
-
-
-class _RowLookup(torch.autograd.Function):
+class RowLookup(torch.autograd.Function):
     """y = base_out + Delta_W[tokens]: only the rows that are looked up are drawn from theta."""
 
     @staticmethod
@@ -234,12 +234,7 @@ def _row_positions(sl: TensorSlice, rows: torch.Tensor) -> torch.Tensor:
     return sl.start + rows[:, None] * dim + torch.arange(dim, device=rows.device)
 
 
-def row_lookup(tokens, theta, base_out, update: AdapterUpdate, padding_idx=None):
-    """base_out + Delta_W[tokens] for an embedding table, differentiable in theta."""
-    return _RowLookup.apply(tokens, theta, base_out, update, padding_idx)
-
-
-class _TensorDelta(torch.autograd.Function):
+class TensorDelta(torch.autograd.Function):
     """Delta_W of one tensor as a differentiable function of theta (tensors whose use is unknown)."""
 
     @staticmethod
@@ -254,7 +249,3 @@ class _TensorDelta(torch.autograd.Function):
         grad_theta_s = torch.zeros(theta.shape[0], dtype=torch.float32, device=g.device)
         transpose_add(grad_theta_s, g, ctx.update.weight_slice, ctx.update.drop)
         return (grad_theta_s * ctx.update.scales).to(theta.dtype), None, None
-
-
-def tensor_delta(theta, update: AdapterUpdate, dtype=torch.float32):
-    return _TensorDelta.apply(theta, update, dtype)

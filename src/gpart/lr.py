@@ -2,26 +2,16 @@
 
     theta's lr = base_lr * (REFERENCE_LENGTH / d) ** EXPONENT        (10,000 and 3/4)
 
-Why a power of 1/d. Adam moves every theta entry by about the learning rate per step, in the direction of
-its gradient's sign: a step's first-order loss change is lr * ||P^T g||_1 = lr * d * (the mean size of
-one theta-gradient entry). With a balanced random partition an entry sums about D/d weight gradients
-with coefficients sqrt(d/D), so its size is that of one weight's gradient whatever d and D are: the
-gain of a step grows as lr * d. Its second-order cost grows as lr^2 * d^2 when the curvature lies
-along the step (the best lr then falls as 1/d) and as lr^2 * d when it does not (constant lr); the
-measured optimum fell as d^-0.7 to d^-0.9 on the text, image and LLM tasks, across d from D/600 to D/5
-and a 10x change of D, with no D in it. The exponent 3/4 lies in that range and lost least, over the
-three tasks, among the candidate rules (docs/lr.md).
+Why a power of 1/d: an Adam step moves every theta entry by about lr, so its first-order gain grows as
+lr * d while its second-order cost grows as lr^2 * d^2 (curvature along the step) to lr^2 * d; the measured
+optimum fell as d^-0.7 to d^-0.9, with no D in it, and 3/4 lost least over the tasks (docs/lr.md).
+`base_lr` is theta's lr at d = 10,000, the one number to tune; weight decay is scaled by the inverse
+factor (as muP's MuAdam does), so AdamW's per-step shrink lr * weight_decay does not change with d. The
+rule lives on the optimizer side: saved adapters are unaffected.
 
-`base_lr` is theta's learning rate at d = 10,000, the one number to tune. Weight decay is scaled by the
-inverse factor (as muP's MuAdam does), so lr * weight_decay, AdamW's per-step shrink of theta, does not
-change with d either.
-
-The rule lives on the optimizer side: the map itself is unchanged, so saved adapters are unaffected.
-
-A learning rate set for another method (TRL's default 2e-5, LoRA's 2e-4) leaves theta almost where it
-started. So the first step of every optimizer that trains a theta is checked against the rule
-(`watch_theta_lr`, switched on when a GPart adapter is injected), and a rate far from it is reported
-once, with the fix, as a `LearningRateWarning`.
+The first step of every optimizer that trains a theta is checked against the rule (`watch_theta_lr`,
+switched on when a GPart adapter is injected): a rate set for another method (TRL's 2e-5, LoRA's 2e-4)
+leaves theta almost where it started, and is reported once, with the fix, as a `LearningRateWarning`.
 """
 from __future__ import annotations
 

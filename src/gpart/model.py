@@ -83,23 +83,23 @@ class GPartModel(BaseTuner):
     # Eval-mode cache of what the wrappers build from theta (docs/llm.md): None follows GPART_EVAL_CACHE
     # (default on, off in distributed runs); True/False set it for this model. Not saved with the adapter.
     eval_cache: bool | None = None
-    _gpart_cache_used = False  # set by a wrapper when it keeps something, so train() frees only when needed
+    gpart_cache_used = False  # set by a wrapper when it keeps something, so train() frees only when needed
 
     # -- eval-mode cache -------------------------------------------------------------------------------
 
     def clear_gpart_cache(self) -> None:
         """Free everything the wrappers keep for eval mode; the next eval forward rebuilds what it needs."""
         clear_gpart_cache(self.model)
-        self._gpart_cache_used = False
+        self.gpart_cache_used = False
 
     def train(self, mode: bool = True):
-        if mode and self._gpart_cache_used:
+        if mode and self.gpart_cache_used:
             self.clear_gpart_cache()
         return super().train(mode)
 
     def _apply(self, fn, *args, **kwargs):
         # .to(), .half(), .cuda(): the kept tensors would be stale (their keys would miss anyway); free them first
-        if self._gpart_cache_used:
+        if self.gpart_cache_used:
             self.clear_gpart_cache()
         return super()._apply(fn, *args, **kwargs)
 

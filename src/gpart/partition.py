@@ -38,6 +38,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .version import __version__
+
 ALGORITHM = "feistel-cyclewalk"
 VERSION = 2  # what new adapters use
 VERSIONS = (1, 2)  # what this gpart computes; an adapter records its version and keeps it
@@ -98,9 +100,13 @@ def hash64(positions: torch.Tensor, key: int) -> torch.Tensor:
     return hash32(hash32(positions & M32, key & M32) ^ (positions >> 32), key >> 32)
 
 
-def check_version(version) -> None:
-    if version not in VERSIONS:
-        raise PartitionError(f"unknown partition version {version!r}; this gpart knows versions {VERSIONS}")
+def check_version(version, hint: str = "") -> None:
+    """Refuse a partition version this gpart does not compute; `hint` ends the message (which gpart to get)."""
+    if version in VERSIONS and isinstance(version, int):
+        return
+    newer = isinstance(version, int) and version > VERSION
+    raise PartitionError(f"unknown partition version {version!r}, which gpart {__version__} does not know "
+                         f"({'newer than ' if newer else ''}this gpart's versions {VERSIONS})" + (f"; {hint}" if hint else ""))
 
 
 def feistel(x: torch.Tensor, keys: list[int], a: int, b: int) -> torch.Tensor:

@@ -2,7 +2,7 @@
 weights are read as floats and written back, and a clear refusal for every other quantized layer.
 
 GPart never keeps a dequantized weight: training adds x Delta_W^T beside bitsandbytes' own quantized
-matmul (gpart.functional.layer_product without a base weight); only merges and exports dequantize, one layer at a time.
+matmul (gpart.functional.LayerProduct without a base weight); only merges and exports dequantize, one layer at a time.
 
 CPU repacking (bitsandbytes 0.50 on CPUs with AVX512-BF16): an eval-mode forward whose input needs no
 gradient rewrites a 4-bit weight in place into a CPU-only layout. Afterwards `dequantize_4bit` returns a

@@ -18,10 +18,11 @@ tensors and triton for CUDA tensors when they are available, otherwise the refer
 per process. Naming a backend explicitly makes its absence an error (KernelUnavailableError) rather than
 a silent slowdown; tensors on devices the named backend does not serve use the reference.
 
-gather, scatter and merge_scatter (what gpart.functional calls) return None (or False) when no fast path
-applies: a projection other than the partition (Fastfood brings its own transform), reference backend
-chosen, unsupported dtype or device, theta needing autograd (grad mode on and theta_s.requires_grad),
-d > 2^32. The caller then runs the reference.
+kernel_for (what gpart.functional calls) gives the kernels that serve a call, chosen once per (backend
+setting, device type) and kept, or None: a projection other than the partition (Fastfood brings its own
+transform), the reference backend, theta_s not fp32, tensors on several devices or needing autograd. Each
+kernel returns None (or False) for what it does not support (dtype, d > 2^32); the caller then runs the
+reference.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import os
 import sys
 import threading
 import warnings
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -47,13 +49,11 @@ __all__ = [
     "ENV",
     "KernelBuildError",
     "KernelUnavailableError",
+    "Kernels",
     "backend_for",
     "build",
-    "gather",
     "get_backend",
-    "ids",
-    "merge_scatter",
-    "scatter",
+    "kernel_for",
     "set_backend",
     "use_backend",
 ]
@@ -206,103 +206,64 @@ def build(verbose: bool = True) -> str:
 # ---- used by gpart.functional ------------------------------------------------------------------------
 
 
-def _opaque(fn):
-    """Keep torch.compile from tracing into the kernels (ctypes and Triton launches): a clean graph
-    break instead of dynamo's warning about an unknown C function."""
-    return torch.compiler.disable(fn)
+class Kernels(NamedTuple):
+    """One backend's fused kernels, as gpart.kernels.cpu defines them (merge_scatter None: not fused)."""
+
+    gather: Callable
+    scatter: Callable
+    merge_scatter: Callable | None
 
 
-def _call(device, method: str, *args, **kwargs):
-    """impl.method(*args, **kwargs) on the backend for `device`; None when the reference must run.
+def _guarded(fn):
+    """A compiled Triton kernel that fails (to compile, say, on a GPU it was never tried on) under `auto`
+    disables Triton for the process with one warning and returns None (the reference runs); under an
+    explicit GPART_KERNELS=triton it raises. Launch failures happen before anything is written."""
 
-    A compiled Triton kernel that fails (to compile, say, on a GPU it was never tried on) under `auto`
-    disables Triton for the process with one warning; the call then takes the reference path. (Launch
-    failures happen before anything is written.) Under an explicit GPART_KERNELS=triton it raises.
-    """
+    def call(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            if get_backend() == "triton":
+                raise
+            with _lock:
+                _triton_modules.pop(False, None)
+                _triton_errors[False] = exc
+                _chosen.clear()
+            _warn_once("triton-failed", f"gpart: a Triton kernel failed ({type(exc).__name__}: {exc}); GPart "
+                                        f"uses its reference path on CUDA from now on.")
+            return None
+
+    return call
+
+
+def _choose(device: torch.device) -> Kernels | None:
     backend = backend_for(device)
-    impl = cpu if backend == "cpp" else None
-    if backend == "triton":
-        impl = _triton_module(torch.device(device).type == "cpu")
-    if impl is None or impl is cpu or impl is _triton_modules.get(True):
-        return None if impl is None else getattr(impl, method)(*args, **kwargs)
-    try:
-        return getattr(impl, method)(*args, **kwargs)
-    except Exception as exc:
-        if get_backend() == "triton":
-            raise
-        with _lock:
-            _triton_modules.pop(False, None)
-            _triton_errors[False] = exc
-        _warn_once("triton-failed", f"gpart: a Triton kernel failed ({type(exc).__name__}: {exc}); GPart uses "
-                                    f"its reference path on CUDA from now on.")
+    if backend == "reference":
         return None
+    module = cpu if backend == "cpp" else _triton_module(device.type == "cpu")
+    guard = backend == "triton" and device.type != "cpu"
+    fns = [getattr(module, name, None) for name in Kernels._fields]
+    # torch.compiler.disable: a clean graph break instead of dynamo tracing into ctypes or a Triton launch
+    return Kernels(*(fn and torch.compiler.disable(_guarded(fn) if guard else fn) for fn in fns))
 
 
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_chosen: dict[tuple, Kernels | None] = {}
+_UNSET = object()
 
 
-def _applies(projection, theta_s: torch.Tensor, *tensors) -> bool:
-    """The kernels compute the partition's ids (not Fastfood's transform), from fp32 theta_s on one device,
-    and are not differentiable: theta_s must not need autograd."""
-    return (isinstance(projection, Partition) and theta_s.dtype == torch.float32
-            and not (theta_s.requires_grad and torch.is_grad_enabled())
-            and all(t is None or t.device == theta_s.device for t in tensors))
-
-
-def _accumulates(grad_theta_s: torch.Tensor, grad: torch.Tensor) -> bool:
-    # fp32 atomics on CUDA: in deterministic mode the reference's index_add_ is deterministic instead
-    return (grad_theta_s.is_contiguous() and grad.dtype in _KERNEL_DTYPES
-            and not (grad_theta_s.is_cuda and torch.are_deterministic_algorithms_enabled()))
-
-
-@_opaque
-def gather(theta_s, projection, start: int, length: int, positions=None, drop=None, base=None,
-           out_dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
-    """base + Delta (Delta alone when base is None) at positions [start, start + length) or at
-    `positions` (int64), flat, in out_dtype; None when no kernel applies (the caller runs the reference)."""
-    if not _applies(projection, theta_s, positions, base) or out_dtype not in _KERNEL_DTYPES:
+def kernel_for(projection, theta_s: torch.Tensor, *tensors: torch.Tensor | None) -> Kernels | None:
+    """The kernels for a call on theta_s (or on the fp32 accumulator of dL/dtheta_s) and `tensors`, or None:
+    the projection's reference runs. The kernels compute the partition's ids (not Fastfood's transform)
+    from fp32 on one device and are not differentiable."""
+    if not isinstance(projection, Partition) or theta_s.dtype != torch.float32:
         return None
-    if positions is not None and positions.dtype != torch.int64:
-        return None
-    return _call(theta_s.device, "gather", theta_s, projection, start if positions is None else 0, length,
-                 positions=positions, drop=drop, base=base, out_dtype=out_dtype)
-
-
-@_opaque
-def scatter(grad_theta_s, grad, projection, start: int, positions=None, drop=None) -> bool:
-    """grad_theta_s += P^T vec(grad) (times the DropConnect factors) in place; False: nothing was done."""
-    if not (_applies(projection, grad_theta_s, grad, positions) and _accumulates(grad_theta_s, grad)):
-        return False
-    if grad.requires_grad and torch.is_grad_enabled():
-        return False
-    if positions is not None and (positions.dtype != torch.int64 or positions.numel() != grad.numel()):
-        return False
-    return bool(_call(grad_theta_s.device, "scatter", grad_theta_s, grad, projection,
-                      start if positions is None else 0, positions=positions, drop=drop))
-
-
-@_opaque
-def merge_scatter(theta_s, projection, start: int, base, grad, grad_theta_s, drop=None,
-                  out_dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
-    """The backward's element-wise work in one sweep that computes each id once: returns gather's
-    base + Delta and does scatter's grad_theta_s += P^T vec(grad). None, having done nothing, when no
-    fused kernel applies (today: anything but the C++ kernels)."""
-    if base is None or base.numel() != grad.numel() or out_dtype not in _KERNEL_DTYPES:
-        return None
-    if not (_applies(projection, theta_s, base, grad) and _accumulates(grad_theta_s, grad)):
-        return None
-    if backend_for(theta_s.device) != "cpp":
-        return None
-    out = cpu.merge_scatter(theta_s, projection, start, base, grad, grad_theta_s, drop=drop, out_dtype=out_dtype)
-    return None if out is None else out.view(base.shape)
-
-
-@_opaque
-def ids(partition, start: int, length: int, device=None) -> torch.Tensor:
-    """partition.ids(start, length, device) through the fast path when one applies."""
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    if backend_for(device) == "cpp":
-        out = cpu.ids(partition, start, length)
-    else:
-        out = _call(device, "ids", partition, start, length, device=device)
-    return out if out is not None else partition.ids(start, length, device=device)
+    device = theta_s.device
+    grad_on = torch.is_grad_enabled()
+    for t in (theta_s, *tensors):
+        if t is not None and (t.device != device or (grad_on and t.requires_grad)):
+            return None
+    key = (_override or os.environ.get(ENV), os.environ.get("TRITON_INTERPRET"), device.type)
+    chosen = _chosen.get(key, _UNSET)
+    if chosen is _UNSET:
+        chosen = _chosen[key] = _choose(device)
+    return chosen

@@ -35,7 +35,7 @@ import torch
 
 from ..partition import M32, VERSIONS, Partition, domain_bits, grid_shape
 
-ABI = 3
+ABI = 4
 # The kernels' C++ source, shipped inside the package; its text is part of the build cache key.
 SOURCE_PATH = Path(__file__).with_name("cpu_kernels.cpp")
 SOURCE = SOURCE_PATH.read_text()
@@ -185,8 +185,8 @@ _vp, _P, _int = ctypes.c_void_p, ctypes.POINTER(_Params), ctypes.c_int
 _SIGNATURES = {  # name: (restype, argtypes)
     "gpart_abi": (_int, []),
     "gpart_ids": (_int, [_P, ctypes.c_uint64, _vp, ctypes.c_int64, _vp]),
-    "gpart_gather": (_int, [_P, ctypes.c_uint64, _vp, ctypes.c_int64, _vp, _vp, _int, _vp, _int, _vp]),
-    "gpart_scatter": (_int, [_P, ctypes.c_uint64, _vp, ctypes.c_int64, _vp, _vp, _int, _vp]),
+    "gpart_gather": (_int, [_P, ctypes.c_uint64, _vp, ctypes.c_int64, _vp, _vp, _int, _vp, _int]),
+    "gpart_scatter": (_int, [_P, ctypes.c_uint64, _vp, ctypes.c_int64, _vp, _int, _vp]),
     "gpart_merge_scatter": (_int, [_P, ctypes.c_uint64, _vp, ctypes.c_int64, _vp, _vp, _int, _vp, _int, _vp, _int,
                                    _vp]),
 }
@@ -273,18 +273,24 @@ def drop_scalars(drop) -> tuple[int, int, int, float, float]:
     return (drop.key & M32, (drop.key >> 32) & M32, max(0, int(drop.p * (1 << 32))), *_drop_factors(float(drop.p)))
 
 
+@functools.lru_cache(maxsize=256)
+def _domain(D: int) -> tuple[int, int, int, int]:
+    """(a, b) of the Feistel halves and version 2's grid (p, B) for a flattening of length D."""
+    return (*domain_bits(D), *grid_shape(D))
+
+
 def _params(part: Partition, drop, nthreads: int = 1) -> _Params:
-    a, b = domain_bits(part.D)
     prm = _Params()
     prm.D, prm.d = part.D, part.d
     prm.keys = (ctypes.c_uint32 * 4)(*part.keys)
-    prm.a, prm.b = a, b
+    prm.a, prm.b, grid_p, grid_B = _domain(part.D)
     prm.version = part.version
     if part.version == 2:
-        prm.grid_p, prm.grid_B = grid_shape(part.D)
+        prm.grid_p, prm.grid_B = grid_p, grid_B
     prm.nthreads = nthreads
     prm.drop = drop is not None
-    prm.drop_klo, prm.drop_khi, prm.drop_thr, prm.drop_scale, prm.drop_zero = drop_scalars(drop)
+    if drop is not None:
+        prm.drop_klo, prm.drop_khi, prm.drop_thr, prm.drop_scale, prm.drop_zero = drop_scalars(drop)
     return prm
 
 
@@ -337,15 +343,14 @@ def gather(theta_s: torch.Tensor, part: Partition, start: int, length: int, *, p
     rc = lib.gpart_gather(
         ctypes.byref(_params(part, drop, torch.get_num_threads())), start, None if pos is None else pos.data_ptr(), n,
         theta_s.data_ptr(), None if base is None else base.data_ptr(), bdt, out.data_ptr(), _DTYPE_CODES[out_dtype],
-        None,
     )
     return out if rc == 0 else None
 
 
 def merge_scatter(theta_s: torch.Tensor, part: Partition, start: int, base: torch.Tensor, grad: torch.Tensor,
                   acc: torch.Tensor, *, drop=None, out_dtype: torch.dtype | None = None) -> torch.Tensor | None:
-    """The backward's two sweeps in one: returns base + theta_s[g(i)] * keep(i) (a new flat tensor of
-    `out_dtype`, as gather(base=...)) and adds grad[i] * keep(i) to acc[g(i)] in place (as scatter), for the
+    """The backward's two sweeps in one: returns base + theta_s[g(i)] * keep(i) (a new tensor of base's
+    shape in `out_dtype`, as gather(base=...)) and adds grad[i] * keep(i) to acc[g(i)] in place (as scatter), for the
     positions [start, start + base.numel()), computing each id once. Results are bit-identical to those two
     calls. None when not supported (nothing was done).
     """
@@ -355,7 +360,7 @@ def merge_scatter(theta_s: torch.Tensor, part: Partition, start: int, base: torc
             or base.dtype not in _DTYPE_CODES or grad.dtype not in _DTYPE_CODES
             or acc.dtype != torch.float32 or not acc.is_contiguous()):
         return None
-    n = base.numel()
+    n, shape = base.numel(), base.shape
     if grad.numel() != n:
         return None
     base = base.reshape(-1).contiguous()
@@ -367,7 +372,7 @@ def merge_scatter(theta_s: torch.Tensor, part: Partition, start: int, base: torc
         base.data_ptr(), _DTYPE_CODES[base.dtype], out.data_ptr(), _DTYPE_CODES[out_dtype], flat.data_ptr(),
         _DTYPE_CODES[flat.dtype], acc.data_ptr(),
     )
-    return out if rc == 0 else None
+    return out.view(shape) if rc == 0 else None
 
 
 def scatter(acc: torch.Tensor, grad: torch.Tensor, part: Partition, start: int, *, positions=None,
@@ -386,6 +391,6 @@ def scatter(acc: torch.Tensor, grad: torch.Tensor, part: Partition, start: int, 
         return False
     rc = lib.gpart_scatter(
         ctypes.byref(_params(part, drop, torch.get_num_threads())), start, None if pos is None else pos.data_ptr(), n,
-        None, flat.data_ptr(), _DTYPE_CODES[flat.dtype], acc.data_ptr(),
+        flat.data_ptr(), _DTYPE_CODES[flat.dtype], acc.data_ptr(),
     )
     return rc == 0

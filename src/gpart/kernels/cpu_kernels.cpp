@@ -31,7 +31,7 @@ typedef uint32_t u32;
 typedef uint64_t u64;
 typedef uint16_t u16;
 
-#define GPART_ABI 3
+#define GPART_ABI 4
 #define TILE 4096
 
 extern "C" {
@@ -589,16 +589,15 @@ static inline int threads_for(const Ctx& c, int64_t n) {
 
 template <bool CONTIG>
 static void gather_impl(const Ctx& c, u64 start, const int64_t* pos, int64_t n, const float* theta,
-                        const void* base, void* out, u32* ids_out, gather_fn fn) {
+                        const void* base, void* out, gather_fn fn) {
     const int64_t ntiles = (n + TILE - 1) / TILE;
     const int nt = threads_for(c, n);
 #pragma omp parallel for schedule(dynamic, 4) num_threads(nt)
     for (int64_t t = 0; t < ntiles; t++) {
-        u32 buf[TILE];
+        u32 ids[TILE];
         float ks[TILE];
         const int64_t off = t * TILE;
         const int m = (int)((n - off) < TILE ? (n - off) : TILE);
-        u32* ids = ids_out ? ids_out + off : buf;
         ids_tile<CONTIG>(c, start + (u64)off, pos + (CONTIG ? 0 : off), m, ids);
         if (c.drop) keep_tile<CONTIG>(c, start + (u64)off, pos + (CONTIG ? 0 : off), m, ks);
         fn(ids, ks, theta, base, out, off, m);
@@ -658,15 +657,13 @@ struct MergeArgs {
 
 template <bool CONTIG>
 static void scatter_tiles(const Ctx& c, u64 start, const int64_t* pos, int64_t t0, int64_t t1, int64_t n,
-                          const u32* ids_in, const void* grad, float* acc, scatter_fn fn, const MergeArgs* mg) {
-    u32 buf[TILE];
+                          const void* grad, float* acc, scatter_fn fn, const MergeArgs* mg) {
+    u32 ids[TILE];
     float ks[TILE];
     for (int64_t t = t0; t < t1; t++) {
         const int64_t off = t * TILE;
         const int m = (int)((n - off) < TILE ? (n - off) : TILE);
-        const u32* ids = buf;
-        if (ids_in) ids = ids_in + off;
-        else ids_tile<CONTIG>(c, start + (u64)off, pos + (CONTIG ? 0 : off), m, buf);
+        ids_tile<CONTIG>(c, start + (u64)off, pos + (CONTIG ? 0 : off), m, ids);
         if (c.drop) keep_tile<CONTIG>(c, start + (u64)off, pos + (CONTIG ? 0 : off), m, ks);
         if (mg) mg->fn(ids, ks, mg->theta, mg->base, mg->out, off, m);
         fn(ids, ks, grad, acc, off, m);
@@ -680,8 +677,8 @@ static void scatter_tiles(const Ctx& c, u64 start, const int64_t* pos, int64_t t
 // - owner: for large d, per block of positions all threads compute ids and values, then thread t adds
 //   those whose group falls in its own range of groups, in position order (identical to serial).
 template <bool CONTIG>
-static int scatter_impl(const Ctx& c, u64 start, const int64_t* pos, int64_t n, const u32* ids_in, const void* grad,
-                        int gdt, float* acc, const MergeArgs* mg) {
+static int scatter_impl(const Ctx& c, u64 start, const int64_t* pos, int64_t n, const void* grad, int gdt, float* acc,
+                        const MergeArgs* mg) {
     scatter_fn fn = pick_scatter(gdt, c.drop);
     values_fn vfn = pick_values(gdt, c.drop);
     if (!fn || !vfn) return -2;
@@ -689,7 +686,7 @@ static int scatter_impl(const Ctx& c, u64 start, const int64_t* pos, int64_t n, 
     const int nt = threads_for(c, n);
     const u64 d = c.d;
     if (nt <= 1) {
-        scatter_tiles<CONTIG>(c, start, pos, 0, ntiles, n, ids_in, grad, acc, fn, mg);
+        scatter_tiles<CONTIG>(c, start, pos, 0, ntiles, n, grad, acc, fn, mg);
         return 0;
     }
     const u64 extra = (u64)(nt - 1) * d;
@@ -705,7 +702,7 @@ static int scatter_impl(const Ctx& c, u64 start, const int64_t* pos, int64_t n, 
 #endif
             const int64_t t0 = ntiles * tid / T, t1 = ntiles * (tid + 1) / T;
             float* mine = tid == 0 ? acc : priv + (u64)(tid - 1) * d;
-            scatter_tiles<CONTIG>(c, start, pos, t0, t1, n, ids_in, grad, mine, fn, mg);
+            scatter_tiles<CONTIG>(c, start, pos, t0, t1, n, grad, mine, fn, mg);
 #pragma omp barrier
 #pragma omp for schedule(static)
             for (int64_t j = 0; j < (int64_t)d; j++) {
@@ -720,7 +717,7 @@ static int scatter_impl(const Ctx& c, u64 start, const int64_t* pos, int64_t n, 
     // owner mode
     const int64_t BLOCK = 64 * TILE;
     const size_t bsize = (size_t)(n < BLOCK ? n : BLOCK);
-    std::vector<u32> bid(ids_in ? 0 : bsize);
+    std::vector<u32> bid(bsize);
     std::vector<float> bval(bsize);
     u32* ids_buf = bid.data();
     float* val_buf = bval.data();
@@ -740,15 +737,14 @@ static int scatter_impl(const Ctx& c, u64 start, const int64_t* pos, int64_t n, 
             for (int64_t t = 0; t < bt; t++) {
                 const int64_t off = b0 + t * TILE;
                 const int m = (int)((n - off) < TILE ? (n - off) : TILE);
-                if (!ids_in) ids_tile<CONTIG>(c, start + (u64)off, pos + (CONTIG ? 0 : off), m, ids_buf + t * TILE);
+                ids_tile<CONTIG>(c, start + (u64)off, pos + (CONTIG ? 0 : off), m, ids_buf + t * TILE);
                 if (c.drop) keep_tile<CONTIG>(c, start + (u64)off, pos + (CONTIG ? 0 : off), m, ks);
-                if (mg) mg->fn(ids_in ? ids_in + off : ids_buf + t * TILE, ks, mg->theta, mg->base, mg->out, off, m);
+                if (mg) mg->fn(ids_buf + t * TILE, ks, mg->theta, mg->base, mg->out, off, m);
                 vfn(ks, grad, val_buf + t * TILE, off, m);
             }
             // (implicit barrier) the block's ids and values are ready: add those of my groups, in order
-            const u32* bids = ids_in ? ids_in + b0 : ids_buf;
             for (int64_t i = 0; i < bn; i++) {
-                const u32 g = bids[i];
+                const u32 g = ids_buf[i];
                 if ((u64)g - lo < span) acc[g] += val_buf[i];
             }
 #pragma omp barrier
@@ -778,14 +774,6 @@ extern "C" {
 
 int gpart_abi(void) { return GPART_ABI; }
 
-int gpart_max_threads(void) {
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-}
-
 // ids (int64) of positions start.. (pos == NULL) or pos[0..n)
 int gpart_ids(const GPartParams* p, u64 start, const int64_t* pos, int64_t n, int64_t* out) {
     Ctx c = make_ctx(p);
@@ -806,30 +794,29 @@ int gpart_ids(const GPartParams* p, u64 start, const int64_t* pos, int64_t n, in
     return 0;
 }
 
-// out[i] = base[i] + theta[g(i)] * keep(i)   (base may be NULL; base == out adds in place);
-// ids_out (may be NULL) receives the group ids, for a later gpart_scatter of the same positions.
+// out[i] = base[i] + theta[g(i)] * keep(i)   (base may be NULL; base == out adds in place)
 int gpart_gather(const GPartParams* p, u64 start, const int64_t* pos, int64_t n, const float* theta,
-                 const void* base, int bdt, void* out, int odt, u32* ids_out) {
+                 const void* base, int bdt, void* out, int odt) {
     Ctx c = make_ctx(p);
     if (c.d > (u64(1) << 32)) return -1;
     if (pos && !positions_ok(pos, n, c.D)) return -4;
     Round1Table r1(c, pos, n);
     gather_fn fn = pick_gather(base ? bdt : -1, odt, c.drop);
     if (!fn) return -2;
-    if (pos) gather_impl<false>(c, 0, pos, n, theta, base, out, ids_out, fn);
-    else gather_impl<true>(c, start, nullptr, n, theta, base, out, ids_out, fn);
+    if (pos) gather_impl<false>(c, 0, pos, n, theta, base, out, fn);
+    else gather_impl<true>(c, start, nullptr, n, theta, base, out, fn);
     return 0;
 }
 
-// acc[g(i)] += grad[i] * keep(i); ids_in (may be NULL) holds the ids of these positions already.
-int gpart_scatter(const GPartParams* p, u64 start, const int64_t* pos, int64_t n, const u32* ids_in,
-                  const void* grad, int gdt, float* acc) {
+// acc[g(i)] += grad[i] * keep(i)
+int gpart_scatter(const GPartParams* p, u64 start, const int64_t* pos, int64_t n, const void* grad, int gdt,
+                  float* acc) {
     Ctx c = make_ctx(p);
     if (c.d > (u64(1) << 32)) return -1;
     if (pos && !positions_ok(pos, n, c.D)) return -4;
     Round1Table r1(c, pos, n);
-    if (pos) return scatter_impl<false>(c, 0, pos, n, ids_in, grad, gdt, acc, nullptr);
-    return scatter_impl<true>(c, start, nullptr, n, ids_in, grad, gdt, acc, nullptr);
+    if (pos) return scatter_impl<false>(c, 0, pos, n, grad, gdt, acc, nullptr);
+    return scatter_impl<true>(c, start, nullptr, n, grad, gdt, acc, nullptr);
 }
 
 // The backward in one sweep: out[i] = base[i] + theta[g(i)] * keep(i) (as gpart_gather) and
@@ -842,8 +829,8 @@ int gpart_merge_scatter(const GPartParams* p, u64 start, const int64_t* pos, int
     Round1Table r1(c, pos, n);
     MergeArgs mg{theta, base, out, pick_gather(base ? bdt : -1, odt, c.drop)};
     if (!mg.fn) return -2;
-    if (pos) return scatter_impl<false>(c, 0, pos, n, nullptr, grad, gdt, acc, &mg);
-    return scatter_impl<true>(c, start, nullptr, n, nullptr, grad, gdt, acc, &mg);
+    if (pos) return scatter_impl<false>(c, 0, pos, n, grad, gdt, acc, &mg);
+    return scatter_impl<true>(c, start, nullptr, n, grad, gdt, acc, &mg);
 }
 
 }  // extern "C"

@@ -36,7 +36,7 @@ class GPartLayer(BaseTunerLayer):
         self.merged_adapters: list[str] = []
         self._disable_adapters = False
         self._gpart_cache = EvalCache()
-        object.__setattr__(self, "_gpart_owner", owner)
+        object.__setattr__(self, "gpart_owner", owner)
 
     # -- what this wrapper contributes to the flattening ---------------------------------------------
 
@@ -95,13 +95,13 @@ class GPartLayer(BaseTunerLayer):
     # -- looking up theta ----------------------------------------------------------------------------
 
     def _theta(self, adapter_name: str) -> torch.Tensor:
-        return self._gpart_owner.gpart_theta[adapter_name]
+        return self.gpart_owner.gpart_theta[adapter_name]
 
     def _update(self, adapter_name: str, theta: torch.Tensor, with_dropout: bool = True) -> AdapterUpdate:
         """The adapter's update of this layer for one call (DropConnect drawn in training mode)."""
         weight, bias = self.gpart_slices[adapter_name]
         drop = Fn.draw_dropconnect(self.gpart_dropout.get(adapter_name, 0.0), self.training and with_dropout)
-        return AdapterUpdate(weight, bias, self._gpart_owner.scales_for(adapter_name, theta.device), drop)
+        return AdapterUpdate(weight, bias, self.gpart_owner.scales_for(adapter_name, theta.device), drop)
 
     def _adapters_to_apply(self) -> list[str]:
         """The active adapters this forward must add; empty when the base layer alone gives the output
@@ -138,24 +138,21 @@ class GPartLayer(BaseTunerLayer):
         for name in adapter_names:
             if name not in self.gpart_slices:
                 continue
-            updates = [self._delta(name, k) for k in range(len(tensors))]
-            merged = []
-            for tensor, upd in zip(tensors, updates):
+            merged = []  # every tensor is checked before any is written
+            for k, tensor in enumerate(tensors):
+                upd = self._delta(name, k)
                 if upd is None:
-                    merged.append(None)
                     continue
-                # merge in fp32, cast once
-                new = (tensor.detach().float() + upd.to(tensor.device)).to(tensor.dtype)
+                new = (tensor.detach().float() + upd.to(tensor.device)).to(tensor.dtype)  # in fp32, cast once
                 if safe_merge and not torch.isfinite(new).all():
                     raise ValueError(
                         f"NaNs or infs detected in the merged weights of adapter '{name}'; the base weights were left "
                         "untouched. Check theta for non-finite values."
                     )
                 _warn_if_merge_loses(name, tensor, new, upd)
-                merged.append(new)
-            for tensor, new in zip(tensors, merged):
-                if new is not None:
-                    tensor.data.copy_(new)
+                merged.append((tensor, new))
+            for tensor, new in merged:
+                tensor.data.copy_(new)
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:

@@ -86,7 +86,7 @@ class EvalCache(dict):
 
     def remember(self, layer, adapter_name: str, x: torch.Tensor, operands) -> None:
         """Make (w, b) the shortcut for steps like this one (x's dtype; theta, weight and bias unchanged)."""
-        thetas, params = layer._gpart_owner.gpart_theta._parameters, layer.get_base_layer()._parameters
+        thetas, params = layer.gpart_owner.gpart_theta._parameters, layer.get_base_layer()._parameters
         try:
             stamps = tuple(map(_stamp, (thetas[adapter_name], params["weight"], params.get("bias"))))
         except RuntimeError:  # an inference tensor has no version counter: no shortcut
@@ -101,7 +101,7 @@ class EvalCache(dict):
         _, name, thetas, params, stamps, operands = hot
         if stamps != (_stamp(thetas.get(name)), _stamp(params.get("weight")), _stamp(params.get("bias"))):
             return None
-        if layer._gpart_owner.eval_cache is False or torch.compiler.is_compiling():
+        if layer.gpart_owner.eval_cache is False or torch.compiler.is_compiling():
             return None
         return operands
 
@@ -113,7 +113,7 @@ class EvalCache(dict):
             return False
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
             return False
-        return not torch.compiler.is_compiling() and eval_cache_enabled(layer._gpart_owner) and not _offloaded(base)
+        return not torch.compiler.is_compiling() and eval_cache_enabled(layer.gpart_owner) and not _offloaded(base)
 
     def get_or_build(self, layer, adapter_name: str, tag, build, *key_tensors: torch.Tensor | None):
         """build()'s value, kept and reused while the adapter's slices and the key tensors are unchanged.
@@ -131,7 +131,7 @@ class EvalCache(dict):
             del self[slot], entry
         value = build()
         self[slot] = (key, value)
-        object.__setattr__(layer._gpart_owner, "_gpart_cache_used", True)
+        object.__setattr__(layer.gpart_owner, "gpart_cache_used", True)
         return value
 
     def drop_adapter(self, adapter_name: str | None = None) -> None:

@@ -23,5 +23,5 @@ class Embedding(GPartModule):
         padding_idx = self.get_base_layer().padding_idx
         for name in adapters:
             theta = self._theta(name)
-            y = Fn.row_lookup(x, theta, y, self._update(name, theta), padding_idx)
+            y = Fn.RowLookup.apply(x, theta, y, self._update(name, theta), padding_idx)
         return y

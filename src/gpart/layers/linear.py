@@ -1,7 +1,7 @@
 """Wrappers of layers that multiply x by their weight: nn.Linear and transformers' Conv1D (an (in, out)
 weight), and the forward they share with the other product layers (gpart.layers.conv, .bnb).
 
-A product layer gives functional.layer_product its op and the op's two gradients; the forward adds
+A product layer gives functional.LayerProduct its op and the op's two gradients; the forward adds
 every active adapter: the first one merged into the base product (y = op(x, W0 + Delta_W, b0 + Delta_b))
 where the wrapper can run the base op itself, the others (and all of them beside a base output computed
 elsewhere) as op(x, Delta_W, Delta_b). In eval mode without autograd the operands are kept
@@ -54,7 +54,7 @@ class ProductLayer(GPartModule):
             return self._cached_forward(x, adapters, thetas, weight, bias, args, kwargs)
         y = None if weight is not None else self._base_output(x, args, kwargs, True)
         for name, theta in zip(adapters, thetas):
-            out = Fn.layer_product(x, theta, weight, bias, self._update(name, theta), self)
+            out = Fn.LayerProduct.apply(x, theta, weight, bias, self._update(name, theta), self)
             y = out if y is None else y + out.to(y.dtype)
             weight = bias = None  # the base product is in y: the other adapters add their update alone
         return y

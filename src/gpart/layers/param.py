@@ -63,5 +63,5 @@ class ParamWrapper(GPartModule):
         """W0 + the active adapters' updates, in W0's dtype."""
         value = w
         for name, theta in zip(adapters, thetas):
-            value = value + Fn.tensor_delta(theta, self._update(name, theta)).to(w.dtype)
+            value = value + Fn.TensorDelta.apply(theta, self._update(name, theta), torch.float32).to(w.dtype)
         return value
