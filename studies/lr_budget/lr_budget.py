@@ -150,20 +150,21 @@ def cell_summary(runs: Path, steps: int, d: int) -> dict | None:
     out["step_s"] = statistics.median(m["train"]["runtime_s"] / m["train"]["steps"] for m in ms)
     default, tuned = _seeds(runs, make(DEFAULT_BASE)), _seeds(runs, make(best[0]))
     out["default"], out["tuned"] = default, tuned
-    if default and tuned:
+    if default and tuned and len(pts) >= 3:  # a tuned best needs a sweep; a verdict needs a spread
         gap = default["mean"] - tuned["mean"]
         paired = lr_rule._paired(default, tuned)
-        out["default_minus_tuned"] = {"mean": gap, "paired": paired,
-                                      "within_one_sd": gap >= 0 or -gap <= (tuned["sd"] or 0.0)}
+        out["default_minus_tuned"] = {"mean": gap, "paired": paired, "within_one_sd": (
+            gap >= 0 or -gap <= tuned["sd"]) if min(len(default["test"]), len(tuned["test"])) >= 2 else None}
     return out
 
 
 def movement(cell_rows: list[dict]) -> dict:
     """Per d: the best theta lr at each budget, and its fitted power of the budget (log-log slope; None
-    with fewer than two budgets). A factor-2 ladder puts each best within sqrt(2) of the true one."""
+    with fewer than two budgets). Only cells swept over 3 or more bases count; a factor-2 ladder puts each
+    bracketed best within sqrt(2) of the true one."""
     out = {}
     for d in DS:
-        rows = sorted((c for c in cell_rows if c["d"] == d), key=lambda c: c["steps"])
+        rows = sorted((c for c in cell_rows if c["d"] == d and len(c["curve"]) >= 3), key=lambda c: c["steps"])
         if not rows:
             continue
         xs, ys = [math.log(c["steps"]) for c in rows], [math.log(c["best_lr"]) for c in rows]
@@ -222,10 +223,16 @@ def _pair_text(p: dict | None) -> str:
     return f"{p['mean']:+.3f} ± {p['sd']:.3f} ({', '.join(f'{x:+.3f}' for x in p['diffs'])})"
 
 
+def _verdict(gap: dict | None) -> str:
+    if not gap:
+        return "– (fewer than 3 bases swept)"
+    return {True: "yes", False: "no", None: "– (one seed)"}[gap["within_one_sd"]]
+
+
 def render(result: dict) -> str:
     sch = result["schedule"]
     L = ["## GPart's learning-rate rule across training length (text)", "",
-         f"Produced by `{result['command']}` (2 runs at once, one thread each, on a shared 2-core CPU; raw numbers: "
+         f"Produced by `{result['command']}` (one thread per run, up to 2 runs at once, on a 2-core CPU shared with other jobs; raw numbers: "
          "[lr_budget.json](lr_budget.json)). The quality study's text setting (`gpart train "
          + " ".join(quality.DOMAINS[DOMAIN]["args"]) + "`, default targets query and value) with `--max-steps` and "
          "`--eval-steps` set to each budget: one validation pass at the end."]
@@ -261,7 +268,7 @@ def render(result: dict) -> str:
         same = c["best_base"] == c["default_base"]
         L.append(f"| {c['steps']:,} | {c['d']:,} | {_ms(c['default'])} | {c['best_base']:g}{' (the default)' if same else ''} | "
                  f"{'same runs' if same else _ms(c['tuned'])} | {_pair_text(g['paired']) if g else '–'} | "
-                 f"{('yes' if g['within_one_sd'] else 'no') if g else '–'} |")
+                 f"{_verdict(g)} |")
     a = result.get("authors")
     if a:
         L += ["", "### The authors' setting", "",
@@ -270,8 +277,8 @@ def render(result: dict) -> str:
               f"{_pair_text(a.get('minus_default'))}; minus the tuned best {_pair_text(a.get('minus_tuned'))} (paired by seed)."]
     llm = result["llm_step"]
     L += ["", "### Not measured", "",
-          f"The LLM and vision budgets. One SmolLM2-135M training step (batch 8 × 128, the LLM study's shape) takes "
-          f"{llm['median_s']:.1f} s on this CPU (`{llm['command']}`, [{Path(llm['artifact']).name}]"
+          f"The LLM and vision budgets. One SmolLM2-135M training step with GPart (batch 8 × 128 as "
+          f"in the LLM study, q and v adapted, 2 threads) takes {llm['median_s']:.1f} s on this CPU (`{llm['command']}`, [{Path(llm['artifact']).name}]"
           f"(../../{llm['artifact']})): a 1,024-step run is over an hour, and a sweep with seeds at two d and three "
           "budgets is days of this machine. Vision (DINOv2-small, batch 32) was left out for the same reason.", ""]
     analysis = OUT / "lr_budget_analysis.md"
