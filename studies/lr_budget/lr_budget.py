@@ -214,7 +214,11 @@ def _curve_text(c: dict) -> str:
 
 
 def _ms(r: dict | None) -> str:
-    return "–" if not r else f"{r['mean']:.3f} ± {r['sd']:.3f} ({len(r['test'])}): {lr_rule._seeds_text(r['test'])}"
+    if not r:
+        return "–"
+    if len(r["test"]) == 1:
+        return f"{r['test'][0]:.3f} (seed {r['seeds'][0]} only)"
+    return f"{r['mean']:.3f} ± {r['sd']:.3f} ({len(r['test'])}): {lr_rule._seeds_text(r['test'])}"
 
 
 def _pair_text(p: dict | None) -> str:
@@ -253,12 +257,13 @@ def render(result: dict) -> str:
                  f"{c['best_lr']:.3g} | {c['bracket']} | {c['step_s']:.2f} |")
     L += ["", "Ties go to the smaller base (the validation split is 484 examples: one example is 0.002). "
           "Train s/step: the median over the cell's runs of Trainer's train runtime (including the one validation "
-          "pass) over the steps, with other jobs on the machine: a cost estimate, not a benchmark.", ""]
+          "pass, which dominates at 32 steps) over the steps, with other jobs on the machine: a cost estimate, not a benchmark.", ""]
     for d, mv in result["movement"].items():
         parts = ", ".join(f"{int(t):,} steps {lr:.3g}" for t, lr in mv["best_lr"].items())
-        slope = "" if mv["slope"] is None else f"; fitted lr* ∝ steps^{mv['slope']:.2f}"
-        L.append(f"- d = {int(d):,}: best theta lr {parts} (longest / shortest budget: "
-                 f"{mv['longest_over_shortest']:.2g}x{slope}{'' if mv['bracketed'] else '; not every cell bracketed'}).")
+        ratio = ("" if mv["slope"] is None else f"; longest / shortest budget: {mv['longest_over_shortest']:.2g}x, "
+                 f"fitted lr* ∝ steps^{mv['slope']:.2f}")
+        L.append(f"- d = {int(d):,}, cells swept over 3 or more bases: best theta lr {parts}{ratio}"
+                 f"{'' if mv['bracketed'] else '; not every one bracketed'}.")
     L += ["", "### The CLI's default against the tuned best, by seed", "",
           "| steps | d | default base: test accuracy mean ± sd (seeds): per seed | tuned base | tuned: test accuracy | "
           "default − tuned, paired: mean ± sd (per seed) | within one sd of the tuned? |",
@@ -266,6 +271,9 @@ def render(result: dict) -> str:
     for c in result["cells"]:
         g = c.get("default_minus_tuned")
         same = c["best_base"] == c["default_base"]
+        if len(c["curve"]) < 3:
+            L.append(f"| {c['steps']:,} | {c['d']:,} | {_ms(c['default'])} | – | – | – | {_verdict(g)} |")
+            continue
         L.append(f"| {c['steps']:,} | {c['d']:,} | {_ms(c['default'])} | {c['best_base']:g}{' (the default)' if same else ''} | "
                  f"{'same runs' if same else _ms(c['tuned'])} | {_pair_text(g['paired']) if g else '–'} | "
                  f"{_verdict(g)} |")
