@@ -40,6 +40,11 @@ LR_RULE_POINTER = ("## GPart's learning-rate rule and the isometry ablations\n\n
                    "A finished study, kept with its script, data and figures in\n"
                    "[studies/lr_rule/lr_rule.md](../studies/lr_rule/lr_rule.md); the rule it chose is described in "
                    "[lr.md](lr.md).")
+LR_BUDGET_POINTER = ("## GPart's learning-rate rule across training length\n\n"
+                     "The rule's base value swept at 32, 256 and 1,024 steps (text, d = 23,040 and 1,440; seed 0, the "
+                     "sweeps\nthat finished, listed with what was not run): "
+                     "[studies/lr_budget/lr_budget.md](../studies/lr_budget/lr_budget.md);\nwhat a user should expect "
+                     "at their budget is in [lr.md](lr.md#across-training-length).")
 ALL_LINEAR = ",".join(TARGET_SETS["decoder"]["all"])  # every linear layer of a Llama block
 
 # One fixed budget per domain, sized so a run takes a few minutes on one CPU core.
@@ -475,6 +480,7 @@ def cmd_report(args) -> int:
     if analysis.exists():
         body += "\n" + analysis.read_text()
     body += "\n" + LR_RULE_POINTER + "\n"
+    body += "\n" + LR_BUDGET_POINTER + "\n"
     arms = ROOT / "studies" / "partition_arms" / "arms.md"
     if arms.exists():  # the authors' partition variants (studies/partition_arms/arms.py)
         body += "\n" + arms.read_text()

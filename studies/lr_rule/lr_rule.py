@@ -165,14 +165,14 @@ def curve(runs: Path, domain: str, make, lrs) -> list[tuple[float, float, float]
     return out
 
 
-def tried(runs: Path, make, first) -> list[float]:
+def tried(runs: Path, make, first, ladder=LADDER) -> list[float]:
     """The lrs a cell's sweep has reached: its first ones plus ladder points run since (found on disk)."""
-    return sorted({*first, *(lr for lr in LADDER if quality.load_metrics(runs, make(lr)))})
+    return sorted({*first, *(lr for lr in ladder if quality.load_metrics(runs, make(lr)))})
 
 
-def extension(runs: Path, domain: str, make, first) -> float | None:
+def extension(runs: Path, domain: str, make, first, ladder=LADDER) -> float | None:
     """The next lr to try when the best so far is at an end of the sweep (None: bracketed or capped)."""
-    lrs = tried(runs, make, first)
+    lrs = tried(runs, make, first, ladder)
     pts = curve(runs, domain, make, lrs)
     if len(first) < 2 or len(pts) < len(lrs) or len(lrs) >= MAX_POINTS:  # a one-point cell is not swept
         return None
@@ -180,24 +180,25 @@ def extension(runs: Path, domain: str, make, first) -> float | None:
     step = -1 if best == lrs[0] else (1 if best == lrs[-1] else 0)
     if not step:
         return None
-    i = min(range(len(LADDER)), key=lambda k: abs(math.log(LADDER[k] / best)))
+    i = min(range(len(ladder)), key=lambda k: abs(math.log(ladder[k] / best)))
     j = i + step
-    return LADDER[j] if 0 <= j < len(LADDER) else None
+    return ladder[j] if 0 <= j < len(ladder) else None
 
 
-def best_lr(runs: Path, domain: str, make, first) -> float | None:
-    pts = curve(runs, domain, make, tried(runs, make, first))
+def best_lr(runs: Path, domain: str, make, first, ladder=LADDER) -> float | None:
+    pts = curve(runs, domain, make, tried(runs, make, first, ladder))
     return max(pts, key=lambda p: p[1])[0] if pts else None
 
 
-def sweep(runs: Path, domain: str, cells: dict, jobs: int, threads: int) -> None:
-    """First lrs of every cell, then rounds of extensions until every best lr is bracketed."""
+def sweep(runs: Path, domain: str, cells: dict, jobs: int, threads: int, ladder=LADDER) -> None:
+    """First lrs of every cell, then rounds of extensions until every best lr is bracketed (on `ladder`)."""
     # the middle lr of every cell first, so an interrupted phase has every cell started
     order = sorted((((i != 1, i), make(lr)) for make, first in cells.values() for i, lr in enumerate(first)),
                    key=lambda x: x[0])
     quality.execute(runs, [run for _, run in order], jobs, threads)
     while True:
-        more = [make(lr) for make, first in cells.values() if (lr := extension(runs, domain, make, first)) is not None]
+        more = [make(lr) for make, first in cells.values()
+                if (lr := extension(runs, domain, make, first, ladder)) is not None]
         if not more:
             return
         quality.execute(runs, more, jobs, threads)
