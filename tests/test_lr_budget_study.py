@@ -50,7 +50,7 @@ def test_runs_carry_their_budget_and_the_rules_base(tmp_path):
 
 
 def test_the_parsed_budget_is_the_last_flag(tmp_path):
-    from gpart.cli import build_parser
+    from gpart_cli import build_parser
 
     args = build_parser().parse_args(lb.rule_run(1024, 23040, 0.2).argv(tmp_path))
     assert (args.max_steps, args.eval_steps, args.base_lr, args.lr) == (1024, 1024, 0.2, None)
