@@ -26,20 +26,10 @@ import sys
 from pathlib import Path
 
 
-def _load_lr_rule():
-    """studies/lr_rule/lr_rule.py (its sweep, bracketing and pairing helpers), by path: it is a script."""
-    import importlib.util
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # studies/: the shared script loader
+from study_scripts import load_script  # noqa: E402
 
-    if "lr_rule" in sys.modules:
-        return sys.modules["lr_rule"]
-    spec = importlib.util.spec_from_file_location("lr_rule", Path(__file__).resolve().parents[1] / "lr_rule" / "lr_rule.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["lr_rule"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-lr_rule = _load_lr_rule()
+lr_rule = load_script("lr_rule", "studies/lr_rule/lr_rule.py")
 quality = lr_rule.quality
 
 DOMAIN = "text"

@@ -24,20 +24,10 @@ import sys
 from pathlib import Path
 
 
-def _load_quality():
-    """benchmarks/quality.py by path (putting benchmarks/ on sys.path would shadow packages by its script names)."""
-    import importlib.util
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # studies/: the shared script loader
+from study_scripts import load_script  # noqa: E402
 
-    if "quality" in sys.modules:
-        return sys.modules["quality"]
-    spec = importlib.util.spec_from_file_location("quality", Path(__file__).resolve().parents[2] / "benchmarks" / "quality.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["quality"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-quality = _load_quality()
+quality = load_script("quality", "benchmarks/quality.py")
 
 RUNS = quality.ROOT / "runs" / "partition_arms"
 OUT = Path(__file__).resolve().parent

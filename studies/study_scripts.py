@@ -1,0 +1,22 @@
+"""Load another script of this repository (a study's or a benchmark's) as a module, by its path.
+
+Scripts are not a package; putting benchmarks/ on sys.path would shadow installed packages by its
+script names (kernels.py), so each is loaded once under its own name."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str, relative_path: str):
+    """The module of ROOT/relative_path, registered as sys.modules[name] (dataclasses look their module up
+    by name); the one already loaded when there is one (tests load these scripts too)."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / relative_path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
