@@ -11,9 +11,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_script(name: str, relative_path: str):
-    """The module of ROOT/relative_path, registered as sys.modules[name] (dataclasses look their module up
-    by name); the one already loaded when there is one (tests load these scripts too)."""
+def load_script(relative_path: str):
+    """The module of ROOT/relative_path (e.g. "benchmarks/quality.py"), registered under its file's stem in
+    sys.modules (dataclasses look their module up by name); the one already loaded when there is one."""
+    name = Path(relative_path).stem
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(name, ROOT / relative_path)
         module = importlib.util.module_from_spec(spec)

@@ -318,17 +318,5 @@ def qa_conversations():
 # -- scripts of benchmarks/ and studies/ ----------------------------------------------------------------
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def load_script(path: str):
-    """A script of the repo (e.g. "benchmarks/quality.py") as a module, loaded by file once under its stem.
-
-    benchmarks/ is not a package, and it must not go on sys.path: its kernels.py would shadow the
-    `kernels` package transformers probes for."""
-    name = Path(path).stem
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up by name
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+sys.path.insert(0, str(REPO / "studies"))  # the repo's one script loader (benchmarks/ must stay off the path)
+from study_scripts import load_script  # noqa: E402,F401  (tests load benchmark and study scripts with it)

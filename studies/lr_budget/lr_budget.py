@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # studies/: the shared script loader
 from study_scripts import load_script  # noqa: E402
 
-lr_rule = load_script("lr_rule", "studies/lr_rule/lr_rule.py")
+lr_rule = load_script("studies/lr_rule/lr_rule.py")
 quality = lr_rule.quality
 
 DOMAIN = "text"

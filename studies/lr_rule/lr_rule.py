@@ -37,7 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # studies/: the shared script loader
 from study_scripts import load_script  # noqa: E402
 
-quality = load_script("quality", "benchmarks/quality.py")
+quality = load_script("benchmarks/quality.py")
 
 ROOT = quality.ROOT
 RUNS = ROOT / "runs" / "lr_rule"
