@@ -33,5 +33,6 @@ run --shape roberta-base --targets qv --d 524288 --methods gpart,unilora,lora-r8
 GPART_KERNELS=reference run --shape minilm --targets all --d 131072 --methods gpart,lora-r8,floor
 # greedy generation, batch 1: GPart with the eval cache on / off, merged, LoRA r=8, base (docs/llm.md quotes it)
 "$PY" benchmarks/generation.py --repeats 7
+"$PY" benchmarks/startup.py
 
 "$PY" benchmarks/index.py
