@@ -33,7 +33,7 @@ lr_rule = load_script("studies/lr_rule/lr_rule.py")
 quality = lr_rule.quality
 
 DOMAIN = "text"
-RUNS = quality.ROOT / "runs" / "lr_budget"
+RUNS = Path(__file__).resolve().parent / "runs"  # only metrics.json files are kept in git
 OUT = Path(__file__).resolve().parent
 BUDGETS = (1024, 256, 32)  # optimizer steps; the longest first: it is the one the defaults are judged at
 DS = (23040, 1440)  # the text default d, and one 16x smaller
