@@ -165,7 +165,7 @@ def test_unknown_builtin_lists_the_known_ones(tmp_path, monkeypatch):
     with pytest.raises(DatasetError) as err:
         load_dataset("spamm")
     for name in ["spam", "fine-foods", "multiemo", "vitaminc", "fashion-mnist", "cifar10", "gsm-symbolic",
-                 "word-reversal"]:
+                 "word-reversal", "arithmetic"]:
         assert name in str(err.value)
 
 
@@ -754,3 +754,29 @@ def test_word_reversal_builtin():
     assert ds["test"] != load_dataset("word-reversal", seed=1)["test"]
     with pytest.raises(DatasetError, match="'word-reversal' is for chat, not math"):
         load_dataset("word-reversal", task="math")
+
+
+def test_arithmetic_builtin():
+    """Chat rows whose reply is the integer value of the question's expression (checked by evaluating it
+    here); seeded, deterministic, disjoint splits, and the metric keeps the sign of the answer."""
+    from gpart.recipes.metrics import reference_match
+
+    ds = load_dataset("arithmetic", task="causal-lm")
+    assert ds.format == "messages"
+    assert {k: len(v) for k, v in ds.splits.items()} == {"train": 2000, "validation": 200, "test": 200}
+    questions = [r["messages"][0]["content"] for split in ds.splits.values() for r in split]
+    assert len(set(questions)) == 2400
+    negative = 0
+    for r in ds["train"][:200] + ds["test"]:
+        user, assistant = r["messages"]
+        expression = user["content"].removeprefix("Calculate ").removesuffix(".")
+        assert re.fullmatch(r"[-+*/() 0-9]+", expression), expression
+        terms = re.findall(r"\d+", expression)
+        assert 2 <= len(terms) <= 3 and all(len(t) <= 2 for t in terms)
+        value = eval(expression)  # noqa: S307 - digits and operators only (checked above)
+        assert value == int(value) and assistant["content"] == r["answer"] == str(int(value))
+        negative += value < 0
+    assert negative > 20  # signed answers are common: "3" must not match "-3"
+    assert reference_match(["3", "-3", "so it is -3."], ["-3", "-3", "-3"])["exact_match"] == 2 / 3
+    assert ds["test"] == load_dataset("arithmetic")["test"]
+    assert ds["test"] != load_dataset("arithmetic", seed=1)["test"]

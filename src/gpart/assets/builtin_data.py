@@ -32,9 +32,11 @@ from .rlazyload import read_lazyload
 
 TEST_FRACTION = 0.2
 GSM_SYMBOLIC_SIZES = {"train": 2000, "test": 200}
-WORD_REVERSAL_SIZES = {"train": 2000, "validation": 200, "test": 200}
+CHAT_SIZES = {"train": 2000, "validation": 200, "test": 200}
 # reasoning-gym's word_sequence_reversal, kept short (3-5 words) so a CPU run sees many examples
 WORD_REVERSAL_CONFIG = {"min_words": 3, "max_words": 5}
+# reasoning-gym's basic_arithmetic, small enough that a 135M model can learn it in a few hundred steps
+ARITHMETIC_CONFIG = {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2}
 
 
 # ------------------------------------------------------------------------------------- SpamAssassin (npm)
@@ -270,22 +272,31 @@ def load_word_reversal(seed: int = 0) -> ChatDataset:
     Rows are {"messages": [user, assistant], "answer"}; exact match compares the whole reply with the
     answer (case and surrounding punctuation ignored).
     """
+    return _reasoning_gym_chat("word-reversal", "word_sequence_reversal", WORD_REVERSAL_CONFIG, seed)
+
+
+def load_arithmetic(seed: int = 0) -> ChatDataset:
+    """reasoning-gym's basic_arithmetic as chat data: "Calculate 5 * -3 + 12." -> "-3" (integer
+    expressions of 2-3 terms, 1-2 digits, + - * / with exact division); splits as word-reversal's."""
+    return _reasoning_gym_chat("arithmetic", "basic_arithmetic", ARITHMETIC_CONFIG, seed)
+
+
+def _reasoning_gym_chat(name: str, generator: str, config: dict, seed: int) -> ChatDataset:
     # one stream dealt out in order (train, validation, test): reasoning-gym draws item i from seed + i,
     # so streams of nearby seeds overlap and separate streams per split would share questions
-    total = sum(WORD_REVERSAL_SIZES.values())
-    items = _reasoning_gym().create_dataset("word_sequence_reversal", size=2 * total, seed=seed,
-                                            **WORD_REVERSAL_CONFIG)
+    total = sum(CHAT_SIZES.values())
+    items = _reasoning_gym().create_dataset(generator, size=2 * total, seed=seed, **config)
     rows, seen = [], set()
     for item in items:
-        if item["question"] not in seen:  # a short list can repeat: over-generate, keep the first draw
+        if item["question"] not in seen:  # a short question can repeat: over-generate, keep the first draw
             seen.add(item["question"])
             rows.append(chat_row(item["question"], str(item["answer"]).strip()))
         if len(rows) == total:
             break
     if len(rows) < total:
-        raise AssetError(f"word-reversal: only {len(rows)} unique questions for {total} wanted")
+        raise AssetError(f"{name}: only {len(rows)} unique questions for {total} wanted")
     splits, start = {}, 0
-    for split, size in WORD_REVERSAL_SIZES.items():
+    for split, size in CHAT_SIZES.items():
         splits[split], start = rows[start:start + size], start + size
     return ChatDataset(splits)
 
@@ -333,6 +344,8 @@ BUILTIN_DATASETS: dict[str, BuiltinDataset] = {
                        "GSM8K-style word problems with worked solutions, 2,000 / 200"),
         BuiltinDataset("word-reversal", CHAT, load_word_reversal, "PyPI reasoning-gym==0.1.25",
                        "chat: reverse a list of 3-5 words, 2,000 / 200 / 200"),
+        BuiltinDataset("arithmetic", CHAT, load_arithmetic, "PyPI reasoning-gym==0.1.25",
+                       "chat: integer arithmetic, 2-3 terms of 1-2 digits, 2,000 / 200 / 200"),
     ]
 }
 
