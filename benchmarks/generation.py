@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import os
 import shlex
@@ -31,18 +30,10 @@ ROOT = HERE.parent
 sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != HERE]
 
 from gpart.recipes.methods import TARGET_SETS, build_peft_config  # noqa: E402 - the CLI's method settings
+sys.path.insert(0, str(ROOT / "studies"))  # the repository's one script loader
+from study_scripts import load_script  # noqa: E402
 
-
-def _load(name: str):
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-harness = _load("bench_harness")
+harness = load_script("benchmarks/bench_harness.py")
 QKVO = ",".join(TARGET_SETS["decoder"]["attn"])  # the LLM recipe's default targets
 
 METHODS = ("base", "gpart", "gpart-uncached", "gpart-merged", "lora-r8")

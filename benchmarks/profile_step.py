@@ -11,7 +11,6 @@ C++ kernels run inside them. The profiler's times are wall time on the calling t
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -19,19 +18,12 @@ HERE = Path(__file__).resolve().parent
 # Running a script puts its folder first on sys.path, where benchmarks/kernels.py would shadow Hugging
 # Face's `kernels` package that transformers probes for (as in kernels.py).
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
-sys.path.insert(0, str(HERE.parent / "src"))
-
-
-def _harness():
-    spec = importlib.util.spec_from_file_location("bench_harness", HERE / "bench_harness.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_harness"] = module
-    spec.loader.exec_module(module)
-    return module
+sys.path[:0] = [str(HERE.parent / "src"), str(HERE.parent / "studies")]  # studies/: the one script loader
+from study_scripts import load_script  # noqa: E402
 
 
 def main(argv=None) -> int:
-    H = _harness()
+    H = load_script("benchmarks/bench_harness.py")
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=list(H.SHAPES), default="roberta-base")
     ap.add_argument("--targets", choices=("qv", "all"), default="all")

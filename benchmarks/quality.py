@@ -152,9 +152,14 @@ def write_base_metrics(out: Path) -> None:
     test = json.loads((out / "eval.json").read_text())
     metrics = {"test": test, "validation": {}, "params": {"trainable": 0}, "adapter_bytes": 0, "saved": "nothing",
                "train": {"runtime_s": 0.0}}
-    tmp = out / "metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=1))
-    tmp.replace(out / "metrics.json")
+    write_atomic(out / "metrics.json", json.dumps(metrics, indent=1))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a temporary file, then rename it: a reader never sees half a report."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def run_dir(runs: Path, run: Run) -> Path:
@@ -267,18 +272,15 @@ def cmd_partition_check(args) -> int:
         dom["study"].append(test_metric(run.domain, load_metrics(study, run)))
         dom["now"].append(test_metric(run.domain, load_metrics(runs, run)))
     for dom in result["domains"].values():
-        dom["study_mean_sd"], dom["now_mean_sd"] = _mean_sd(dom["study"]), _mean_sd(dom["now"])
-    out = Path(args.out)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    tmp.replace(out)
+        dom["study_mean_sd"], dom["now_mean_sd"] = mean_sd(dom["study"]), mean_sd(dom["now"])
+    write_atomic(Path(args.out), json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
     return 0
 
 
 # ----------------------------------------------------------------------------------------------- report
 
-def _mean_sd(xs):
+def mean_sd(xs):
     if not xs:
         return None, None
     return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
@@ -311,16 +313,16 @@ def collect(runs: Path, previous: dict | None = None) -> dict:
             if not ms:
                 continue
             vals = [test_metric(dom, m) for _, m in ms]
-            mean, sd = _mean_sd(vals)
+            mean, sd = mean_sd(vals)
             last = ms[-1][1]
             d["methods"][method] = {
                 "lr": lr, "seeds": [s for s, _ in ms], "test": vals, "mean": mean, "sd": sd,
-                "macro_f1": _mean_sd([m["test"].get("macro_f1") for _, m in ms if "macro_f1" in m["test"]])[0],
+                "macro_f1": mean_sd([m["test"].get("macro_f1") for _, m in ms if "macro_f1" in m["test"]])[0],
                 "trainable": last["params"]["trainable"], "adapter": last["params"].get("adapter"),
                 "saved_bytes": last["adapter_bytes"], "saved": last["saved"], "D": last.get("D"),
                 "train_s": statistics.median(m["train"]["runtime_s"] for _, m in ms),
                 "n_test": last["test"].get("n"),
-                "val_loss": _mean_sd([m["validation"]["loss"] for _, m in ms if "loss" in m["validation"]])[0],
+                "val_loss": mean_sd([m["validation"]["loss"] for _, m in ms if "loss" in m["validation"]])[0],
             }
         d["diagnostics"] = collect_diagnostics(runs, dom)
         for dd in spec["d_sweep"]:
@@ -331,7 +333,7 @@ def collect(runs: Path, previous: dict | None = None) -> dict:
             ms = [m for s in SEEDS if (m := load_metrics(runs, Run(dom, "gpart", s, lr, dd)))]
             if ms:
                 vals = [test_metric(dom, m) for m in ms]
-                mean, sd = _mean_sd(vals)
+                mean, sd = mean_sd(vals)
                 d["d_sweep"][str(dd)] = {"test": vals, "mean": mean, "sd": sd, "D": ms[0].get("D"),
                                           "saved_bytes": ms[0]["adapter_bytes"]}
     return out
@@ -471,9 +473,7 @@ def cmd_report(args) -> int:
     previous = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else None
     result = collect(runs, previous)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(out / "results.json")
+    write_atomic(out / "results.json", json.dumps(result, indent=1))
     pngs = plot(result, out)
     body = render(result) + "\n" + "\n".join(f"![{p}](quality/{p})" for p in pngs) + "\n"
     analysis = ROOT / "docs" / "quality" / "analysis.md"
@@ -485,9 +485,7 @@ def cmd_report(args) -> int:
     if arms.exists():  # the authors' partition variants (studies/partition_arms/arms.py)
         body += "\n" + arms.read_text()
     target = ROOT / "docs" / "results.md"
-    tmp = target.with_suffix(".md.tmp")
-    tmp.write_text(body)
-    tmp.replace(target)
+    write_atomic(target, body)
     print(f"wrote {target}")
     return 0
 

@@ -17,7 +17,6 @@ The kernel path is whatever GPART_KERNELS says in the environment (recorded in t
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shlex
@@ -35,20 +34,11 @@ ROOT = HERE.parent
 # shadow real packages that transformers and peft probe for (Hugging Face's `kernels`). Take the folder
 # off the path and load this harness's own modules by file.
 sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != HERE]
+sys.path.insert(0, str(ROOT / "studies"))  # the repository's one script loader
+from study_scripts import load_script  # noqa: E402
 
-
-def _load(name: str):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-harness = _load("bench_harness")
-report = _load("bench_report")
+harness = load_script("benchmarks/bench_harness.py")
+report = load_script("benchmarks/bench_report.py")
 
 DEFAULT_OUT = ROOT / "docs" / "benchmarks"
 

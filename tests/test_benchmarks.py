@@ -151,7 +151,7 @@ def test_in_process_run_writes_json_markdown_and_png(tmp_path):
     assert (tmp_path / "smoke.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # the results index picks the run up, with the same ratio and a link to its report
-    index = step_time._load("index").render(tmp_path)
+    index = load_script("benchmarks/index.py").render(tmp_path)
     row = next(line for line in index.splitlines() if "[smoke](smoke.md)" in line)
     assert f"| {r['ratio']:.2f} |" in row and "| tiny-bert | qv | 256 | 2x16 |" in row
 

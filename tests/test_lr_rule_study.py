@@ -70,7 +70,7 @@ def test_validation_holds_the_rule_against_the_tuned_best_and_lora_by_seed(tmp_p
     for x, acc in ((0.01, 0.55), (0.02, 0.61), (0.04, 0.58)):
         _write(tmp_path, make(x), acc)
     for s, acc in ((1, 0.65), (2, 0.66)):
-        _write(tmp_path, lr._with_seed(make(0.02), s), acc)
+        _write(tmp_path, lr.with_seed(make(0.02), s), acc)
     # the runs of the rules shipped before (folders gpart-rule-d*: R-norm) are read beside the current one's
     _write(tmp_path, lr.rule_default_run(VISION, d, 0, "R-norm"), 0.57)
     for p in tmp_path.rglob("metrics.json"):  # the validate runs record the rule's lr

@@ -108,11 +108,11 @@ def rule_factor(d: int) -> float:
 
 def _seeds(runs: Path, run) -> dict | None:
     """Test and validation scores of `run` on every seed done (run is the seed-0 one)."""
-    ms = [(s, m) for s in quality.SEEDS if (m := quality.load_metrics(runs, lr_rule._with_seed(run, s)))]
+    ms = [(s, m) for s in quality.SEEDS if (m := quality.load_metrics(runs, lr_rule.with_seed(run, s)))]
     if not ms:
         return None
     tests = [quality.test_metric(DOMAIN, m) for _, m in ms]
-    mean, sd = quality._mean_sd(tests)
+    mean, sd = quality.mean_sd(tests)
     return {"seeds": [s for s, _ in ms], "test": tests, "validation": [lr_rule.score(DOMAIN, m) for _, m in ms],
             "mean": mean, "sd": sd}
 
@@ -142,7 +142,7 @@ def cell_summary(runs: Path, steps: int, d: int) -> dict | None:
     out["default"], out["tuned"] = default, tuned
     if default and tuned and len(pts) >= 3:  # a tuned best needs a sweep; a verdict needs a spread
         gap = default["mean"] - tuned["mean"]
-        paired = lr_rule._paired(default, tuned)
+        paired = lr_rule.paired(default, tuned)
         out["default_minus_tuned"] = {"mean": gap, "paired": paired, "within_one_sd": (
             gap >= 0 or -gap <= tuned["sd"]) if min(len(default["test"]), len(tuned["test"])) >= 2 else None}
     return out
@@ -176,7 +176,7 @@ def authors_summary(runs: Path, cell_rows: list[dict]) -> dict | None:
     cell = next((c for c in cell_rows if (c["steps"], c["d"]) == (steps, AUTHORS_D)), None)
     for key in ("default", "tuned"):
         if cell and cell.get(key):
-            out[f"minus_{key}"] = lr_rule._paired(r, cell[key])
+            out[f"minus_{key}"] = lr_rule.paired(r, cell[key])
     return out
 
 
@@ -207,7 +207,7 @@ def _ms(r: dict | None) -> str:
         return "–"
     if len(r["test"]) == 1:
         return f"{r['test'][0]:.3f} (seed {r['seeds'][0]} only)"
-    return f"{r['mean']:.3f} ± {r['sd']:.3f} ({len(r['test'])}): {lr_rule._seeds_text(r['test'])}"
+    return f"{r['mean']:.3f} ± {r['sd']:.3f} ({len(r['test'])}): {lr_rule.seeds_text(r['test'])}"
 
 
 def _pair_text(p: dict | None) -> str:
@@ -321,9 +321,9 @@ def plot(result: dict) -> None:
 
 def cmd_report(args) -> int:
     result = collect(Path(args.runs_dir))
-    lr_rule._write(OUT / "lr_budget.json", json.dumps(result, indent=1) + "\n")
+    quality.write_atomic(OUT / "lr_budget.json", json.dumps(result, indent=1) + "\n")
     plot(result)
-    lr_rule._write(OUT / "lr_budget.md", render(result) + "\n")
+    quality.write_atomic(OUT / "lr_budget.md", render(result) + "\n")
     print(f"wrote {OUT / 'lr_budget.md'}")
     return 0
 

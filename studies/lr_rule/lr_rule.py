@@ -215,11 +215,11 @@ def more_seeds(runs: Path, study: Study, cells: dict) -> list[quality.Run]:
     for make, first in cells.values():
         lr = best_lr(runs, study.domain, make, first)
         if lr is not None:
-            out += [_with_seed(make(lr), s) for s in SEEDS_MORE]
+            out += [with_seed(make(lr), s) for s in SEEDS_MORE]
     return sorted(out, key=lambda r: r.seed)
 
 
-def _with_seed(run: quality.Run, seed: int) -> quality.Run:
+def with_seed(run: quality.Run, seed: int) -> quality.Run:
     return replace(run, seed=seed)
 
 
@@ -353,7 +353,7 @@ def _study_results(domain: str) -> dict | None:
 
 
 def _seeds_at(runs: Path, make, lr: float) -> list[tuple[int, dict]]:
-    return [(s, m) for s in quality.SEEDS if (m := quality.load_metrics(runs, _with_seed(make(lr), s)))]
+    return [(s, m) for s in quality.SEEDS if (m := quality.load_metrics(runs, with_seed(make(lr), s)))]
 
 
 def ablation_summary(runs: Path, study: Study) -> dict:
@@ -365,7 +365,7 @@ def ablation_summary(runs: Path, study: Study) -> dict:
         lr = max(pts, key=lambda p: p[1])[0]
         ms = _seeds_at(runs, make, lr)
         tests = [quality.test_metric(study.domain, m) for _, m in ms]
-        mean, sd = quality._mean_sd(tests)
+        mean, sd = quality.mean_sd(tests)
         arms[arm] = {"curve": [{"lr": a, "validation": v, "test": t} for a, v, t in pts], "lr": lr,
                      "seeds": [s for s, _ in ms], "test": tests, "mean": mean, "sd": sd}
     res = _study_results(study.domain)
@@ -379,11 +379,11 @@ def ablation_summary(runs: Path, study: Study) -> dict:
     return arms
 
 
-def _paired(a: dict, b: dict) -> dict:
+def paired(a: dict, b: dict) -> dict:
     """a - b per seed (seeds both have), with mean and sd."""
     by_seed = dict(zip(b["seeds"], b["test"]))
     diffs = [t - by_seed[s] for s, t in zip(a["seeds"], a["test"]) if s in by_seed]
-    mean, sd = quality._mean_sd(diffs)
+    mean, sd = quality.mean_sd(diffs)
     return {"diffs": diffs, "mean": mean, "sd": sd}
 
 
@@ -398,7 +398,7 @@ def tuned_summary(runs: Path, study: Study) -> dict:
         lr = max(pts, key=lambda p: p[1])[0]
         ms = _seeds_at(runs, make, lr)
         tests = [quality.test_metric(study.domain, m) for _, m in ms]
-        mean, sd = quality._mean_sd(tests)
+        mean, sd = quality.mean_sd(tests)
         out[str(d)] = {"curve": [{"lr": a, "validation": v, "test": t} for a, v, t in pts], "lr": lr,
                        "seeds": [s for s, _ in ms], "test": tests, "mean": mean, "sd": sd}
     res = _study_results(study.domain)
@@ -414,7 +414,7 @@ def _rule_default(runs: Path, study: Study, d: int, rule: str) -> dict | None:
     if not ms:
         return None
     tests = [quality.test_metric(study.domain, m) for _, m in ms]
-    mean, sd = quality._mean_sd(tests)
+    mean, sd = quality.mean_sd(tests)
     return {"rule": rule, "base_lr": _base(study, rule), "lr": ms[0][1]["run"]["lr"],
             "weight_decay": ms[0][1]["run"]["lr_rule"]["weight_decay"], "seeds": [s for s, _ in ms], "test": tests,
             "validation": [score(study.domain, m) for _, m in ms], "mean": mean, "sd": sd,
@@ -441,7 +441,7 @@ def validate_summary(runs: Path, study: Study) -> dict:
             for r in rules:
                 gap = r["mean"] - t["mean"]
                 r["minus_tuned"] = {"mean": gap, "within_one_sd": gap >= 0 or -gap <= (t["sd"] or 0.0),
-                                    "paired": _paired(r, t)}
+                                    "paired": paired(r, t)}
         out["d"][str(d)] = row
     lora = res["methods"].get("lora")
     if lora:
@@ -451,7 +451,7 @@ def validate_summary(runs: Path, study: Study) -> dict:
             for r in row["rules"]:
                 if r["trainable"] * 10 <= lora["trainable"]:
                     out["lora"]["vs"].append({"d": int(d), "rule": r["rule"], "lr": r["lr"], "trainable": r["trainable"],
-                                              "ratio": r["trainable"] / lora["trainable"]} | _paired(r, lora))
+                                              "ratio": r["trainable"] / lora["trainable"]} | paired(r, lora))
     return out
 
 COMMAND = ("for dom in text vision llm; do for ph in rule validate tuned ablation sgd; do "
@@ -468,7 +468,7 @@ def _curve_text(curve: list[dict], best: float | None = None) -> str:
                      ("**" if p["lr"] == best else "") for p in curve)
 
 
-def _seeds_text(xs) -> str:
+def seeds_text(xs) -> str:
     return ", ".join(f"{x:.3f}" for x in xs or [])
 
 
@@ -520,14 +520,14 @@ def render_validate(study: Study, val: dict, metric: str) -> list[str]:
     for d, row in val["d"].items():
         t, fixed = row.get("tuned"), row.get("fixed_lr")
         L.append(f"| {int(d):,} | " + (f"{_curve_text(t['curve'], t['lr'])}{' (quality study)' if t.get('from') else ''} | "
-                                       f"{_ms(t)} | {_seeds_text(t['test'])}" if t else "– | – | –")
+                                       f"{_ms(t)} | {seeds_text(t['test'])}" if t else "– | – | –")
                  + (f" | {fixed['mean']:.3f} ± {fixed['sd']:.3f} |" if fixed else " | – |"))
     L += ["", "| d | rule | base | theta's lr | test | per seed | rule − tuned: means | paired by seed |", "|---|---|---|---|---|---|---|---|"]
     for d, row in val["d"].items():
         for r in row["rules"]:
             gap = r.get("minus_tuned")
             L.append(f"| {int(d):,} | {r['rule']}{' (shipped)' if r['rule'] == RULE_NAME else ''} | {r['base_lr']:g} | "
-                     f"{r['lr']:.3g} | {_ms(r)} | {_seeds_text(r['test'])} | "
+                     f"{r['lr']:.3g} | {_ms(r)} | {seeds_text(r['test'])} | "
                      + (f"{gap['mean']:+.3f} (tuned sd {row['tuned']['sd']:.3f}) | {gap['paired']['mean']:+.3f} ± "
                         f"{gap['paired']['sd']:.3f} ({len(gap['paired']['diffs'])}) |" if gap else "– | – |"))
     lo = val.get("lora") or {}
@@ -546,9 +546,9 @@ def render_validate(study: Study, val: dict, metric: str) -> list[str]:
 def _arm_table(arms: dict, ref: str) -> list[str]:
     L = ["| arm | map | lr → validation | best lr | test | per seed | arm − partition, paired |", "|---|---|---|---|---|---|---|"]
     for arm, r in arms.items():
-        pair = _paired(r, arms[ref]) if ref in arms and arm != ref else None
+        pair = paired(r, arms[ref]) if ref in arms and arm != ref else None
         L.append(f"| {arm} | {MAPS[arm.removeprefix('sgd-')]} | {_curve_text(r['curve'], r['lr'])} | {r['lr']:g} | {_ms(r)} | "
-                 f"{_seeds_text(r['test'])} | " + (f"{pair['mean']:+.3f} ± {pair['sd']:.3f}" if pair and pair["diffs"] else "–") + " |")
+                 f"{seeds_text(r['test'])} | " + (f"{pair['mean']:+.3f} ± {pair['sd']:.3f}" if pair and pair["diffs"] else "–") + " |")
     return L + [""]
 
 
@@ -687,18 +687,12 @@ def collect(runs: Path) -> dict:
 
 def cmd_report(args) -> int:
     result = collect(Path(args.runs_dir))
-    _write(OUT / "lr_rule.json", json.dumps(result, indent=1) + "\n")
+    quality.write_atomic(OUT / "lr_rule.json", json.dumps(result, indent=1) + "\n")
     plot(result)
     body = render(result)
-    _write(OUT / "lr_rule.md", body + "\n")
+    quality.write_atomic(OUT / "lr_rule.md", body + "\n")
     print(f"wrote {OUT / 'lr_rule.md'}")
     return 0
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def main(argv=None) -> int:

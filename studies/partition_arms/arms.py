@@ -141,14 +141,14 @@ def render(result: dict) -> str:
 def cmd_report(args) -> int:
     domains = json.loads((quality.ROOT / "docs" / "quality" / "results.json").read_text())["domains"]
     result = summary(Path(args.runs_dir), domains[DOMAIN], domains["llm"])
-    (OUT / "arms.json").write_text(json.dumps(result, indent=1) + "\n")
+    quality.write_atomic(OUT / "arms.json", json.dumps(result, indent=1) + "\n")
     text = render(result)
-    (OUT / "arms.md").write_text(text)
+    quality.write_atomic(OUT / "arms.md", text)
     # docs/results.md ends with this section (benchmarks/quality.py report appends arms.md the same way)
     results = quality.ROOT / "docs" / "results.md"
     body = results.read_text()
     head = body.split(TITLE)[0].rstrip("\n")
-    results.write_text(head + "\n\n" + text)
+    quality.write_atomic(results, head + "\n\n" + text)
     print(text)
     return 0
 
