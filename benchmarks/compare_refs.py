@@ -62,7 +62,7 @@ def render(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> int:
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ref", required=True, help="the commit to compare against")
     p.add_argument("--rounds", type=int, default=5)
@@ -70,7 +70,7 @@ def main() -> int:
     p.add_argument("--out-dir", type=Path, default=ROOT / "docs" / "benchmarks")
     p.add_argument("--from-json", type=Path, default=None, help="re-render the markdown of a stored result")
     p.add_argument("step_args", nargs=argparse.REMAINDER, help="after --: arguments of benchmarks/step_time.py")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.from_json:
         args.from_json.with_suffix(".md").write_text(render(json.loads(args.from_json.read_text())))
         return 0

@@ -35,8 +35,8 @@ def generation_row(path: Path, result: dict) -> str:
             f"{_f(None if cache is None else cache / 2**20, 0)} | [{path.stem}]({path.with_suffix('.md').name}) |")
 
 
-def rows(directory: Path) -> tuple[list[str], list[str], list[str]]:
-    steps, setups, gens = [], [], []
+def rows(directory: Path) -> tuple[list[str], list[str], list[str], list[str]]:
+    steps, setups, gens, compares = [], [], [], []
     for path in sorted(directory.glob("*.json")):
         try:
             result = json.loads(path.read_text())
@@ -44,6 +44,11 @@ def rows(directory: Path) -> tuple[list[str], list[str], list[str]]:
             continue
         if result.get("benchmark") == "generation":
             gens.append(generation_row(path, result))
+            continue
+        if result.get("benchmark") == "compare_refs":
+            compares += [f"| {result['ref']} | {result['this']} | {m} | {_f(r['ref_s'])} | {_f(r['this_s'])} | "
+                         f"{_f(r['ratio'], 3)} | [{path.stem}]({path.with_suffix('.md').name}) |"
+                         for m, r in result["methods"].items()]
             continue
         if result.get("benchmark") not in ("step_time", "setup"):
             continue
@@ -67,11 +72,11 @@ def rows(directory: Path) -> tuple[list[str], list[str], list[str]]:
             f"{_f(_ratio(result, 'gpart/lora-r8'))} | {_f(_ratio(result, 'gpart/lora-r8', 'cpu_ratio'))} | "
             f"{_f(g.get('peak_rss_mib'), 0)} / {_f(fl.get('peak_rss_mib'), 0)} / {_f(lo.get('peak_rss_mib'), 0)} | "
             f"{_f(g.get('setup_s'), 3)} | {link}{done} |")
-    return steps, setups, gens
+    return steps, setups, gens, compares
 
 
 def render(directory: Path) -> str:
-    steps, setups, gens = rows(directory)
+    steps, setups, gens, compares = rows(directory)
     out = ["# Benchmark results (generated)", "",
            "Written by `python benchmarks/index.py` from the JSON files here; see README.md for what is measured "
            "and how to read it. Every linked report carries the exact command that produced it.", ""]
@@ -86,6 +91,10 @@ def render(directory: Path) -> str:
                 "| shape | targets | d | new tokens | base | GPart (eval cache) | GPart uncached | GPart merged "
                 "| LoRA r8 | GPart / LoRA r8 | (CPU time) | cache MiB | report |",
                 "|" + "---|" * 13] + gens + [""]
+    if compares:
+        out += ["## Step time against an older commit (benchmarks/compare_refs.py, interleaved by round)", "",
+                "| older commit | this tree | method | older s | this s | this/older, median per round | report |",
+                "|" + "---|" * 7] + compares + [""]
     if setups:
         out += ["## Setup only (meta device)", "",
                 "| shape | targets | d | D | GPart get_peft_model s, median (min–max) | GPart RSS growth MiB "

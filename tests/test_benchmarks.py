@@ -9,6 +9,7 @@ relative to ||x Delta_W^T||, in a setting where merging W0 + Delta_W in bf16 wou
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -154,6 +155,31 @@ def test_in_process_run_writes_json_markdown_and_png(tmp_path):
     index = load_script("benchmarks/index.py").render(tmp_path)
     row = next(line for line in index.splitlines() if "[smoke](smoke.md)" in line)
     assert f"| {r['ratio']:.2f} |" in row and "| tiny-bert | qv | 256 | 2x16 |" in row
+
+
+def test_compare_refs_runs_both_trees_and_reports_per_round_ratios(tmp_path):
+    """benchmarks/compare_refs.py against HEAD: both sides measured in the same round, the ratio is this/ref of
+    the step medians, the floor column is GPart over the same side's floor, and the index lists the rows."""
+    compare = load_script("benchmarks/compare_refs.py")
+    step_args = ["--shape", "tiny-bert", "--d", "64", "--methods", "gpart,floor", "--batch", "2", "--seq", "8",
+                 "--warmup", "0", "--steps", "2"]
+    assert compare.main(["--ref", "HEAD", "--rounds", "1", "--out-dir", str(tmp_path), "--name", "cmp", "--",
+                         *step_args]) == 0
+    result = json.loads((tmp_path / "cmp.json").read_text())
+    assert result["command"].endswith("--ref HEAD --rounds 1 -- " + " ".join(step_args))
+    assert set(result["methods"]) == {"gpart", "floor"}
+    for r in result["methods"].values():
+        assert len(r["ref_rounds_s"]) == len(r["this_rounds_s"]) == 1 and min(r["ref_rounds_s"]) > 0
+        assert r["per_round"] == [t / f for t, f in zip(r["this_rounds_s"], r["ref_rounds_s"])]
+    g, f = result["methods"]["gpart"], result["methods"]["floor"]
+    over_this = statistics.median(a / b for a, b in zip(g["this_rounds_s"], f["this_rounds_s"]))
+    md = (tmp_path / "cmp.md").read_text()
+    assert f"| gpart | {g['ratio']:.3f} |" not in md and f"| {g['ratio']:.3f} |" in md
+    assert md.rstrip().endswith(f"| {over_this:.3f} |")
+    worktrees = compare.git("worktree", "list", "--porcelain")
+    assert not any(line.endswith("/ref") for line in worktrees.splitlines())  # its checkout is removed
+    index = load_script("benchmarks/index.py").render(tmp_path)
+    assert sum("[cmp](cmp.md)" in line for line in index.splitlines()) == 2
 
 
 def test_generation_benchmark_times_every_method_and_checks_the_tokens(tmp_path):
