@@ -1,31 +1,22 @@
 """GPart's method in one file: Delta_W = P theta for one adapted tensor, the exact gradient P^T vec(dL/dW),
-and the autograd operations that use them.
+and the autograd operations that use them (docs/method.md, "Forward and backward").
 
-Every adapted tensor is a slice [start, start + numel) of the global flattening of length D. A projection
-P (gpart.partition.Partition, its gained variant, gpart.fastfood.Fastfood) maps theta to that space. It
-implements two plain-PyTorch methods, which are the reference the kernels are tested against:
-
-    projection.delta(theta_s, start, length, positions=None)      -> (P theta)[positions], fp32
-    projection.transpose_add(acc, grad, start, positions=None)    acc += P[positions]^T grad, fp32
-
-where theta_s = theta * projection.scales() (the partition's 1/sqrt(n_j)). `delta` and `transpose_add`
-below are the only callers: they run a fused kernel (gpart.kernels: C++ on CPU, Triton on CUDA) where one
-applies, else the projection's own method, and add DropConnect. Nothing proportional to the weight is kept
-between forward and backward: backward rebuilds Delta_W from (theta, slice) and frees it after the GEMMs.
-
-Dtypes: fp32 compute makes one product with W0 + Delta_W; half-precision compute keeps x Delta_W^T as a
-separate product, because W0 + Delta_W rounded to bf16 would lose most of a small update (4 GEMMs in all,
-the input gradient using the merged weight). dL/dtheta is always reduced in fp32.
+Every adapted tensor is a slice [start, start + numel) of the flattening of length D that a projection P
+(Partition, GainedPartition, Fastfood) maps theta to. Its plain-PyTorch methods delta / transpose_add are
+the reference the kernels are tested against; `delta` and `transpose_add` below are their only callers and
+run a fused kernel (gpart.kernels) where one applies. Nothing proportional to the weight is kept between
+forward and backward: backward rebuilds Delta_W from (theta, slice) and frees it after the GEMMs.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
 from . import kernels
-from .partition import hash64
+from .partition import M32, hash64
 
 
 @dataclass(frozen=True)
@@ -36,9 +27,23 @@ class DropConnect:
     p: float
     key: int
 
+    def __post_init__(self) -> None:
+        # what the kernels take, computed once when the mask is drawn: the key's two 32-bit halves, the keep
+        # threshold on the hash, and the factors of kept and dropped positions
+        threshold = max(0, int(self.p * (1 << 32)))
+        object.__setattr__(self, "scalars", (self.key & M32, (self.key >> 32) & M32, threshold, *_drop_factors(float(self.p))))
+
     def keep_scale(self, positions: torch.Tensor) -> torch.Tensor:
         keep = hash64(positions, self.key) >= int(self.p * (1 << 32))
         return keep.to(torch.float32) / (1.0 - self.p)
+
+
+@functools.lru_cache(maxsize=64)
+def _drop_factors(p: float) -> tuple[float, float]:
+    """keep_scale's two values exactly as it rounds them: float32 divisions of 1 and 0 by (1 - p)."""
+    scale = (torch.ones(1, dtype=torch.float32) / (1.0 - p)).item()
+    zero = (torch.zeros(1, dtype=torch.float32) / (1.0 - p)).item()
+    return scale, zero
 
 
 def draw_dropconnect(p: float, training: bool) -> DropConnect | None:
