@@ -11,6 +11,7 @@ forward and backward: backward rebuilds Delta_W from (theta, slice) and frees it
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -70,10 +71,7 @@ class TensorSlice:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
 
 @dataclass
@@ -98,10 +96,9 @@ def _keep(drop: DropConnect, sl: TensorSlice, n: int, positions, device):
 
 def delta(theta_s, sl: TensorSlice, drop=None, *, positions=None, base=None, dtype=torch.float32, grad=None,
           grad_theta_s=None) -> torch.Tensor:
-    """Delta_W (times the DropConnect factors) for one tensor, or base + Delta_W, in `dtype`: the slice's
-    shape, or the shape of `positions` (global positions, e.g. embedding rows). The sum is computed in fp32
-    (fp64 when base or dtype is fp64) and cast once. With grad and grad_theta_s it also adds P^T vec(grad) to
-    grad_theta_s in the same sweep over the ids where the kernel can (the backward's two jobs)."""
+    """Delta_W (times the DropConnect factors), or base + Delta_W summed in fp32 (fp64 if base or dtype is)
+    and cast once to `dtype`, in the slice's shape or at `positions` (global positions, e.g. embedding rows).
+    With grad it also adds P^T vec(grad) to grad_theta_s, in the same sweep over the ids where a kernel can."""
     shape = sl.shape if positions is None else positions.shape
     n = sl.numel if positions is None else positions.numel()
     fast = kernels.kernel_for(sl.projection, theta_s, positions, base)
@@ -147,10 +144,10 @@ def compute_dtype(x: torch.Tensor, weight: torch.Tensor | None) -> torch.dtype:
 
 
 def forward_operands(theta, weight, bias, update: AdapterUpdate, cdt: torch.dtype):
-    """(w, b, dw) in compute dtype cdt, built from theta, W0 (None: the update alone) and b0: the layer
-    computes op(x, w, b) + op(x, dw) (the second product only where dw is not None; w None: op(x, dw, b)).
-    fp32 and fp64 merge W0 + Delta_W into w; half precision keeps Delta_W as dw. They depend on nothing
-    but their arguments, which is what lets an eval-mode cache keep them and give the very same bits."""
+    """(w, b, dw) in compute dtype cdt for op(x, w, b) + op(x, dw) (apply_operands), from theta, W0 (None: the
+    update alone) and b0. fp32 and fp64 merge W0 + Delta_W into w; half precision keeps Delta_W as dw, since
+    W0 + Delta_W rounded to bf16 would lose most of a small update. They depend on their arguments alone,
+    which lets the eval cache keep them and give the very same bits."""
     theta_s = update.theta_s(theta.detach())
     b = None if bias is None else bias.to(cdt)
     if update.bias_slice is not None:
@@ -163,9 +160,9 @@ def forward_operands(theta, weight, bias, update: AdapterUpdate, cdt: torch.dtyp
 
 
 class LayerProduct(torch.autograd.Function):
-    """y = op(x, W0 + Delta_W, b0 + Delta_b), or op(x, Delta_W, Delta_b) when weight is None (the adapter's
-    share beside a base output computed elsewhere: bitsandbytes, stacked wrappers). `layer` supplies op and
-    its two gradients (gpart.layers): it is the only thing that knows the layer's kind."""
+    """y = op(x, W0 + Delta_W, b0 + Delta_b), or op(x, Delta_W, Delta_b) when weight is None (beside a base
+    output computed elsewhere: bitsandbytes, stacked wrappers). `layer` supplies op and its two gradients.
+    In half precision the input gradient uses the merged weight; dL/dtheta is always reduced in fp32."""
 
     @staticmethod
     def forward(ctx, x, theta, weight, bias, update: AdapterUpdate, layer):
