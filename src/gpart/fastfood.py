@@ -60,18 +60,17 @@ class Fastfood:
         keys = round_keys(self.seed)
         object.__setattr__(self, "stream_key", (keys[0] << 32) | keys[1])
 
-    # -- the random diagonals and permutations of a set of blocks ----------------------------------------
+    def _hashes(self, blocks: torch.Tensor, salt: int) -> torch.Tensor:
+        """(len(blocks), L) 32-bit hashes of the blocks' positions in the random stream named by `salt`."""
+        pos = blocks[:, None] * self.L + torch.arange(self.L, device=blocks.device)
+        return hash64(pos, splitmix64(self.stream_key ^ salt))
 
     def _signs(self, blocks: torch.Tensor) -> torch.Tensor:
-        pos = blocks[:, None] * self.L + torch.arange(self.L, device=blocks.device)
-        bit = hash64(pos, splitmix64(self.stream_key ^ _SIGN)) & 1
-        return 1.0 - 2.0 * bit.to(torch.float32)
+        return 1.0 - 2.0 * (self._hashes(blocks, _SIGN) & 1).to(torch.float32)
 
     def _gauss(self, blocks: torch.Tensor) -> torch.Tensor:
         """Box-Muller Gaussians from two hash streams, each block rescaled to squared norm L."""
-        pos = blocks[:, None] * self.L + torch.arange(self.L, device=blocks.device)
-        u1 = (hash64(pos, splitmix64(self.stream_key ^ _GAUSS_A)).double() + 0.5) / 2.0**32
-        u2 = (hash64(pos, splitmix64(self.stream_key ^ _GAUSS_B)).double() + 0.5) / 2.0**32
+        u1, u2 = ((self._hashes(blocks, salt).double() + 0.5) / 2.0**32 for salt in (_GAUSS_A, _GAUSS_B))
         g = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
         g = g * torch.sqrt(self.L / (g * g).sum(1, keepdim=True))
         return g.to(torch.float32)

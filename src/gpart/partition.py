@@ -93,11 +93,8 @@ def check_version(version, hint: str = "") -> None:
 
 
 def feistel(x: torch.Tensor, keys: list[int], a: int, b: int) -> torch.Tensor:
-    """The permutation of [0, 2^(a+b)) keyed by `keys`: x = L * 2^b + R with L of a bits, R of b bits.
-
-    Round r maps (L, R) to (R, L xor F_r(R)); the halves swap widths each round, and an even number of
-    rounds brings them back to (a, b).
-    """
+    """Version 1's permutation of [0, 2^(a+b)): x = L * 2^b + R, round r maps (L, R) to (R, L xor F_r(R)); the
+    halves swap widths each round, and an even number of rounds brings them back to (a, b)."""
     wl, wr = a, b
     left, right = x >> wr, x & ((1 << wr) - 1)
     for key in keys:
@@ -142,15 +139,12 @@ def permute(positions: torch.Tensor, D: int, keys: list[int], version: int) -> t
         p, B = grid_shape(D)
         step = lambda x: feistel_grid(x, keys, p, B)  # noqa: E731
     out = step(positions)
-    outside = out >= D
     # Cycle-walking: re-apply pi to the values that left [0, D) (at most half in version 1, fewer
     # than 1 in B in version 2).
-    while bool(outside.any()):
-        idx = outside.nonzero().squeeze(1)
-        walked = step(out[idx])
-        out[idx] = walked
-        outside = torch.zeros_like(outside)
-        outside[idx] = walked >= D
+    idx = (out >= D).nonzero().squeeze(1)
+    while idx.numel():
+        out[idx] = step(out[idx])
+        idx = idx[out[idx] >= D]
     return out
 
 
@@ -170,10 +164,8 @@ def check_sizes(D: int, d: int) -> None:
 
 @dataclass(frozen=True)
 class Partition:
-    """The partition of D positions into d balanced groups, fixed by `seed`.
-
-    Holds only (seed, D, d, version) and four round keys: nothing proportional to D.
-    """
+    """The partition of D positions into d balanced groups, fixed by `seed`: it holds (seed, D, d, version) and
+    four round keys, nothing proportional to D."""
 
     seed: int
     D: int
@@ -210,11 +202,9 @@ class Partition:
         out[:r] = big
         return out.to(dtype)
 
-    # -- the projection interface (gpart.functional): plain-PyTorch reference of the kernels ------------
-
     def delta(self, theta_s: torch.Tensor, start: int, length: int, positions: torch.Tensor | None = None):
-        """(P theta)[i] = theta_s[g(i)] (theta_s: theta with the column scales applied) at positions
-        [start, start + length), or at `positions`; flat fp32. Ids are built a chunk at a time."""
+        """(P theta)[i] = theta_s[g(i)] at positions [start, start + length), or at `positions`; flat fp32 (the
+        reference of the kernels; ids are built a chunk at a time)."""
         if positions is not None:
             return theta_s.float()[self.ids_at(positions)]
         out = torch.empty(length, dtype=torch.float32, device=theta_s.device)
