@@ -19,6 +19,9 @@ import torch
 from . import kernels
 from .partition import M32, hash64
 
+# dtypes in which W0 + Delta_W keeps a small update; half precision would round most of it away
+EXACT_MERGE_DTYPES = (torch.float32, torch.float64)
+
 
 @dataclass(frozen=True)
 class DropConnect:
@@ -145,15 +148,14 @@ def compute_dtype(x: torch.Tensor, weight: torch.Tensor | None) -> torch.dtype:
 
 def forward_operands(theta, weight, bias, update: AdapterUpdate, cdt: torch.dtype):
     """(w, b, dw) in compute dtype cdt for op(x, w, b) + op(x, dw) (apply_operands), from theta, W0 (None: the
-    update alone) and b0. fp32 and fp64 merge W0 + Delta_W into w; half precision keeps Delta_W as dw, since
-    W0 + Delta_W rounded to bf16 would lose most of a small update. They depend on their arguments alone,
-    which lets the eval cache keep them and give the very same bits."""
+    update alone) and b0: W0 + Delta_W merged into w in EXACT_MERGE_DTYPES, else Delta_W kept apart as dw.
+    They depend on their arguments alone, which lets the eval cache keep them and give the very same bits."""
     theta_s = update.theta_s(theta.detach())
     b = None if bias is None else bias.to(cdt)
     if update.bias_slice is not None:
         db = delta(theta_s, update.bias_slice, update.drop, dtype=cdt)
         b = db if b is None else b + db
-    if weight is not None and cdt in (torch.float32, torch.float64):
+    if weight is not None and cdt in EXACT_MERGE_DTYPES:
         return delta(theta_s, update.weight_slice, update.drop, base=weight, dtype=cdt), b, None
     dw = delta(theta_s, update.weight_slice, update.drop).to(cdt)
     return (None if weight is None else weight.to(cdt)), b, dw

@@ -156,20 +156,22 @@ def tensor_shape(tensor: torch.Tensor) -> tuple[int, ...]:
     return tuple(int(s) for s in getattr(tensor, "ds_shape", tensor.shape))
 
 
-def lost_fraction(realised: torch.Tensor, update: torch.Tensor) -> float | None:
-    """||realised change - Delta_W|| / ||Delta_W||, or None when Delta_W is zero or not finite."""
+def merge_loss(realised: torch.Tensor, update: torch.Tensor) -> float | None:
+    """||realised change - Delta_W|| / ||Delta_W|| where it exceeds MERGE_LOSS_WARN (worth a warning), else
+    None (also when Delta_W is zero or not finite)."""
     norm = update.norm().item()
     if norm == 0.0 or not math.isfinite(norm):
         return None
-    return (realised.float() - update.to(realised.device)).norm().item() / norm
+    lost = (realised.float() - update.to(realised.device)).norm().item() / norm
+    return lost if lost > MERGE_LOSS_WARN else None
 
 
 def _warn_if_merge_loses(name: str, before: torch.Tensor, after: torch.Tensor, update: torch.Tensor) -> None:
     """Warn when casting W0 + Delta_W to the base dtype loses more than 1% of Delta_W's norm."""
-    if before.dtype in (torch.float32, torch.float64):
+    if before.dtype in Fn.EXACT_MERGE_DTYPES:
         return
-    lost = lost_fraction(after.float() - before.float(), update)
-    if lost is not None and lost > MERGE_LOSS_WARN:
+    lost = merge_loss(after.float() - before.float(), update)
+    if lost is not None:
         warnings.warn(
             f"Merging adapter '{name}' into {before.dtype} weights loses {lost:.1%} of the update's norm "
             f"(Delta_W is small next to W0 and {before.dtype} keeps few significant bits). Merge into a float32 "

@@ -14,7 +14,7 @@ from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
 from .. import quantization as Q
-from .base import MERGE_LOSS_WARN, lost_fraction
+from .base import merge_loss
 from .linear import Linear
 
 
@@ -91,8 +91,8 @@ class QuantizedLinear(Linear):
             self._premerge = Q.snapshot(base)
         Q.requantize(base, new)
         _add_to_bias(base, db)
-        lost = lost_fraction(Q.dequantize(base) - w0, dw)
-        if lost is not None and lost > MERGE_LOSS_WARN:
+        lost = merge_loss(Q.dequantize(base) - w0, dw)
+        if lost is not None:
             warnings.warn(
                 f"Merging adapter(s) {names} into {self.quant_kind} weights loses {lost:.1%} of the update's norm "
                 "(re-quantization rounds Delta_W to the quantization grid). Keep the adapter unmerged, or export a "
