@@ -35,7 +35,8 @@ class DropConnect:
         # what the kernels take, computed once when the mask is drawn: the key's two 32-bit halves, the keep
         # threshold on the hash, and the factors of kept and dropped positions
         threshold = max(0, int(self.p * (1 << 32)))
-        object.__setattr__(self, "scalars", (self.key & M32, (self.key >> 32) & M32, threshold, *_drop_factors(float(self.p))))
+        scalars = (self.key & M32, (self.key >> 32) & M32, threshold, *_drop_factors(float(self.p)))
+        object.__setattr__(self, "scalars", scalars)
 
     def keep_scale(self, positions: torch.Tensor) -> torch.Tensor:
         keep = hash64(positions, self.key) >= int(self.p * (1 << 32))

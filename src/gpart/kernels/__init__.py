@@ -87,10 +87,6 @@ def _warn_once(key: str, message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 _triton_modules: dict[bool, object] = {}
 _triton_errors: dict[bool, Exception] = {}
 
@@ -140,7 +136,8 @@ def backend_for(device) -> str:
         return "reference"
     if kind == "cpu":
         if choice == "triton":
-            return "triton" if _interpreting() and _triton_ok(True) else "reference"
+            interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+            return "triton" if interpreting and _triton_ok(True) else "reference"
         if cpu.available():
             return "cpp"
         if choice == "cpp":
