@@ -106,9 +106,11 @@ def test_cpu_kernels_ship_as_a_cpp_source():
     assert 'extern "C"' in cpu.SOURCE and cpu.SOURCE == cpu.SOURCE_PATH.read_text()
 
 
-def test_a_linear_forward_is_at_most_six_calls_deep():
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_a_linear_forward_is_at_most_six_calls_deep(dropout):
     """One fp32 nn.Linear training forward through the C++ kernels, counted over gpart's own frames: the
-    kernels are chosen once, and no pass-through wrapper sits between the layer and them."""
+    kernels are chosen once, no pass-through wrapper sits between the layer and them, and DropConnect's
+    kernel scalars are computed when its mask is drawn."""
     import sys
 
     import torch
@@ -120,7 +122,7 @@ def test_a_linear_forward_is_at_most_six_calls_deep():
     if not cpu.available():
         pytest.skip(f"C++ kernels unavailable here: {cpu.load_error()}")
     model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(16, 8)),
-                           gpart.GPartConfig(d=64, seed=0, target_modules=["0"]))
+                           gpart.GPartConfig(d=64, seed=0, target_modules=["0"], dropout=dropout))
     model.train()
     layer, x = model.base_model.model[0], torch.randn(2, 16)
     deepest, chain = [], []

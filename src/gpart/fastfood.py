@@ -1,18 +1,12 @@
 """Fastfood: the structured random projection of the intrinsic-dimension baseline (Li et al. 2018;
-the DID of Aghajanyan et al. 2021), offered as an ablation of GPart's partition (projection="fastfood").
+the DID of Aghajanyan et al. 2021), the ablation projection="fastfood" (docs/method.md).
 
     P theta = c * [ H G_b Pi_b H B_b pad_L(theta) ]  for blocks b = 0 .. K-1, stacked, cut to D rows
 
-- L is the smallest power of two >= d; theta is zero-padded to length L; K = ceil(D / L) blocks.
-- H is the unnormalised Walsh-Hadamard transform (H H^T = L I); B_b a diagonal of random signs; Pi_b a
-  random permutation of [0, L); G_b a diagonal of Gaussians rescaled so that ||G_b||^2 = L.
-- c = 1 / sqrt(L * D). Each full block then gives every column of P a squared norm of exactly L^2 * c^2,
-  so the diagonal of P^T P is 1 when L divides D (close to 1 otherwise), while its off-diagonal entries
-  are random: P is an isometry in expectation only, unlike the partition's exact P^T P = I.
-
-Stateless like the partition: B_b, Pi_b and G_b come from integer hashes of (seed, block, position),
-bit-identical on every device, and are rebuilt at each call; nothing per weight is kept between calls.
-The work is 2 log2(L) additions per weight and per transform, against one gather for the partition.
+L is the smallest power of two >= d, H the unnormalised Walsh-Hadamard transform, B_b random signs, Pi_b a
+random permutation, G_b Gaussians rescaled to ||G_b||^2 = L, and c = 1 / sqrt(L * D): every column has unit
+norm when L divides D, but P is an isometry in expectation only. Stateless like the partition: B_b, Pi_b and
+G_b come from integer hashes of (seed, block, position), rebuilt at each call.
 """
 
 from __future__ import annotations
@@ -66,18 +60,17 @@ class Fastfood:
         keys = round_keys(self.seed)
         object.__setattr__(self, "stream_key", (keys[0] << 32) | keys[1])
 
-    # -- the random diagonals and permutations of a set of blocks ----------------------------------------
+    def _hashes(self, blocks: torch.Tensor, salt: int) -> torch.Tensor:
+        """(len(blocks), L) 32-bit hashes of the blocks' positions in the random stream named by `salt`."""
+        pos = blocks[:, None] * self.L + torch.arange(self.L, device=blocks.device)
+        return hash64(pos, splitmix64(self.stream_key ^ salt))
 
     def _signs(self, blocks: torch.Tensor) -> torch.Tensor:
-        pos = blocks[:, None] * self.L + torch.arange(self.L, device=blocks.device)
-        bit = hash64(pos, splitmix64(self.stream_key ^ _SIGN)) & 1
-        return 1.0 - 2.0 * bit.to(torch.float32)
+        return 1.0 - 2.0 * (self._hashes(blocks, _SIGN) & 1).to(torch.float32)
 
     def _gauss(self, blocks: torch.Tensor) -> torch.Tensor:
         """Box-Muller Gaussians from two hash streams, each block rescaled to squared norm L."""
-        pos = blocks[:, None] * self.L + torch.arange(self.L, device=blocks.device)
-        u1 = (hash64(pos, splitmix64(self.stream_key ^ _GAUSS_A)).double() + 0.5) / 2.0**32
-        u2 = (hash64(pos, splitmix64(self.stream_key ^ _GAUSS_B)).double() + 0.5) / 2.0**32
+        u1, u2 = ((self._hashes(blocks, salt).double() + 0.5) / 2.0**32 for salt in (_GAUSS_A, _GAUSS_B))
         g = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
         g = g * torch.sqrt(self.L / (g * g).sum(1, keepdim=True))
         return g.to(torch.float32)

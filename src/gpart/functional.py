@@ -1,31 +1,26 @@
 """GPart's method in one file: Delta_W = P theta for one adapted tensor, the exact gradient P^T vec(dL/dW),
-and the autograd operations that use them.
+and the autograd operations that use them (docs/method.md, "Forward and backward").
 
-Every adapted tensor is a slice [start, start + numel) of the global flattening of length D. A projection
-P (gpart.partition.Partition, its gained variant, gpart.fastfood.Fastfood) maps theta to that space. It
-implements two plain-PyTorch methods, which are the reference the kernels are tested against:
-
-    projection.delta(theta_s, start, length, positions=None)      -> (P theta)[positions], fp32
-    projection.transpose_add(acc, grad, start, positions=None)    acc += P[positions]^T grad, fp32
-
-where theta_s = theta * projection.scales() (the partition's 1/sqrt(n_j)). `delta` and `transpose_add`
-below are the only callers: they run a fused kernel (gpart.kernels: C++ on CPU, Triton on CUDA) where one
-applies, else the projection's own method, and add DropConnect. Nothing proportional to the weight is kept
-between forward and backward: backward rebuilds Delta_W from (theta, slice) and frees it after the GEMMs.
-
-Dtypes: fp32 compute makes one product with W0 + Delta_W; half-precision compute keeps x Delta_W^T as a
-separate product, because W0 + Delta_W rounded to bf16 would lose most of a small update (4 GEMMs in all,
-the input gradient using the merged weight). dL/dtheta is always reduced in fp32.
+Every adapted tensor is a slice [start, start + numel) of the flattening of length D that a projection P
+(Partition, GainedPartition, Fastfood) maps theta to. Its plain-PyTorch methods delta / transpose_add are
+the reference the kernels are tested against; `delta` and `transpose_add` below are their only callers and
+run a fused kernel (gpart.kernels) where one applies. Nothing proportional to the weight is kept between
+forward and backward: backward rebuilds Delta_W from (theta, slice) and frees it after the GEMMs.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 
 import torch
 
 from . import kernels
-from .partition import hash64
+from .partition import M32, hash64
+
+# dtypes in which W0 + Delta_W keeps a small update; half precision would round most of it away
+EXACT_MERGE_DTYPES = (torch.float32, torch.float64)
 
 
 @dataclass(frozen=True)
@@ -36,9 +31,24 @@ class DropConnect:
     p: float
     key: int
 
+    def __post_init__(self) -> None:
+        # what the kernels take, computed once when the mask is drawn: the key's two 32-bit halves, the keep
+        # threshold on the hash, and the factors of kept and dropped positions
+        threshold = max(0, int(self.p * (1 << 32)))
+        scalars = (self.key & M32, (self.key >> 32) & M32, threshold, *_drop_factors(float(self.p)))
+        object.__setattr__(self, "scalars", scalars)
+
     def keep_scale(self, positions: torch.Tensor) -> torch.Tensor:
         keep = hash64(positions, self.key) >= int(self.p * (1 << 32))
         return keep.to(torch.float32) / (1.0 - self.p)
+
+
+@functools.lru_cache(maxsize=64)
+def _drop_factors(p: float) -> tuple[float, float]:
+    """keep_scale's two values exactly as it rounds them: float32 divisions of 1 and 0 by (1 - p)."""
+    scale = (torch.ones(1, dtype=torch.float32) / (1.0 - p)).item()
+    zero = (torch.zeros(1, dtype=torch.float32) / (1.0 - p)).item()
+    return scale, zero
 
 
 def draw_dropconnect(p: float, training: bool) -> DropConnect | None:
@@ -65,10 +75,7 @@ class TensorSlice:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
 
 @dataclass
@@ -93,10 +100,9 @@ def _keep(drop: DropConnect, sl: TensorSlice, n: int, positions, device):
 
 def delta(theta_s, sl: TensorSlice, drop=None, *, positions=None, base=None, dtype=torch.float32, grad=None,
           grad_theta_s=None) -> torch.Tensor:
-    """Delta_W (times the DropConnect factors) for one tensor, or base + Delta_W, in `dtype`: the slice's
-    shape, or the shape of `positions` (global positions, e.g. embedding rows). The sum is computed in fp32
-    (fp64 when base or dtype is fp64) and cast once. With grad and grad_theta_s it also adds P^T vec(grad) to
-    grad_theta_s in the same sweep over the ids where the kernel can (the backward's two jobs)."""
+    """Delta_W (times the DropConnect factors), or base + Delta_W summed in fp32 (fp64 if base or dtype is)
+    and cast once to `dtype`, in the slice's shape or at `positions` (global positions, e.g. embedding rows).
+    With grad it also adds P^T vec(grad) to grad_theta_s, in the same sweep over the ids where a kernel can."""
     shape = sl.shape if positions is None else positions.shape
     n = sl.numel if positions is None else positions.numel()
     fast = kernels.kernel_for(sl.projection, theta_s, positions, base)
@@ -142,25 +148,24 @@ def compute_dtype(x: torch.Tensor, weight: torch.Tensor | None) -> torch.dtype:
 
 
 def forward_operands(theta, weight, bias, update: AdapterUpdate, cdt: torch.dtype):
-    """(w, b, dw) in compute dtype cdt, built from theta, W0 (None: the update alone) and b0: the layer
-    computes op(x, w, b) + op(x, dw) (the second product only where dw is not None; w None: op(x, dw, b)).
-    fp32 and fp64 merge W0 + Delta_W into w; half precision keeps Delta_W as dw. They depend on nothing
-    but their arguments, which is what lets an eval-mode cache keep them and give the very same bits."""
+    """(w, b, dw) in compute dtype cdt for op(x, w, b) + op(x, dw) (apply_operands), from theta, W0 (None: the
+    update alone) and b0: W0 + Delta_W merged into w in EXACT_MERGE_DTYPES, else Delta_W kept apart as dw.
+    They depend on their arguments alone, which lets the eval cache keep them and give the very same bits."""
     theta_s = update.theta_s(theta.detach())
     b = None if bias is None else bias.to(cdt)
     if update.bias_slice is not None:
         db = delta(theta_s, update.bias_slice, update.drop, dtype=cdt)
         b = db if b is None else b + db
-    if weight is not None and cdt in (torch.float32, torch.float64):
+    if weight is not None and cdt in EXACT_MERGE_DTYPES:
         return delta(theta_s, update.weight_slice, update.drop, base=weight, dtype=cdt), b, None
     dw = delta(theta_s, update.weight_slice, update.drop).to(cdt)
     return (None if weight is None else weight.to(cdt)), b, dw
 
 
 class LayerProduct(torch.autograd.Function):
-    """y = op(x, W0 + Delta_W, b0 + Delta_b), or op(x, Delta_W, Delta_b) when weight is None (the adapter's
-    share beside a base output computed elsewhere: bitsandbytes, stacked wrappers). `layer` supplies op and
-    its two gradients (gpart.layers): it is the only thing that knows the layer's kind."""
+    """y = op(x, W0 + Delta_W, b0 + Delta_b), or op(x, Delta_W, Delta_b) when weight is None (beside a base
+    output computed elsewhere: bitsandbytes, stacked wrappers). `layer` supplies op and its two gradients.
+    In half precision the input gradient uses the merged weight; dL/dtheta is always reduced in fp32."""
 
     @staticmethod
     def forward(ctx, x, theta, weight, bias, update: AdapterUpdate, layer):

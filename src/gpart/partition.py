@@ -1,34 +1,17 @@
-"""The GPart partition: a seeded, stateless, balanced assignment of D weight positions to d groups.
+"""The GPart partition: a seeded, stateless, balanced assignment of D weight positions to d groups
+(docs/method.md, "The partition").
 
-Position i (0 <= i < D, in the canonical flattening order) belongs to group
+Position i belongs to group g(i) = pi(i) mod d, pi a keyed 4-round Feistel permutation of [0, D) with
+cycle-walking. pi is a bijection, so group j has ceil(D/d) members when j < D mod d and floor(D/d)
+otherwise: the isometric scales 1/sqrt(n_j) are known in closed form, no group is empty, and
+P[i, g(i)] = 1/sqrt(n_g(i)) gives P^T P = I_d. Version 1 permutes the smallest power of two >= D (halves of
+a and b bits); version 2 (new adapters) a grid of 2^p columns x B rows, whose rounds alternate between the
+column and the row and which cycle-walks for fewer than 1 in B positions.
 
-    g(i) = pi(i) mod d
-
-where pi is a keyed pseudorandom permutation of [0, D). Because pi is a bijection, group j has exactly
-ceil(D/d) members when j < D mod d and floor(D/d) otherwise, so the isometric scales 1/sqrt(n_j) are
-known in closed form and no group is empty. P[i, g(i)] = 1/sqrt(n_g(i)) gives P^T P = I_d.
-
-pi is a keyed 4-round Feistel network with cycle-walking back into [0, D). Two constructions exist,
-chosen by the partition version that an adapter records:
-
-- version 1: a binary Feistel network over the smallest power of two >= D (halves of a and b bits,
-  xor rounds), cycle-walked: on average 1 to 2 evaluations per position.
-- version 2 (new adapters): a Feistel network over a grid of 2^p columns x B rows, the position being
-  i = row * 2^p + column with p = ceil(bits(D - 1) / 2) and B = ceil(D / 2^p). Rounds alternate:
-  column <- (column + F(row)) mod 2^p, then row <- (row + spread(F(column), B)) mod B, with
-  spread(h, B) = ((h >> 16) * B) >> 16 in [0, B). Each round is a bijection of the grid, which holds
-  fewer than 2^p positions beyond D, so cycle-walking is rare (a fraction below 1/B of positions), and
-  the first round's F(row) is one value per run of 2^p consecutive positions. Same group sizes as
-  version 1, cheaper ids (docs/performance.md).
-
-Every step is integer arithmetic whose intermediate values stay below 2^63 (32-bit values times
-constants below 2^31, or 16-bit values times B <= 2^31), so int64 tensors give bit-identical ids on any
-device, and the same functions can be written with uint32 wrap-around arithmetic in a fused kernel.
-Round keys come from splitmix64 of the seed, so neighbouring seeds give unrelated partitions.
-
-The algorithm is named and versioned (ALGORITHM, VERSION for new adapters, VERSIONS known). A version
-must never change: a saved adapter is only meaningful with the exact partition it was trained with. A
-new construction gets a new version.
+Every intermediate value stays below 2^63 (32-bit values times constants below 2^31, or 16-bit values
+times B <= 2^31), so int64 tensors give bit-identical ids on any device and the kernels can use uint32
+wrap-around arithmetic. A version must never change: a saved adapter is only meaningful with the exact
+partition it was trained with, so a new construction gets a new version.
 """
 
 from __future__ import annotations
@@ -110,11 +93,8 @@ def check_version(version, hint: str = "") -> None:
 
 
 def feistel(x: torch.Tensor, keys: list[int], a: int, b: int) -> torch.Tensor:
-    """The permutation of [0, 2^(a+b)) keyed by `keys`: x = L * 2^b + R with L of a bits, R of b bits.
-
-    Round r maps (L, R) to (R, L xor F_r(R)); the halves swap widths each round, and an even number of
-    rounds brings them back to (a, b).
-    """
+    """Version 1's permutation of [0, 2^(a+b)): x = L * 2^b + R, round r maps (L, R) to (R, L xor F_r(R)); the
+    halves swap widths each round, and an even number of rounds brings them back to (a, b)."""
     wl, wr = a, b
     left, right = x >> wr, x & ((1 << wr) - 1)
     for key in keys:
@@ -159,15 +139,12 @@ def permute(positions: torch.Tensor, D: int, keys: list[int], version: int) -> t
         p, B = grid_shape(D)
         step = lambda x: feistel_grid(x, keys, p, B)  # noqa: E731
     out = step(positions)
-    outside = out >= D
     # Cycle-walking: re-apply pi to the values that left [0, D) (at most half in version 1, fewer
     # than 1 in B in version 2).
-    while bool(outside.any()):
-        idx = outside.nonzero().squeeze(1)
-        walked = step(out[idx])
-        out[idx] = walked
-        outside = torch.zeros_like(outside)
-        outside[idx] = walked >= D
+    idx = (out >= D).nonzero().squeeze(1)
+    while idx.numel():
+        out[idx] = step(out[idx])
+        idx = idx[out[idx] >= D]
     return out
 
 
@@ -187,10 +164,8 @@ def check_sizes(D: int, d: int) -> None:
 
 @dataclass(frozen=True)
 class Partition:
-    """The partition of D positions into d balanced groups, fixed by `seed`.
-
-    Holds only (seed, D, d, version) and four round keys: nothing proportional to D.
-    """
+    """The partition of D positions into d balanced groups, fixed by `seed`: it holds (seed, D, d, version) and
+    four round keys, nothing proportional to D."""
 
     seed: int
     D: int
@@ -227,11 +202,9 @@ class Partition:
         out[:r] = big
         return out.to(dtype)
 
-    # -- the projection interface (gpart.functional): plain-PyTorch reference of the kernels ------------
-
     def delta(self, theta_s: torch.Tensor, start: int, length: int, positions: torch.Tensor | None = None):
-        """(P theta)[i] = theta_s[g(i)] (theta_s: theta with the column scales applied) at positions
-        [start, start + length), or at `positions`; flat fp32. Ids are built a chunk at a time."""
+        """(P theta)[i] = theta_s[g(i)] at positions [start, start + length), or at `positions`; flat fp32 (the
+        reference of the kernels; ids are built a chunk at a time)."""
         if positions is not None:
             return theta_s.float()[self.ids_at(positions)]
         out = torch.empty(length, dtype=torch.float32, device=theta_s.device)

@@ -22,12 +22,9 @@ _GAIN_SALT = 0x6A1B
 
 @dataclass(frozen=True)
 class GainedPartition(Partition):
-    """The partition with column scales gain_j / sqrt(n_j), so P^T P = diag(gain_j^2) instead of I.
-
-    The gains are log-spaced from ratio^-1/2 to ratio^1/2 (max/min = gain_ratio), rescaled to a mean
-    square of 1 (the same total step size as the isometric partition under SGD), and dealt to the
-    columns by a seeded permutation. Group membership is the partition's, so the fast kernels apply.
-    """
+    """The partition with column scales gain_j / sqrt(n_j), so P^T P = diag(gain_j^2) instead of I: gains
+    log-spaced with max/min = gain_ratio, of mean square 1 (the isometric partition's total step size under
+    SGD), dealt to the columns by a seeded permutation. The groups are the partition's: the kernels apply."""
 
     gain_ratio: float = 1.0
 

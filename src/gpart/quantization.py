@@ -1,8 +1,5 @@
-"""Quantized base layers: which ones GPart adapts (bitsandbytes 4-bit and 8-bit linear layers), how their
-weights are read as floats and written back, and a clear refusal for every other quantized layer.
-
-GPart never keeps a dequantized weight: training adds x Delta_W^T beside bitsandbytes' own quantized
-matmul (gpart.functional.LayerProduct without a base weight); only merges and exports dequantize, one layer at a time.
+"""Quantized base layers: the bitsandbytes 4-bit and 8-bit weights GPart adapts, read as floats and written
+back (only merges and exports dequantize, one layer at a time), and a clear refusal for other quantized layers.
 
 CPU repacking (bitsandbytes 0.50 on CPUs with AVX512-BF16): an eval-mode forward whose input needs no
 gradient rewrites a 4-bit weight in place into a CPU-only layout. Afterwards `dequantize_4bit` returns a
@@ -60,12 +57,8 @@ def bnb_kind(module: nn.Module) -> str | None:
 
 
 def unsupported_reason(module: nn.Module) -> str | None:
-    """Why `module` is a quantized layer GPart cannot adapt (naming what it is), or None.
-
-    Looks at PEFT's quantization backends (GPTQ, AWQ, HQQ, torchao, AQLM, EETQ, ...), at class names, and at
-    the weight itself: GPart needs a plain float weight it can add Delta_W to, so an integer, float8 or
-    tensor-subclass weight (torchao) is refused.
-    """
+    """Why `module` is a quantized layer GPart cannot adapt (naming what it is), or None: GPart needs a plain
+    float weight to add Delta_W to, so an integer, float8 or tensor-subclass (torchao) weight is refused."""
     if bnb_kind(module) is not None:
         return None
     weight = getattr(module, "weight", None)
@@ -141,72 +134,71 @@ def disable_cpu_repacking(model: nn.Module) -> None:
 # -- reading and writing weights -----------------------------------------------------------------------
 
 
-def dequantize(module: nn.Module) -> torch.Tensor:
-    """The weight the layer computes with, as a new float32 tensor of shape (out_features, in_features)."""
-    bnb = _bnb()
+def _standard_layout_kind(module: nn.Module) -> str:
+    """The layer's kind, after undoing a CPU repacking (a repacked weight dequantizes to another matrix)."""
     kind = bnb_kind(module)
+    if kind is None:
+        raise TypeError(f"{type(module).__name__} is not a bitsandbytes layer")
     if kind == BNB_4BIT:
         unpack_cpu_4bit(module)
-        weight = module.weight
-        w = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
-    elif kind == BNB_8BIT:
-        weight, state = module.weight, module.state
-        scb = state.SCB if state.SCB is not None else weight.SCB
-        if weight.dtype != torch.int8:  # has_fp16_weights: a float weight quantized on the fly
-            return weight.detach().float().clone()
-        w = bnb.functional.int8_vectorwise_dequant(weight.data, scb)
+    return kind
+
+
+def dequantize(module: nn.Module) -> torch.Tensor:
+    """The weight the layer computes with, as a new float32 tensor of shape (out_features, in_features)."""
+    kind = _standard_layout_kind(module)
+    weight = module.weight
+    if kind == BNB_4BIT:
+        w = _bnb().functional.dequantize_4bit(weight.data, weight.quant_state)
+    elif weight.dtype != torch.int8:  # has_fp16_weights: a float weight quantized on the fly
+        return weight.detach().float().clone()
     else:
-        raise TypeError(f"{type(module).__name__} is not a bitsandbytes layer")
+        scb = module.state.SCB if module.state.SCB is not None else weight.SCB
+        w = _bnb().functional.int8_vectorwise_dequant(weight.data, scb)
     return w.float().reshape(module.out_features, module.in_features)
 
 
 def requantize(module: nn.Module, w: torch.Tensor) -> None:
-    """Quantize `w` (out, in) the way the layer's current weight was quantized, and install it.
-
-    The old weight object is left untouched (a snapshot taken before stays valid)."""
-    bnb = _bnb()
-    kind = bnb_kind(module)
-    if kind == BNB_4BIT:
-        unpack_cpu_4bit(module)
-    weight = module.weight
-    device = weight.device
+    """Quantize `w` (out, in) the way the layer's current weight was quantized, and install it; the old
+    weight object is left untouched (a snapshot taken before stays valid)."""
+    kind = _standard_layout_kind(module)
+    bnb, weight = _bnb(), module.weight
     if kind == BNB_4BIT:
         state = weight.quant_state
         new = bnb.nn.Params4bit(
             w.detach().float().cpu().contiguous(), requires_grad=False, blocksize=state.blocksize,
             compress_statistics=state.nested, quant_type=state.quant_type, quant_storage=weight.quant_storage,
             module=module,
-        ).to(device)
+        ).to(weight.device)
         # quantized from fp32 (one rounding); dequantize keeps returning the dtype it did before
         new.quant_state.dtype = state.dtype
         module.weight = new
         module.quant_state = new.quant_state
-    elif kind == BNB_8BIT:
-        if weight.dtype != torch.int8:
-            weight.data.copy_(w.to(weight.dtype))
-            return
-        module.weight = bnb.nn.Int8Params(w.detach().float().cpu(), requires_grad=False,
-                                          has_fp16_weights=weight.has_fp16_weights).to(device)
-        module.state.reset_grads()  # the next forward takes CB/SCB from the new weight
+    elif weight.dtype != torch.int8:
+        weight.data.copy_(w.to(weight.dtype))
     else:
-        raise TypeError(f"{type(module).__name__} is not a bitsandbytes layer")
+        module.weight = bnb.nn.Int8Params(w.detach().float().cpu(), requires_grad=False,
+                                          has_fp16_weights=weight.has_fp16_weights).to(weight.device)
+        module.state.reset_grads()  # the next forward takes CB/SCB from the new weight
 
 
 def snapshot(module: nn.Module):
-    """What restore() needs to put the layer's quantized weight back exactly (no second rounding)."""
+    """What restore() needs to put the layer's quantized weight and its bias back exactly (no second rounding)."""
     state = getattr(module, "state", None)
-    return (module.weight, getattr(module, "quant_state", None),
-            None if state is None else (state.CB, state.SCB))
+    return (module.weight, getattr(module, "quant_state", None), None if state is None else (state.CB, state.SCB),
+            None if module.bias is None else module.bias.detach().clone())
 
 
 def restore(module: nn.Module, snap) -> None:
-    weight, quant_state, lt = snap
+    weight, quant_state, lt, bias = snap
     module.weight = weight
     if quant_state is not None:
         module.quant_state = quant_state
     if lt is not None:
         module.state.reset_grads()
         module.state.CB, module.state.SCB = lt
+    if bias is not None:
+        module.bias.data.copy_(bias.to(module.bias.device))
 
 
 def to_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Linear:

@@ -1,28 +1,17 @@
-"""Fast paths for GPart's element-wise work, each tested against the reference: the partition's own
-delta / transpose_add methods, which gpart.functional runs when no fast path applies.
+"""Fast paths for GPart's element-wise work (the group ids, then the gather of theta into Delta_W or the
+scatter-add of dL/dW into dL/dtheta), each tested against the reference: the projection's own delta /
+transpose_add methods, which gpart.functional runs when no fast path applies (docs/performance.md).
 
-Per adapted tensor and training step GPart computes the group id of every weight (a keyed Feistel
-permutation, gpart.partition) and then either gathers theta into Delta_W (forward, and again in
-backward) or scatter-adds dL/dW into dL/dtheta. The reference does that with ~40 eager int64 torch ops
-(~200 ns per weight on two CPU cores). The fast paths fuse it into one pass:
-
-- ``cpp``: C++ kernels for CPU tensors (gpart.kernels.cpu), compiled on first use with the machine's
-  C++ compiler and cached; ~1-2 ns per weight on two cores. See docs/performance.md.
+- ``cpp``: C++ kernels for CPU tensors (gpart.kernels.cpu), compiled on first use and cached.
 - ``triton``: Triton kernels for CUDA tensors (gpart.kernels.triton_kernels); on CPU tensors only under
   Triton's interpreter (TRITON_INTERPRET=1), which is for tests.
-- ``reference``: the projection's plain-PyTorch methods (gpart.partition.Partition.delta, .transpose_add).
+- ``reference``: the projection's plain-PyTorch methods.
 
-Choosing: the environment variable GPART_KERNELS=auto|reference|cpp|triton, or set_backend() /
-use_backend() from Python (these win over the variable). ``auto`` (the default) takes cpp for CPU
-tensors and triton for CUDA tensors when they are available, otherwise the reference with one warning
-per process. Naming a backend explicitly makes its absence an error (KernelUnavailableError) rather than
-a silent slowdown; tensors on devices the named backend does not serve use the reference.
-
-kernel_for (what gpart.functional calls) gives the kernels that serve a call, chosen once per (backend
-setting, device type) and kept, or None: a projection other than the partition (Fastfood brings its own
-transform), the reference backend, theta_s not fp32, tensors on several devices or needing autograd. Each
-kernel returns None (or False) for what it does not support (dtype, d > 2^32); the caller then runs the
-reference.
+GPART_KERNELS=auto|reference|cpp|triton, or set_backend() / use_backend() (which win), chooses. ``auto``
+takes cpp for CPU and triton for CUDA tensors where available, else the reference with one warning per
+process; a backend named explicitly makes its absence an error (KernelUnavailableError) rather than a
+silent slowdown. Each kernel returns None (or False) for what it does not support; the caller then runs
+the reference.
 """
 
 from __future__ import annotations
@@ -44,19 +33,8 @@ from ..partition import Partition
 ENV = "GPART_KERNELS"
 BACKENDS = ("auto", "reference", "cpp", "triton")
 
-__all__ = [
-    "BACKENDS",
-    "ENV",
-    "KernelBuildError",
-    "KernelUnavailableError",
-    "Kernels",
-    "backend_for",
-    "build",
-    "get_backend",
-    "kernel_for",
-    "set_backend",
-    "use_backend",
-]
+__all__ = ["BACKENDS", "ENV", "KernelBuildError", "KernelUnavailableError", "Kernels", "backend_for", "build",
+           "get_backend", "kernel_for", "set_backend", "use_backend"]
 
 
 class KernelUnavailableError(RuntimeError):
@@ -109,24 +87,14 @@ def _warn_once(key: str, message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 _triton_modules: dict[bool, object] = {}
 _triton_errors: dict[bool, Exception] = {}
 
 
 def _triton_module(interpret: bool):
-    """gpart.kernels.triton_kernels, compiled (interpret=False) or interpreted (True).
-
-    triton.jit decides at decoration time from TRITON_INTERPRET, so the file is loaded once per mode
-    under its own module name, with the variable set accordingly for the duration of the load.
-    """
-    if interpret in _triton_modules:
-        return _triton_modules[interpret]
-    if interpret in _triton_errors:
-        raise _triton_errors[interpret]
+    """gpart.kernels.triton_kernels, compiled (interpret=False) or interpreted (True). triton.jit decides at
+    decoration time from TRITON_INTERPRET, so the file is loaded once per mode under its own module name,
+    with the variable set accordingly while it loads."""
     with _lock:
         if interpret not in _triton_modules and interpret not in _triton_errors:
             name = f"{__name__}._triton_{'interpreted' if interpret else 'compiled'}"
@@ -168,7 +136,8 @@ def backend_for(device) -> str:
         return "reference"
     if kind == "cpu":
         if choice == "triton":
-            return "triton" if _interpreting() and _triton_ok(True) else "reference"
+            interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+            return "triton" if interpreting and _triton_ok(True) else "reference"
         if cpu.available():
             return "cpp"
         if choice == "cpp":

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from ..partition import M32, VERSIONS, Partition, domain_bits, grid_shape
+from ..partition import VERSIONS, Partition, domain_bits, grid_shape
 
 ABI = 4
 # The kernels' C++ source, shipped inside the package; its text is part of the build cache key.
@@ -257,22 +257,6 @@ def load_error() -> Exception | None:
 # ---- parameters ----------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=64)
-def _drop_factors(p: float) -> tuple[float, float]:
-    """The keep/drop factors exactly as the reference computes them: float32 divisions by (1 - p)."""
-    scale = (torch.ones(1, dtype=torch.float32) / (1.0 - p)).item()
-    zero = (torch.zeros(1, dtype=torch.float32) / (1.0 - p)).item()
-    return scale, zero
-
-
-def drop_scalars(drop) -> tuple[int, int, int, float, float]:
-    """What both kernel families take for DropConnect: the key's two 32-bit halves, the keep threshold on
-    the 32-bit hash, and the factors of kept and dropped positions (zeros when drop is None)."""
-    if drop is None:
-        return 0, 0, 0, 0.0, 0.0
-    return (drop.key & M32, (drop.key >> 32) & M32, max(0, int(drop.p * (1 << 32))), *_drop_factors(float(drop.p)))
-
-
 @functools.lru_cache(maxsize=256)
 def _domain(D: int) -> tuple[int, int, int, int]:
     """(a, b) of the Feistel halves and version 2's grid (p, B) for a flattening of length D."""
@@ -290,7 +274,8 @@ def _params(part: Partition, drop, nthreads: int = 1) -> _Params:
     prm.nthreads = nthreads
     prm.drop = drop is not None
     if drop is not None:
-        prm.drop_klo, prm.drop_khi, prm.drop_thr, prm.drop_scale, prm.drop_zero = drop_scalars(drop)
+        # functional.DropConnect computes these when the mask is drawn
+        prm.drop_klo, prm.drop_khi, prm.drop_thr, prm.drop_scale, prm.drop_zero = drop.scalars
     return prm
 
 

@@ -25,7 +25,6 @@ import triton
 import triton.language as tl
 
 from ..partition import Partition, domain_bits, grid_shape
-from .cpu import drop_scalars
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 BLOCK = 1024
@@ -271,6 +270,9 @@ def supports(part: Partition) -> bool:
     return part.D < 1 << 63
 
 
+NO_DROP = (0, 0, 0, 0.0, 0.0)
+
+
 def _common(part: Partition, drop):
     if part.version == 2:
         p, B = grid_shape(part.D)
@@ -281,7 +283,8 @@ def _common(part: Partition, drop):
     scalars = dict(D=part.D, Dm1=part.D - 1, d=part.d, k0=part.keys[0], k1=part.keys[1], k2=part.keys[2],
                    k3=part.keys[3], **shape)
     flags = dict(NARROW=part.D <= 1 << 32, WALK=part.D != domain, IDENTITY=part.d == part.D, GRID=part.version == 2)
-    scalars["klo"], scalars["khi"], scalars["thr"], scale, zero = drop_scalars(drop)
+    # drop.scalars: functional.DropConnect's, computed when the mask was drawn
+    scalars["klo"], scalars["khi"], scalars["thr"], scale, zero = NO_DROP if drop is None else drop.scalars
     return scalars, flags, scale, zero
 
 

@@ -19,18 +19,17 @@ __all__ = ["EVAL_CACHE_ENV", "Conv", "Conv1D", "Embedding", "GPartLayer", "GPart
            "QuantizedLinear", "clear_gpart_cache", "eval_cache_enabled", "wrapper_for"]
 
 
+# wrapped by exact type: a subclass may change what the forward computes
+_WRAPPERS = {nn.Linear: Linear, nn.modules.linear.NonDynamicallyQuantizableLinear: Linear, nn.Conv1d: Conv,
+             nn.Conv2d: Conv, nn.Conv3d: Conv, nn.Embedding: Embedding}
+
+
 def wrapper_for(module: nn.Module) -> type[GPartModule] | None:
     """The GPart wrapper class that fits `module`, or None when none does."""
     from transformers.pytorch_utils import Conv1D as TransformersConv1D
 
     if Q.bnb_kind(module) is not None:  # before nn.Linear: bitsandbytes' layers subclass it
         return QuantizedLinear
-    if type(module) in (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear):
-        return Linear
     if isinstance(module, TransformersConv1D):
         return Conv1D
-    if type(module) in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
-        return Conv
-    if type(module) is nn.Embedding:
-        return Embedding
-    return None
+    return _WRAPPERS.get(type(module))

@@ -27,19 +27,6 @@ class GPartLayer(BaseTunerLayer):
 
     adapter_layer_names: tuple[str, ...] = ()
     other_param_names = ("gpart_slices", "gpart_dropout")
-
-    def _init_gpart(self, base_layer: nn.Module, owner) -> None:
-        self.base_layer = base_layer
-        # adapter name -> (weight TensorSlice | None, bias TensorSlice | None); filled once the layout is known
-        self.gpart_slices: dict[str, tuple[TensorSlice | None, TensorSlice | None]] = {}
-        self.gpart_dropout: dict[str, float] = {}
-        self.merged_adapters: list[str] = []
-        self._disable_adapters = False
-        self._gpart_cache = EvalCache()
-        object.__setattr__(self, "gpart_owner", owner)
-
-    # -- what this wrapper contributes to the flattening ---------------------------------------------
-
     partition_bias = False  # weight-and-bias wrappers set it from the config
 
     def adapted_tensors(self) -> list[tuple[str, torch.Tensor]]:
@@ -92,8 +79,6 @@ class GPartLayer(BaseTunerLayer):
             base = base.base_layer
         return base
 
-    # -- looking up theta ----------------------------------------------------------------------------
-
     def _theta(self, adapter_name: str) -> torch.Tensor:
         return self.gpart_owner.gpart_theta[adapter_name]
 
@@ -114,8 +99,6 @@ class GPartLayer(BaseTunerLayer):
             return []
         return [a for a in self.active_adapters if a in self.gpart_slices and self.gpart_slices[a][0] is not None]
 
-    # -- updates as plain tensors (merge, get_delta_weight) ------------------------------------------
-
     def _delta(self, adapter_name: str, which: int) -> torch.Tensor | None:
         """Delta for weight (which=0) or bias (which=1) in fp32, in the tensor's own shape."""
         sl = self.gpart_slices[adapter_name][which]
@@ -134,15 +117,11 @@ class GPartLayer(BaseTunerLayer):
         adapter_names = check_adapters_to_merge(self, adapter_names)
         if not adapter_names:
             return
-        tensors = [t for _, t in self.adapted_tensors()]
         for name in adapter_names:
             if name not in self.gpart_slices:
                 continue
             merged = []  # every tensor is checked before any is written
-            for k, tensor in enumerate(tensors):
-                upd = self._delta(name, k)
-                if upd is None:
-                    continue
+            for tensor, upd in self._tensor_updates(name):
                 new = (tensor.detach().float() + upd.to(tensor.device)).to(tensor.dtype)  # in fp32, cast once
                 if safe_merge and not torch.isfinite(new).all():
                     raise ValueError(
@@ -160,13 +139,16 @@ class GPartLayer(BaseTunerLayer):
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
-        tensors = [t for _, t in self.adapted_tensors()]
         while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            for k, tensor in enumerate(tensors):
-                upd = self._delta(name, k)
-                if upd is not None:
-                    tensor.data.copy_((tensor.detach().float() - upd.to(tensor.device)).to(tensor.dtype))
+            for tensor, upd in self._tensor_updates(self.merged_adapters.pop()):
+                tensor.data.copy_((tensor.detach().float() - upd.to(tensor.device)).to(tensor.dtype))
+
+    def _tensor_updates(self, adapter_name: str):
+        """(tensor, its update in fp32) for each adapted tensor the adapter updates, one at a time."""
+        for k, (_, tensor) in enumerate(self.adapted_tensors()):
+            upd = self._delta(adapter_name, k)
+            if upd is not None:
+                yield tensor, upd
 
 
 def tensor_shape(tensor: torch.Tensor) -> tuple[int, ...]:
@@ -174,20 +156,22 @@ def tensor_shape(tensor: torch.Tensor) -> tuple[int, ...]:
     return tuple(int(s) for s in getattr(tensor, "ds_shape", tensor.shape))
 
 
-def lost_fraction(realised: torch.Tensor, update: torch.Tensor) -> float | None:
-    """||realised change - Delta_W|| / ||Delta_W||, or None when Delta_W is zero or not finite."""
+def merge_loss(realised: torch.Tensor, update: torch.Tensor) -> float | None:
+    """||realised change - Delta_W|| / ||Delta_W|| where it exceeds MERGE_LOSS_WARN (worth a warning), else
+    None (also when Delta_W is zero or not finite)."""
     norm = update.norm().item()
     if norm == 0.0 or not math.isfinite(norm):
         return None
-    return (realised.float() - update.to(realised.device)).norm().item() / norm
+    lost = (realised.float() - update.to(realised.device)).norm().item() / norm
+    return lost if lost > MERGE_LOSS_WARN else None
 
 
 def _warn_if_merge_loses(name: str, before: torch.Tensor, after: torch.Tensor, update: torch.Tensor) -> None:
     """Warn when casting W0 + Delta_W to the base dtype loses more than 1% of Delta_W's norm."""
-    if before.dtype == torch.float32 or before.dtype == torch.float64:
+    if before.dtype in Fn.EXACT_MERGE_DTYPES:
         return
-    lost = lost_fraction(after.float() - before.float(), update)
-    if lost is not None and lost > MERGE_LOSS_WARN:
+    lost = merge_loss(after.float() - before.float(), update)
+    if lost is not None:
         warnings.warn(
             f"Merging adapter '{name}' into {before.dtype} weights loses {lost:.1%} of the update's norm "
             f"(Delta_W is small next to W0 and {before.dtype} keeps few significant bits). Merge into a float32 "
@@ -200,7 +184,14 @@ class GPartModule(nn.Module, GPartLayer):
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, owner, config) -> None:
         super().__init__()
-        self._init_gpart(base_layer, owner)
+        self.base_layer = base_layer
+        # adapter name -> (weight TensorSlice | None, bias TensorSlice | None); filled once the layout is known
+        self.gpart_slices: dict[str, tuple[TensorSlice | None, TensorSlice | None]] = {}
+        self.gpart_dropout: dict[str, float] = {}
+        self.merged_adapters: list[str] = []
+        self._disable_adapters = False
+        self._gpart_cache = EvalCache()
+        object.__setattr__(self, "gpart_owner", owner)  # unregistered: see the module docstring
         self.partition_bias = bool(config.partition_bias) and getattr(base_layer, "bias", None) is not None
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)

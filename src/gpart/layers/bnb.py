@@ -14,7 +14,7 @@ from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
 from .. import quantization as Q
-from .base import MERGE_LOSS_WARN, lost_fraction
+from .base import merge_loss
 from .linear import Linear
 
 
@@ -88,13 +88,11 @@ class QuantizedLinear(Linear):
             )
         self.clear_gpart_cache()
         if self._premerge is None:
-            bias = base.bias
-            self._premerge = (Q.snapshot(base), None if bias is None else bias.detach().clone())
+            self._premerge = Q.snapshot(base)
         Q.requantize(base, new)
-        if db is not None:
-            base.bias.data.copy_((base.bias.detach().float() + db.to(base.bias.device)).to(base.bias.dtype))
-        lost = lost_fraction(Q.dequantize(base) - w0, dw)
-        if lost is not None and lost > MERGE_LOSS_WARN:
+        _add_to_bias(base, db)
+        lost = merge_loss(Q.dequantize(base) - w0, dw)
+        if lost is not None:
             warnings.warn(
                 f"Merging adapter(s) {names} into {self.quant_kind} weights loses {lost:.1%} of the update's norm "
                 "(re-quantization rounds Delta_W to the quantization grid). Keep the adapter unmerged, or export a "
@@ -108,14 +106,17 @@ class QuantizedLinear(Linear):
             return
         self.clear_gpart_cache()
         base = self.get_base_layer()
-        (snap, bias), self._premerge = self._premerge, None
+        snap, self._premerge = self._premerge, None
         if snap[0].device == base.weight.device:
             Q.restore(base, snap)
-            if bias is not None:
-                base.bias.data.copy_(bias.to(base.bias.device))
         else:  # moved since the merge: subtract and re-quantize (a second rounding)
             dw, db = self._updates(self.merged_adapters)
             Q.requantize(base, Q.dequantize(base) - dw.to(base.weight.device))
-            if db is not None:
-                base.bias.data.copy_((base.bias.detach().float() - db.to(base.bias.device)).to(base.bias.dtype))
+            _add_to_bias(base, None if db is None else -db)
         self.merged_adapters.clear()
+
+
+def _add_to_bias(base: nn.Module, db: torch.Tensor | None) -> None:
+    """b += db, computed in fp32 and cast once (nothing when db is None)."""
+    if db is not None:
+        base.bias.data.copy_((base.bias.detach().float() + db.to(base.bias.device)).to(base.bias.dtype))

@@ -1,12 +1,12 @@
-"""The eval-mode cache: what a wrapper's forward builds from theta, kept while nothing it depends on changes.
+"""The eval-mode cache: in eval mode without autograd a wrapper keeps what its forward builds from theta (the
+merged weight in fp32, Delta_W in half precision, W0 + Delta_W for a parameter), so generation with an
+unmerged adapter costs about what the merged model costs (docs/llm.md).
 
-In eval mode without autograd a wrapper keeps the tensors its forward builds (the merged weight for fp32,
-Delta_W for half precision, W0 + Delta_W for a parameter), so generation with an unmerged adapter costs
-about what the merged model costs (docs/llm.md). An entry is keyed by the adapter's slices and the storage
-(held weakly, so that the address of a freed storage cannot pass for it), offset, version counter, dtype,
-device, shape and strides of every tensor it was built from: an optimizer step, copy_ or
-load_state_dict bumps a version, .to() or `.data =` swaps a storage, and the entry is rebuilt. Edits
-through `.data` bypass the version counter; call clear_gpart_cache() after those.
+An entry is keyed by the adapter's slices and, for every tensor it was built from, the storage (held weakly,
+so that the address of a freed storage cannot pass for it), offset, version counter, dtype, device, shape
+and strides: an optimizer step, copy_ or load_state_dict bumps a version, .to() or `.data =` swaps a
+storage, and the entry is rebuilt. Edits through `.data` bypass the version counter; call
+clear_gpart_cache() after those.
 """
 
 from __future__ import annotations
@@ -23,12 +23,9 @@ _OFF, _ON = ("0", "false", "off", "no"), ("1", "true", "on", "yes")
 
 
 def eval_cache_enabled(owner) -> bool:
-    """Whether wrappers owned by `owner` may keep what their eval-mode forward builds.
-
-    The tuner's `eval_cache` attribute (True/False) wins; else GPART_EVAL_CACHE; else on, except in a
-    distributed run: FSDP2 and ZeRO-3 gather each weight for one forward only, and keeping whole weights
-    would undo their sharding.
-    """
+    """Whether wrappers owned by `owner` may keep what their eval-mode forward builds: the tuner's `eval_cache`
+    (True/False), else GPART_EVAL_CACHE, else on except in a distributed run (FSDP2 and ZeRO-3 gather each
+    weight for one forward only; keeping whole weights would undo their sharding)."""
     setting = getattr(owner, "eval_cache", None)
     if setting is not None:
         return bool(setting)
@@ -43,8 +40,8 @@ def eval_cache_enabled(owner) -> bool:
 
 
 def _tensor_key(t: torch.Tensor | None):
-    """What identifies a tensor's current contents (two weak references are equal only while they point
-    to the same live storage). Raises RuntimeError for an inference tensor, which has no version counter."""
+    """What identifies a tensor's current contents (two weak references are equal only while they point to
+    the same live storage). Raises RuntimeError for an inference tensor, which has no version counter."""
     if t is None:
         return None
     return weakref.ref(t.untyped_storage()), t.data_ptr(), t._version, t.dtype, t.device, t.shape, t.stride()
@@ -67,12 +64,9 @@ class EvalCache(dict):
     """(adapter, tag) -> (key, value) for one wrapper. A copy or a pickle starts empty: the keys hold weak
     references (which cannot be pickled), and a deep copy should not double the kept memory.
 
-    `hot` shortcuts the commonest step, one adapter whose update is merged into an fp32 product (the
-    decoding step of generation): (x's dtype, the adapter, where theta and the base weight and bias are
-    looked up, their stamps, and the kept (w, b)); checking it costs a few attribute reads instead of the
-    whole key. Every change that frees the cache (adapters switched, disabled, merged, deleted, a move,
-    train()) frees it too; a changed tensor fails its check, and so does the tuner's eval_cache set to
-    False. GPART_EVAL_CACHE is read when an entry is built.
+    `hot` shortcuts the commonest step (generation's decoding step), one adapter merged into an fp32
+    product: a few attribute reads instead of the whole key. Whatever frees the cache frees it too; a
+    changed tensor fails its check, and so does the tuner's eval_cache set to False.
     """
 
     hot = None

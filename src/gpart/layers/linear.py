@@ -1,12 +1,6 @@
-"""Wrappers of layers that multiply x by their weight: nn.Linear and transformers' Conv1D (an (in, out)
-weight), and the forward they share with the other product layers (gpart.layers.conv, .bnb).
-
-A product layer gives functional.LayerProduct its op and the op's two gradients; the forward adds
-every active adapter: the first one merged into the base product (y = op(x, W0 + Delta_W, b0 + Delta_b))
-where the wrapper can run the base op itself, the others (and all of them beside a base output computed
-elsewhere) as op(x, Delta_W, Delta_b). In eval mode without autograd the operands are kept
-(gpart.layers.cache): an fp32 step is then one product with the kept merged weight.
-"""
+"""Wrappers of layers that multiply x by their weight (nn.Linear, transformers' Conv1D) and the forward
+they share with the other product layers (conv.py, bnb.py): the first active adapter is merged into the
+base product where the wrapper runs the base op itself, the others add op(x, Delta_W, Delta_b)."""
 
 from __future__ import annotations
 
@@ -41,49 +35,42 @@ class ProductLayer(GPartModule):
         return self.base_layer(x, *args, **kwargs)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        kept = self._gpart_cache.shortcut(self, x)
-        if kept is not None:  # an eval step like the last one: one product with the kept merged weight
-            return self.op(x, *kept)
+        hot = self._gpart_cache.shortcut(self, x)
+        if hot is not None:  # an eval step like the last one: one product with the kept merged weight
+            return self.op(x, *hot)
         adapters = self._adapters_to_apply()
         if not adapters:
             return self._base_output(x, args, kwargs, False)
         thetas = [self._theta(a) for a in adapters]
         base = self.get_base_layer()
         weight, bias = (base.weight, base.bias) if self._merges_into_base(base) else (None, None)
-        if self._gpart_cache.usable(self, base, x, weight, bias, *thetas):
-            return self._cached_forward(x, adapters, thetas, weight, bias, args, kwargs)
+        kept = self._gpart_cache.usable(self, base, x, weight, bias, *thetas)
+        cdt = Fn.compute_dtype(x, weight)  # the first product's; the kept operands of every adapter use it
         y = None if weight is not None else self._base_output(x, args, kwargs, True)
         for name, theta in zip(adapters, thetas):
-            out = Fn.LayerProduct.apply(x, theta, weight, bias, self._update(name, theta), self)
+            if not kept:
+                out = Fn.LayerProduct.apply(x, theta, weight, bias, self._update(name, theta), self)
+            else:
+                out = self._kept_product(x, name, theta, weight, bias, cdt, len(adapters) == 1)
             y = out if y is None else y + out.to(y.dtype)
             weight = bias = None  # the base product is in y: the other adapters add their update alone
         return y
 
-    def _cached_forward(self, x, adapters, thetas, weight, bias, args, kwargs) -> torch.Tensor:
-        """The uncached forward's very operands, kept: the same bits, for the base model's cost in fp32."""
-        cdt = Fn.compute_dtype(x, weight)
-        y = None if weight is not None else self._base_output(x, args, kwargs, True)
+    def _kept_product(self, x, name, theta, w0, b0, cdt, alone: bool) -> torch.Tensor:
+        """LayerProduct's forward with its operands kept (eval mode): the same bits, for the base model's cost
+        in fp32."""
         autocast = torch.is_autocast_enabled(x.device.type)
-        for name, theta in zip(adapters, thetas):
-            w0, b0 = weight, bias
 
-            def build():
-                w, b, dw = Fn.forward_operands(theta, w0, b0, self._update(name, theta, with_dropout=False), cdt)
-                # W0 cast to a half dtype under autocast is the base layer's own per-call cast: not kept
-                return (w if dw is None or w is w0 else None), b, dw
+        def build():
+            w, b, dw = Fn.forward_operands(theta, w0, b0, self._update(name, theta, with_dropout=False), cdt)
+            # W0 cast to a half dtype under autocast is the base layer's own per-call cast: not kept
+            return (w if dw is None or w is w0 else None), b, dw
 
-            w, b, dw = self._gpart_cache.get_or_build(self, name, (cdt, w0 is not None), build, theta, w0, b0)
-            if len(adapters) == 1 and dw is None and w is not None and x.dtype == cdt and not autocast:
-                self._gpart_cache.remember(self, name, x, (w, b))
-            ops = (w0.to(cdt) if w is None and w0 is not None else w, b, dw)
-            if autocast:
-                with torch.autocast(x.device.type, enabled=False):
-                    out = Fn.apply_operands(self, x, ops)
-            else:
-                out = Fn.apply_operands(self, x, ops)
-            y = out if y is None else y + out.to(y.dtype)
-            weight = bias = None
-        return y
+        w, b, dw = self._gpart_cache.get_or_build(self, name, (cdt, w0 is not None), build, theta, w0, b0)
+        if alone and dw is None and w is not None and x.dtype == cdt and not autocast:
+            self._gpart_cache.remember(self, name, x, (w, b))
+        with torch.autocast(x.device.type, enabled=False):  # as LayerProduct.forward
+            return Fn.apply_operands(self, x, (w0.to(cdt) if w is None and w0 is not None else w, b, dw))
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
