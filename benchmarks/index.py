@@ -46,7 +46,8 @@ def rows(directory: Path) -> tuple[list[str], list[str], list[str], list[str]]:
             gens.append(generation_row(path, result))
             continue
         if result.get("benchmark") == "compare_refs":
-            compares += [f"| {result['ref']} | {result['this']} | {m} | {_f(r['ref_s'])} | {_f(r['this_s'])} | "
+            compares += [f"| {result.get('compared', 'step_time')} | {result['ref']} | {result['this']} | {m} | "
+                         f"{_f(r['ref_median'])} | {_f(r['this_median'])} | "
                          f"{_f(r['ratio'], 3)} | [{path.stem}]({path.with_suffix('.md').name}) |"
                          for m, r in result["methods"].items()]
             continue
@@ -92,9 +93,10 @@ def render(directory: Path) -> str:
                 "| LoRA r8 | GPart / LoRA r8 | (CPU time) | cache MiB | report |",
                 "|" + "---|" * 13] + gens + [""]
     if compares:
-        out += ["## Step time against an older commit (benchmarks/compare_refs.py, interleaved by round)", "",
-                "| older commit | this tree | method | older s | this s | this/older, median per round | report |",
-                "|" + "---|" * 7] + compares + [""]
+        out += ["## Against an older commit (benchmarks/compare_refs.py, interleaved by round)", "",
+                "| compared | older commit | this tree | method | older (s/step or ms/token) | this | "
+                "this/older, median per round | report |",
+                "|" + "---|" * 8] + compares + [""]
     if setups:
         out += ["## Setup only (meta device)", "",
                 "| shape | targets | d | D | GPart get_peft_model s, median (min–max) | GPart RSS growth MiB "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import tempfile
 
 import pytest
 import torch
@@ -157,27 +158,39 @@ def test_in_process_run_writes_json_markdown_and_png(tmp_path):
     assert f"| {r['ratio']:.2f} |" in row and "| tiny-bert | qv | 256 | 2x16 |" in row
 
 
-def test_compare_refs_runs_both_trees_and_reports_per_round_ratios(tmp_path):
+COMPARED = {  # benchmark -> (its tiny arguments, the methods, the reference method)
+    "step_time": (["--shape", "tiny-bert", "--d", "64", "--methods", "gpart,floor", "--batch", "2", "--seq", "8",
+                   "--warmup", "0", "--steps", "2"], {"gpart", "floor"}, "floor"),
+    "generation": (["--shape", "tiny-llama", "--d", "64", "--prompt-len", "5", "--new-tokens", "3",
+                    "--methods", "gpart,gpart-merged"], {"gpart", "gpart-merged"}, "gpart-merged"),
+}
+
+
+@pytest.mark.parametrize("benchmark", list(COMPARED))
+def test_compare_refs_runs_both_trees_and_reports_per_round_ratios(tmp_path, benchmark, monkeypatch):
     """benchmarks/compare_refs.py against HEAD: both sides measured in the same round, the ratio is this/ref of
-    the step medians, the floor column is GPart over the same side's floor, and the index lists the rows."""
+    the medians, the last column is GPart over the same side's reference method, the checkout is removed, and
+    the index lists the rows."""
     compare = load_script("benchmarks/compare_refs.py")
-    step_args = ["--shape", "tiny-bert", "--d", "64", "--methods", "gpart,floor", "--batch", "2", "--seq", "8",
-                 "--warmup", "0", "--steps", "2"]
-    assert compare.main(["--ref", "HEAD", "--rounds", "1", "--out-dir", str(tmp_path), "--name", "cmp", "--",
-                         *step_args]) == 0
+    bench_args, methods, reference = COMPARED[benchmark]
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # the older commit's checkout goes here
+    assert compare.main(["--benchmark", benchmark, "--ref", "HEAD", "--rounds", "1", "--out-dir", str(tmp_path),
+                         "--name", "cmp", "--", *bench_args]) == 0
     result = json.loads((tmp_path / "cmp.json").read_text())
-    assert result["command"].endswith("--ref HEAD --rounds 1 -- " + " ".join(step_args))
-    assert set(result["methods"]) == {"gpart", "floor"}
+    flag = "" if benchmark == "step_time" else f"--benchmark {benchmark} "
+    assert result["command"] == f"python benchmarks/compare_refs.py {flag}--ref HEAD --rounds 1 -- " + " ".join(bench_args)
+    assert set(result["methods"]) == methods and result["compared"] == benchmark
     for r in result["methods"].values():
-        assert len(r["ref_rounds_s"]) == len(r["this_rounds_s"]) == 1 and min(r["ref_rounds_s"]) > 0
-        assert r["per_round"] == [t / f for t, f in zip(r["this_rounds_s"], r["ref_rounds_s"])]
-    g, f = result["methods"]["gpart"], result["methods"]["floor"]
-    over_this = statistics.median(a / b for a, b in zip(g["this_rounds_s"], f["this_rounds_s"]))
+        assert len(r["ref_rounds"]) == len(r["this_rounds"]) == 1 and min(r["ref_rounds"]) > 0
+        assert r["per_round"] == [t / f for t, f in zip(r["this_rounds"], r["ref_rounds"])]
+    g, f = result["methods"]["gpart"], result["methods"][reference]
+    over_this = statistics.median(a / b for a, b in zip(g["this_rounds"], f["this_rounds"]))
     md = (tmp_path / "cmp.md").read_text()
-    assert f"| gpart | {g['ratio']:.3f} |" not in md and f"| {g['ratio']:.3f} |" in md
+    assert f"| {g['ratio']:.3f} |" in md and f"this: over {reference} |" in md
     assert md.rstrip().endswith(f"| {over_this:.3f} |")
     worktrees = compare.git("worktree", "list", "--porcelain")
-    assert not any(line.endswith("/ref") for line in worktrees.splitlines())  # its checkout is removed
+    assert f"worktree {tmp_path}" not in worktrees and not any((tmp_path / "tmp").iterdir())  # removed
     index = load_script("benchmarks/index.py").render(tmp_path)
     assert sum("[cmp](cmp.md)" in line for line in index.splitlines()) == 2
 
