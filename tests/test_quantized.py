@@ -492,3 +492,27 @@ def test_eval_cache_on_a_quantized_layer_gives_the_uncached_outputs(mode):
     assert torch.equal(run(True), run(False)) and not torch.equal(run(True), want)
     model.train()
     assert all(not layer._gpart_cache for layer in layers)
+
+
+def test_unmerge_is_exact_on_an_8bit_layer_still_holding_fp16_weights():
+    """An 8-bit layer built with has_fp16_weights=True keeps its float weight until it is moved to a GPU:
+    merge must install a new weight object, so that unmerge restores the one from before, bit for bit."""
+    torch.manual_seed(0)
+    net = Net()
+    lin = net.a
+    q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=True, has_fp16_weights=True)
+    q.weight = bnb.nn.Int8Params(lin.weight.data.clone(), requires_grad=False, has_fp16_weights=True)
+    q.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
+    net.a = q
+    assert net.a.weight.dtype == torch.float32  # still the float weight: the in-place branch of requantize
+    model = get_peft_model(net, GPartConfig(d=500, seed=1, init_scale=0.05, target_modules=["a"]))
+    layer, x = model.base_model.model.a, torch.randn(4, 64)
+    w_before = layer.base_layer.weight.detach().clone()
+    with torch.no_grad():
+        unmerged = model(x)
+    model.merge_adapter()
+    assert not torch.equal(layer.base_layer.weight.detach(), w_before)  # the merge did change the weight
+    model.unmerge_adapter()
+    assert torch.equal(layer.base_layer.weight.detach(), w_before)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), unmerged, rtol=0, atol=0)

@@ -174,8 +174,9 @@ def requantize(module: nn.Module, w: torch.Tensor) -> None:
         new.quant_state.dtype = state.dtype
         module.weight = new
         module.quant_state = new.quant_state
-    elif weight.dtype != torch.int8:
-        weight.data.copy_(w.to(weight.dtype))
+    elif weight.dtype != torch.int8:  # 8-bit with has_fp16_weights: still float until moved to a GPU
+        module.weight = bnb.nn.Int8Params(w.detach().to(weight.dtype).clone(), requires_grad=weight.requires_grad,
+                                          has_fp16_weights=True)
     else:
         module.weight = bnb.nn.Int8Params(w.detach().float().cpu(), requires_grad=False,
                                           has_fp16_weights=weight.has_fp16_weights).to(weight.device)
