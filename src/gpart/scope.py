@@ -16,8 +16,10 @@ scope stores nothing per weight, and each block's partition is the global one's 
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
+from itertools import accumulate
 
 from .partition import PartitionError
 
@@ -60,11 +62,10 @@ def block_names(layout, layers_pattern=None) -> list[str | None]:
 
 def plan(scope: str, layout, d: int, seed: int, layers_pattern=None) -> Plan:
     """The blocks of `scope` over `layout`; raises PartitionError naming the problem and the fix."""
-    sizes = [_numel(shape) for _, shape in layout]
+    sizes = [math.prod(shape) for _, shape in layout]
     if scope == "global":
-        return Plan((Block("", seed, sum(sizes), d, 0),), tuple(zip([0] * len(sizes), _running(sizes))))
-    if scope != "transformer_block":
-        raise PartitionError(f"unknown partition_scope {scope!r}; gpart supports {', '.join(SCOPES)}")
+        starts = [end - size for end, size in zip(accumulate(sizes), sizes)]
+        return Plan((Block("", seed, sum(sizes), d, 0),), tuple((0, start) for start in starts))
     names = block_names(layout, layers_pattern)
     containers = "/".join(BLOCK_CONTAINERS) if not layers_pattern else f"layers_pattern {layers_pattern!r}"
     if all(n is None for n in names):
@@ -104,18 +105,3 @@ def plan(scope: str, layout, d: int, seed: int, layers_pattern=None) -> Plan:
         blocks.append(Block(name, seed + i, block_D[i], d_i, offset))
         offset += d_i
     return Plan(tuple(blocks), tuple(placements))
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
-
-
-def _running(sizes: list[int]) -> list[int]:
-    starts, total = [], 0
-    for s in sizes:
-        starts.append(total)
-        total += s
-    return starts
