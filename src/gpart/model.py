@@ -165,11 +165,10 @@ class GPartModel(BaseTuner):
 
     def _unwrap_empty_layers(self) -> None:
         """Put the base module back wherever no adapter is left on a wrapper."""
-        for key, layer in list(self._gpart_layers()):
+        # innermost first: a module with two adapted parameters holds one wrapper inside the other
+        for key, layer in reversed(list(self._gpart_layers())):
             if not layer.gpart_slices:
-                parent_key, _, child = key.rpartition(".")
-                parent = self.model.get_submodule(parent_key) if parent_key else self.model
-                self._replace_module(parent, child, layer.base_layer, layer)
+                self.model.set_submodule(key, layer.base_layer)
 
     def _gpart_layers(self):
         for key, module in self.model.named_modules():
