@@ -28,12 +28,10 @@ class PeftTypeName(str):
     __slots__ = ()
 
     @property
-    def name(self) -> str:
-        return str.__str__(self)
-
-    @property
     def value(self) -> str:
         return str.__str__(self)
+
+    name = value
 
 
 PEFT_TYPE = PeftTypeName("GPART")

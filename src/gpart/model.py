@@ -395,8 +395,7 @@ def _check_layout(config: GPartConfig, layout: list, D: int) -> None:
             )
     if len(layout) != len(saved):
         i = min(len(layout), len(saved))
-        extra = layout[i] if len(layout) > len(saved) else saved[i]
-        where = "model" if len(layout) > len(saved) else "adapter"
+        where, extra = ("model", layout[i]) if len(layout) > len(saved) else ("adapter", saved[i])
         raise LayoutMismatchError(
             f"This adapter does not fit the model: the {where} has an extra adapted tensor #{i}, {extra[0]} "
             f"{list(extra[1])} ({len(layout)} tensors in the model, {len(saved)} in the adapter)."
