@@ -86,10 +86,8 @@ class GPartConfig(PeftConfig):
         # fields this gpart does not know is refused on every path that builds it.
         unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(cls)})
         if unknown and "peft_type" in kwargs:
-            raise ValueError(
-                f"adapter_config.json has fields this gpart ({__version__}) does not know: {unknown}; "
-                f"{_upgrade_hint(kwargs.get('gpart_version'))}"
-            )
+            raise ValueError(f"adapter_config.json has fields this gpart ({__version__}) does not know: {unknown}; "
+                             f"{_upgrade_hint(kwargs.get('gpart_version'))}")
         return super().__new__(cls)
 
     def __post_init__(self) -> None:
@@ -117,29 +115,22 @@ class GPartConfig(PeftConfig):
                                  f"{', '.join(choices)}.")
         if self.grouping != "random" and (self.projection, self.column_gain_ratio, self.partition_scope) != (
                 "partition", 1.0, "global"):
-            raise ValueError(
-                f"GPartConfig.grouping={self.grouping!r} applies to the global isometric partition only "
-                "(projection='partition', column_gain_ratio=1, partition_scope='global')."
-            )
+            raise ValueError(f"GPartConfig.grouping={self.grouping!r} applies to the global isometric partition only "
+                             "(projection='partition', column_gain_ratio=1, partition_scope='global').")
         ratio = self.column_gain_ratio
         if not _is_number(ratio) or not 1.0 <= ratio < float("inf"):
             raise ValueError(f"GPartConfig.column_gain_ratio must be a number >= 1 (1: isometric), got {ratio!r}.")
         if self.projection != "partition" and ratio != 1.0:
-            raise ValueError(
-                f"GPartConfig.column_gain_ratio={ratio} applies to projection='partition' only; "
-                f"projection={self.projection!r} takes none."
-            )
+            raise ValueError(f"GPartConfig.column_gain_ratio={ratio} applies to projection='partition' only; "
+                             f"projection={self.projection!r} takes none.")
         if self.bias != "none":
-            raise ValueError(
-                f"GPartConfig.bias={self.bias!r} is not supported: GPart keeps base biases frozen. Use "
-                "partition_bias=True to adapt biases through theta, or modules_to_save to train a module in full."
-            )
+            raise ValueError(f"GPartConfig.bias={self.bias!r} is not supported: GPart keeps base biases frozen. Use "
+                             "partition_bias=True to adapt biases through theta, or modules_to_save to train a module "
+                             "in full.")
         if self.partition_algorithm != ALGORITHM:
-            raise ValueError(
-                f"This adapter uses partition algorithm {self.partition_algorithm!r}; gpart {__version__} knows "
-                f"{ALGORITHM!r}. Loading it would silently change the update, so it is refused; "
-                f"{_upgrade_hint(self.gpart_version)}"
-            )
+            raise ValueError(f"This adapter uses partition algorithm {self.partition_algorithm!r}; gpart "
+                             f"{__version__} knows {ALGORITHM!r}. Loading it would silently change the update, so it "
+                             f"is refused; {_upgrade_hint(self.gpart_version)}")
         check_version(self.partition_version, _upgrade_hint(self.gpart_version))
         if self.gpart_version is None:
             self.gpart_version = __version__
@@ -182,11 +173,9 @@ class GPartConfig(PeftConfig):
             and not os.path.exists(os.path.join(path, "adapter_model.safetensors"))
             and os.environ.get(ALLOW_PICKLE_ENV) != "1"
         ):
-            raise ValueError(
-                f"{path} holds no adapter_model.safetensors. gpart loads adapters from safetensors only, because a "
-                f"pickled file can run code when loaded. If you trust this adapter, set {ALLOW_PICKLE_ENV}=1 to "
-                "load its adapter_model.bin."
-            )
+            raise ValueError(f"{path} holds no adapter_model.safetensors. gpart loads adapters from safetensors only, "
+                             "because a pickled file can run code when loaded. If you trust this adapter, set "
+                             f"{ALLOW_PICKLE_ENV}=1 to load its adapter_model.bin.")
         _check_weights_file(os.path.join(path, "adapter_model.safetensors"))
         return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
 
@@ -202,10 +191,8 @@ class GPartConfig(PeftConfig):
         kwargs = super().check_kwargs(**kwargs)
         missing = [k for k in SAVED_REQUIRED if kwargs.get(k) is None]
         if missing:
-            raise ValueError(
-                f"adapter_config.json lacks {missing}, without which the partition that theta indexes is unknown. "
-                "The file is truncated or was not written by gpart."
-            )
+            raise ValueError(f"adapter_config.json lacks {missing}, without which the partition that theta indexes is "
+                             "unknown. The file is truncated or was not written by gpart.")
         _check_saved_types(kwargs)
         return kwargs
 

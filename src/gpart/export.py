@@ -23,20 +23,16 @@ def merge_and_dequantize(model, dtype: torch.dtype | None = None, adapter_names:
     """
     tuner = getattr(model, "base_model", model)
     if not isinstance(tuner, GPartModel):
-        raise TypeError(
-            f"merge_and_dequantize needs a model with GPart adapters (a PeftModel from get_peft_model with a "
-            f"GPartConfig), got {type(model).__name__}."
-        )
+        raise TypeError("merge_and_dequantize needs a model with GPart adapters (a PeftModel from get_peft_model with "
+                        f"a GPartConfig), got {type(model).__name__}.")
     dtype = _target_dtype(tuner.model, dtype)
     replacements = []
     for key, layer in list(tuner.model.named_modules()):
         if isinstance(layer, QuantizedLinear):
             new = layer.to_float_linear(dtype, adapter_names)
             if safe_merge and not torch.isfinite(new.weight).all():
-                raise ValueError(
-                    f"NaNs or infs detected in the merged weight of '{key}'; nothing was replaced. Check theta for "
-                    "non-finite values."
-                )
+                raise ValueError(f"NaNs or infs detected in the merged weight of '{key}'; nothing was replaced. Check "
+                                 "theta for non-finite values.")
             replacements.append((key, layer, new))
     for key, layer, new in replacements:
         _swap(tuner.model, key, layer, new)

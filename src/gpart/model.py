@@ -67,11 +67,10 @@ def _check_adaptable(module: nn.Module, key: str) -> None:
     """Refuse quantized layers other than bitsandbytes', and weights GPart cannot add Delta_W to."""
     reason = Q.unsupported_reason(module)
     if reason is not None:
-        raise TypeError(
-            f"GPart cannot adapt '{key}' ({type(module).__module__}.{type(module).__name__}): {reason}. Supported: "
-            f"{Q.SUPPORTED}. Load the model unquantized or with bitsandbytes (BitsAndBytesConfig(load_in_4bit=True) "
-            "or load_in_8bit=True), or leave this module out with exclude_modules."
-        )
+        raise TypeError(f"GPart cannot adapt '{key}' ({type(module).__module__}.{type(module).__name__}): {reason}. "
+                        f"Supported: {Q.SUPPORTED}. Load the model unquantized or with bitsandbytes "
+                        "(BitsAndBytesConfig(load_in_4bit=True) or load_in_8bit=True), or leave this module out with "
+                        "exclude_modules.")
 
 
 class GPartModel(BaseTuner):
@@ -144,18 +143,14 @@ class GPartModel(BaseTuner):
             target.update_layer(adapter_name, config)
             return
         if isinstance(target, BaseTunerLayer):
-            raise TypeError(
-                f"'{current_key}' is already wrapped by another PEFT method ({type(target).__name__}); GPart cannot "
-                "be stacked on it."
-            )
+            raise TypeError(f"'{current_key}' is already wrapped by another PEFT method ({type(target).__name__}); "
+                            "GPart cannot be stacked on it.")
         _check_adaptable(target, current_key)
         wrapper = wrapper_for(target)
         if wrapper is None:
-            raise TypeError(
-                f"GPart cannot adapt '{current_key}' of type {type(target).__name__}. Supported: {Q.SUPPORTED}; "
-                "other tensors can be adapted by name with target_parameters. Adjust target_modules or "
-                "exclude_modules."
-            )
+            raise TypeError(f"GPart cannot adapt '{current_key}' of type {type(target).__name__}. Supported: "
+                            f"{Q.SUPPORTED}; other tensors can be adapted by name with target_parameters. Adjust "
+                            "target_modules or exclude_modules.")
         self._replace_module(parent, target_name, wrapper(target, adapter_name, self, config), target)
 
     def _replace_module(self, parent, child_name, new_module, child) -> None:
@@ -215,18 +210,15 @@ class GPartModel(BaseTuner):
         """The W0-dependent groups, checked against the fingerprint a loaded config records."""
         weights = [t for _, layer in self._adapter_layers(adapter_name) for _, t in layer.adapted_tensors()]
         if any(t.is_meta or not t.dtype.is_floating_point for t in weights):
-            raise ValueError(
-                "grouping='signed_magnitude' computes its groups from the base weights' values, but some adapted "
-                "weights are quantized or not loaded yet (meta). Load the base model unquantized, without "
-                "low_cpu_mem_usage, or use grouping='random'."
-            )
+            raise ValueError("grouping='signed_magnitude' computes its groups from the base weights' values, but some "
+                             "adapted weights are quantized or not loaded yet (meta). Load the base model "
+                             "unquantized, without low_cpu_mem_usage, or use grouping='random'.")
         groups = SignedMagnitudeGroups(weights, config.d)
         if config.grouping_fingerprint is not None and config.grouping_fingerprint != groups.fingerprint():
-            raise LayoutMismatchError(
-                "This adapter's grouping='signed_magnitude' groups were computed from other base weights: the signs "
-                "and magnitudes of this model's W0 give different groups, so theta would update other weights. Load "
-                "it onto the base model it was trained on."
-            )
+            raise LayoutMismatchError("This adapter's grouping='signed_magnitude' groups were computed from other "
+                                      "base weights: the signs and magnitudes of this model's W0 give different "
+                                      "groups, so theta would update other weights. Load it onto the base model it "
+                                      "was trained on.")
         config.grouping_fingerprint = groups.fingerprint()
         return groups
 
@@ -335,11 +327,10 @@ class GPartModel(BaseTuner):
             for attr in ("seed", "d", "layout_fingerprint", "partition_version", "projection", "column_gain_ratio",
                          "partition_scope", "grouping_fingerprint"):
                 if getattr(other, attr) != getattr(ref, attr):
-                    raise ValueError(
-                        f"Cannot combine '{adapters[0]}' and '{name}' in theta space: their {attr} differs "
-                        f"({getattr(ref, attr)!r} vs {getattr(other, attr)!r}), so their thetas index different "
-                        "partitions. Combine adapters trained with the same seed, d and target modules."
-                    )
+                    raise ValueError(f"Cannot combine '{adapters[0]}' and '{name}' in theta space: their {attr} "
+                                     f"differs ({getattr(ref, attr)!r} vs {getattr(other, attr)!r}), so their thetas "
+                                     "index different partitions. Combine adapters trained with the same seed, d and "
+                                     "target modules.")
         new_config = copy.deepcopy(ref)
         new_config.inference_mode = True
         self.peft_config[adapter_name] = new_config
@@ -389,27 +380,24 @@ def _check_layout(config: GPartConfig, layout: list, D: int) -> None:
     saved = [(name, tuple(shape)) for name, shape in config.layout]
     for i, (have, want) in enumerate(zip(layout, saved)):
         if have != want:
-            raise LayoutMismatchError(
-                f"This adapter does not fit the model: adapted tensor #{i} is {have[0]} {list(have[1])} in the model "
-                f"but {want[0]} {list(want[1])} in the adapter. Load it onto the base model it was trained on."
-            )
+            raise LayoutMismatchError(f"This adapter does not fit the model: adapted tensor #{i} is {have[0]} "
+                                      f"{list(have[1])} in the model but {want[0]} {list(want[1])} in the adapter. "
+                                      "Load it onto the base model it was trained on.")
     if len(layout) != len(saved):
         i = min(len(layout), len(saved))
         where, extra = ("model", layout[i]) if len(layout) > len(saved) else ("adapter", saved[i])
-        raise LayoutMismatchError(
-            f"This adapter does not fit the model: the {where} has an extra adapted tensor #{i}, {extra[0]} "
-            f"{list(extra[1])} ({len(layout)} tensors in the model, {len(saved)} in the adapter)."
-        )
+        raise LayoutMismatchError(f"This adapter does not fit the model: the {where} has an extra adapted tensor "
+                                  f"#{i}, {extra[0]} {list(extra[1])} ({len(layout)} tensors in the model, "
+                                  f"{len(saved)} in the adapter).")
     if config.D is not None and config.D != D:
         raise LayoutMismatchError(f"The adapter was trained on D={config.D} weights but the model has D={D}.")
     scope = config.partition_scope
     if config.layout_fingerprint is not None and config.layout_fingerprint != layout_fingerprint(
             layout, scope, config.layers_pattern):
-        raise LayoutMismatchError(
-            f"The adapter's layout fingerprint does not match its layout under partition_scope={scope!r}: the adapter "
-            "was made under another partition scope (or layers_pattern), which maps theta differently, or the file is "
-            "corrupt. Load it with the adapter_config.json it was saved with."
-        )
+        raise LayoutMismatchError("The adapter's layout fingerprint does not match its layout under "
+                                  f"partition_scope={scope!r}: the adapter was made under another partition scope (or "
+                                  "layers_pattern), which maps theta differently, or the file is corrupt. Load it "
+                                  "with the adapter_config.json it was saved with.")
 
 
 def _theta_problem(state_dict: dict, config: GPartConfig) -> str | None:

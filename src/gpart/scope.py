@@ -69,24 +69,21 @@ def plan(scope: str, layout, d: int, seed: int, layers_pattern=None) -> Plan:
     names = block_names(layout, layers_pattern)
     containers = "/".join(BLOCK_CONTAINERS) if not layers_pattern else f"layers_pattern {layers_pattern!r}"
     if all(n is None for n in names):
-        raise PartitionError(
-            f"partition_scope='transformer_block' needs numbered transformer blocks, but no adapted tensor lies in "
-            f"one (a module path with a container named {containers} followed by an index). Use "
-            "partition_scope='global', or set layers_pattern to the name of the model's block container."
-        )
+        raise PartitionError("partition_scope='transformer_block' needs numbered transformer blocks, but no adapted "
+                             f"tensor lies in one (a module path with a container named {containers} followed by an "
+                             "index). Use partition_scope='global', or set layers_pattern to the name of the model's "
+                             "block container.")
     outside = [layout[i][0] for i, n in enumerate(names) if n is None]
     if outside:
-        raise PartitionError(
-            f"partition_scope='transformer_block': the adapted tensor {outside[0]!r} lies in no numbered transformer "
-            f"block ({len(outside)} such tensors; blocks are found by {containers}). Leave such modules out with "
-            "exclude_modules, or use partition_scope='global'."
-        )
+        raise PartitionError(f"partition_scope='transformer_block': the adapted tensor {outside[0]!r} lies in no "
+                             f"numbered transformer block ({len(outside)} such tensors; blocks are found by "
+                             f"{containers}). Leave such modules out with exclude_modules, or use "
+                             "partition_scope='global'.")
     order = list(dict.fromkeys(names))
     if d < len(order):
-        raise PartitionError(
-            f"d={d} is smaller than the {len(order)} transformer blocks of partition_scope='transformer_block', which "
-            f"gives every block at least one coordinate of theta; choose d >= {len(order)}, or partition_scope='global'."
-        )
+        raise PartitionError(f"d={d} is smaller than the {len(order)} transformer blocks of "
+                             "partition_scope='transformer_block', which gives every block at least one coordinate of "
+                             f"theta; choose d >= {len(order)}, or partition_scope='global'.")
     index = {name: i for i, name in enumerate(order)}
     block_D, placements = [0] * len(order), []
     for name, size in zip(names, sizes):
@@ -97,11 +94,10 @@ def plan(scope: str, layout, d: int, seed: int, layers_pattern=None) -> Plan:
     for i, name in enumerate(order):
         d_i = q + (i < r)
         if d_i > block_D[i]:
-            raise PartitionError(
-                f"partition_scope='transformer_block': block {name!r} would get d_i={d_i} coordinates of theta (d={d} "
-                f"over {len(order)} blocks) but holds only {block_D[i]} adapted weights; choose d <= "
-                f"{min(block_D) * len(order)}, or partition_scope='global'."
-            )
+            raise PartitionError(f"partition_scope='transformer_block': block {name!r} would get d_i={d_i} "
+                                 f"coordinates of theta (d={d} over {len(order)} blocks) but holds only {block_D[i]} "
+                                 f"adapted weights; choose d <= {min(block_D) * len(order)}, or "
+                                 "partition_scope='global'.")
         blocks.append(Block(name, seed + i, block_D[i], d_i, offset))
         offset += d_i
     return Plan(tuple(blocks), tuple(placements))
