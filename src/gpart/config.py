@@ -168,15 +168,12 @@ class GPartConfig(PeftConfig):
         # stranger's file can run code, and PEFT falls back to adapter_model.bin when there is no safetensors
         # file: for GPart that needs the explicit opt-in GPART_ALLOW_PICKLE=1.
         path = os.path.join(pretrained_model_name_or_path, subfolder) if subfolder else pretrained_model_name_or_path
-        if (
-            os.path.isdir(path)
-            and not os.path.exists(os.path.join(path, "adapter_model.safetensors"))
-            and os.environ.get(ALLOW_PICKLE_ENV) != "1"
-        ):
+        weights = os.path.join(path, "adapter_model.safetensors")
+        if os.path.isdir(path) and not os.path.exists(weights) and os.environ.get(ALLOW_PICKLE_ENV) != "1":
             raise ValueError(f"{path} holds no adapter_model.safetensors. gpart loads adapters from safetensors only, "
                              "because a pickled file can run code when loaded. If you trust this adapter, set "
                              f"{ALLOW_PICKLE_ENV}=1 to load its adapter_model.bin.")
-        _check_weights_file(os.path.join(path, "adapter_model.safetensors"))
+        _check_weights_file(weights)
         return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:

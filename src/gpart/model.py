@@ -392,8 +392,7 @@ def _check_layout(config: GPartConfig, layout: list, D: int) -> None:
     if config.D is not None and config.D != D:
         raise LayoutMismatchError(f"The adapter was trained on D={config.D} weights but the model has D={D}.")
     scope = config.partition_scope
-    if config.layout_fingerprint is not None and config.layout_fingerprint != layout_fingerprint(
-            layout, scope, config.layers_pattern):
+    if config.layout_fingerprint not in (None, layout_fingerprint(layout, scope, config.layers_pattern)):
         raise LayoutMismatchError("The adapter's layout fingerprint does not match its layout under "
                                   f"partition_scope={scope!r}: the adapter was made under another partition scope (or "
                                   "layers_pattern), which maps theta differently, or the file is corrupt. Load it "
