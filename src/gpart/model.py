@@ -403,16 +403,12 @@ def _theta_problem(state_dict: dict, config: GPartConfig) -> str | None:
     """Why the loaded state dict cannot be this adapter's theta, or None when it can."""
     # the one key PEFT loads into theta: under any other name (say a bare "gpart_theta") theta would stay unset
     if THETA_KEY not in state_dict:
-        return (
-            f"The adapter file holds no theta (expected the tensor '{THETA_KEY}'; found {sorted(state_dict)[:5]}). "
-            "It is not a GPart adapter, or it was truncated."
-        )
+        return (f"The adapter file holds no theta (expected the tensor '{THETA_KEY}'; found {sorted(state_dict)[:5]}). "
+                "It is not a GPart adapter, or it was truncated.")
     theta = state_dict[THETA_KEY]
     if not isinstance(theta, torch.Tensor) or not theta.dtype.is_floating_point:
         return f"theta in the adapter file has dtype {getattr(theta, 'dtype', type(theta))}; expected a float tensor."
     if tuple(theta.shape) != (config.d,):
-        return (
-            f"theta in the adapter file has shape {list(theta.shape)} but the config says d={config.d}; the file and "
-            "its adapter_config.json do not belong together."
-        )
+        return (f"theta in the adapter file has shape {list(theta.shape)} but the config says d={config.d}; the "
+                "file and its adapter_config.json do not belong together.")
     return None
