@@ -513,6 +513,31 @@ def test_target_parameters_adapt_arbitrary_tensors_with_exact_gradient(tmp_path)
     torch.testing.assert_close(merged(x), y_ref, rtol=1e-5, atol=1e-5)
 
 
+class GatedExpertBank(ExpertBank):
+    """Two adapted parameters on one module: two ParamWrappers, one inside the other."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Parameter(torch.randn(3, 4))
+
+    def forward(self, x):
+        return super().forward(x) * self.gate
+
+
+def test_deleting_an_adapter_unwraps_nested_parameter_wrappers():
+    base = nn.Sequential(GatedExpertBank())
+    x = torch.randn(5, 6)
+    ref = base(x)
+    model = get_peft_model(base, GPartConfig(d=8, init_scale=1.0, target_modules=[],
+                                             target_parameters=["0.gate_up", "0.gate"]))
+    assert _gpart_layer_names(model) == ["base_model.model.0", "base_model.model.0.base_layer"]
+    assert not torch.allclose(model(x), ref)
+    model.delete_adapter("default")
+    assert _gpart_layer_names(model) == []
+    assert type(model.base_model.model[0]) is GatedExpertBank
+    assert torch.equal(model.base_model.model(x), ref)
+
+
 def test_same_seed_data_and_config_give_a_bit_identical_theta():
     def run():
         torch.manual_seed(0)

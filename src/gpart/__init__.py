@@ -14,25 +14,8 @@ from .partition import ALGORITHM, VERSION, VERSIONS, Partition, PartitionError
 from .registration import register
 from .version import __version__
 
-__all__ = [
-    "ALGORITHM",
-    "VERSION",
-    "VERSIONS",
-    "GPartConfig",
-    "GPartLayer",
-    "GPartModel",
-    "LayoutMismatchError",
-    "LearningRateRuleError",
-    "LearningRateWarning",
-    "Partition",
-    "PartitionError",
-    "clear_gpart_cache",
-    "gpart_lr",
-    "gpart_param_groups",
-    "layout_fingerprint",
-    "lr_factor",
-    "merge_and_dequantize",
-    "register",
-]
+__all__ = ["ALGORITHM", "VERSION", "VERSIONS", "GPartConfig", "GPartLayer", "GPartModel", "LayoutMismatchError",
+           "LearningRateRuleError", "LearningRateWarning", "Partition", "PartitionError", "clear_gpart_cache",
+           "gpart_lr", "gpart_param_groups", "layout_fingerprint", "lr_factor", "merge_and_dequantize", "register"]
 
 register()

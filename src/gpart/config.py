@@ -19,22 +19,19 @@ from .version import __version__
 
 
 class PeftTypeName(str):
-    """The string "GPART" with the `.name` and `.value` of a member of PEFT's `PeftType` enum.
+    """The string "GPART" with the `.name` and `.value` of a `PeftType` member, which PEFT reads in places.
 
-    PEFT reads `config.peft_type.value` in some messages and places; its enum is closed, so a third-party
-    method cannot add a member. A str subclass equals "GPART", hashes like it (PEFT's tables are keyed by
-    it) and serialises to JSON as "GPART".
+    PEFT's enum is closed to third-party methods; a str subclass equals and hashes like "GPART" (PEFT's
+    tables are keyed by it) and serialises to JSON as "GPART".
     """
 
     __slots__ = ()
 
     @property
-    def name(self) -> str:
-        return str.__str__(self)
-
-    @property
     def value(self) -> str:
         return str.__str__(self)
+
+    name = value
 
 
 PEFT_TYPE = PeftTypeName("GPART")
@@ -48,49 +45,18 @@ OPTIONAL_DEFAULTS = {"partition_scope": "global", "grouping": "random", "groupin
 
 @dataclass
 class GPartConfig(PeftConfig):
-    """Configuration of a GPart adapter (arXiv 2605.14841).
+    """Configuration of a GPart adapter (arXiv 2605.14841); the adapter is theta plus this config.
 
-    One trainable vector theta of length `d` is mapped into every adapted tensor through a seeded, balanced,
-    isometric partition P (P^T P = I_d). The adapter is theta plus this config: nothing else.
-
-    Args:
-        d: number of trainable parameters (length of theta); 1 <= d <= D, the number of adapted weights.
-        seed: seed of the partition; the same seed, model and targets give the same partition everywhere.
-        target_modules: module names (list, suffix match), a regex string, or "all-linear". When None, a
-            per-architecture default is used (query/value projections, as in the paper's GLUE setting).
-        exclude_modules: module names (list) or a regex to leave out.
-        target_parameters: names of parameters to adapt directly (e.g. MoE expert tensors, norm weights).
-        layers_to_transform, layers_pattern: restrict adaptation to some layer indices, as in LoRA.
-        partition_bias: also put the biases of the adapted modules into the partition. Their updates are
-            functions of theta, so the saved theta restores them.
-        dropout: DropConnect probability on Delta_W during training (the same mask in forward and backward).
-        init_scale: theta starts at zero (the adapted model equals the base model) unless this is > 0, in
-            which case theta ~ N(0, init_scale^2) drawn from the seed (for tests and ablations).
-        modules_to_save: extra modules (e.g. a fresh classifier head) trained and saved in full.
-        projection: the map from theta to the weights. "partition" (GPart, the default): the balanced
-            isometric partition. "fastfood": the intrinsic-dimension baseline's Fastfood transform,
-            isometric in expectation only (an ablation; slower). See docs/method.md.
-        partition_scope: "global" (default): one partition of all adapted weights over all of theta.
-            "transformer_block" (the authors' option): each numbered transformer block (a container named
-            layers/layer/h/block/blocks, or layers_pattern, followed by an index) gets its own partition
-            over its own contiguous slice of theta, d split evenly across blocks, block i seeded seed + i.
-            Every adapted tensor must lie in a block. See docs/method.md.
-        grouping: "random" (default): GPart's seeded partition. "signed_magnitude" (experimental, an ablation,
-            global scope and the partition only): groups by the sign and magnitude of the base weights W0,
-            computed at injection and kept as an index of D ids; the config records a fingerprint of them,
-            so loading onto other base weights is refused. See docs/method.md.
-        column_gain_ratio: 1 (default) keeps the partition isometric. A value r > 1 gives its columns
-            unequal gains, log-spaced with max/min ratio r and mean square 1, so P^T P = diag(gain^2):
-            the non-isometric ablation. Partition only.
-        partition_algorithm, partition_version, D, layout, layout_fingerprint: written when the adapter is
-            created, checked when it is loaded. Do not set them by hand.
-        gpart_version: the gpart that created this config (filled in, like PEFT's peft_version), so that an
-            older gpart can name the version an adapter needs.
+    theta, of length `d`, is mapped into every adapted tensor through a seeded, balanced, isometric partition
+    P (P^T P = I_d). Each field's `help` says what it is; docs/api.md has the table, docs/method.md the
+    projection, scope and grouping options. The fields "filled in automatically" are written when the
+    adapter is created and checked when it is loaded: do not set them by hand.
     """
 
-    d: Optional[int] = field(default=None, metadata={"help": "Length of theta (trainable parameters)."})
+    d: Optional[int] = field(default=None, metadata={"help": "Length of theta (trainable parameters), 1 <= d <= D."})
     seed: int = field(default=0, metadata={"help": "Seed of the partition."})
-    target_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules to adapt."})
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names (suffix match), a regex or 'all-linear'; None: per model type."})
     exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules to skip."})
     target_parameters: Optional[list[str]] = field(default=None, metadata={"help": "Parameters to adapt."})
     layers_to_transform: Optional[Union[list[int], int]] = field(default=None, metadata={"help": "Layer indices."})
@@ -100,8 +66,10 @@ class GPartConfig(PeftConfig):
     init_scale: float = field(default=0.0, metadata={"help": "Std of theta's initial values (0: zero init)."})
     modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Modules trained in full."})
     projection: str = field(default="partition", metadata={"help": "partition (GPart) or fastfood (ablation)."})
-    partition_scope: str = field(default="global", metadata={"help": "global or transformer_block."})
-    grouping: str = field(default="random", metadata={"help": "random, or signed_magnitude (experimental)."})
+    partition_scope: str = field(
+        default="global", metadata={"help": "global, or transformer_block: one partition per numbered block."})
+    grouping: str = field(
+        default="random", metadata={"help": "random, or signed_magnitude: groups from W0 (experimental)."})
     column_gain_ratio: float = field(default=1.0, metadata={"help": "Column gain max/min ratio (1: isometric)."})
     bias: str = field(default="none", metadata={"help": "Base biases stay frozen; see partition_bias."})
     partition_algorithm: str = field(default=ALGORITHM, metadata={"help": "Filled in automatically."})
@@ -118,10 +86,8 @@ class GPartConfig(PeftConfig):
         # fields this gpart does not know is refused on every path that builds it.
         unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(cls)})
         if unknown and "peft_type" in kwargs:
-            raise ValueError(
-                f"adapter_config.json has fields this gpart ({__version__}) does not know: {unknown}; "
-                f"{_upgrade_hint(kwargs.get('gpart_version'))}"
-            )
+            raise ValueError(f"adapter_config.json has fields this gpart ({__version__}) does not know: {unknown}; "
+                             f"{_upgrade_hint(kwargs.get('gpart_version'))}")
         return super().__new__(cls)
 
     def __post_init__(self) -> None:
@@ -129,77 +95,57 @@ class GPartConfig(PeftConfig):
         self.peft_type = PEFT_TYPE
         if self.d is None:
             raise ValueError("GPartConfig needs d, the number of trainable parameters, e.g. GPartConfig(d=23040).")
-        if not isinstance(self.d, int) or isinstance(self.d, bool):
+        if not _is_int(self.d):
             raise ValueError(f"GPartConfig.d must be an integer, got {self.d!r} ({type(self.d).__name__}).")
         if self.d <= 0:
             raise ValueError(f"GPartConfig.d must be a positive integer, got {self.d}.")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**63:
             raise ValueError(f"GPartConfig.seed must be an integer in [0, 2**63), got {self.seed!r}.")
         for name in ("dropout", "init_scale"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            if not _is_number(value) or value != value:
                 raise ValueError(f"GPartConfig.{name} must be a number, got {value!r}.")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"GPartConfig.dropout must be in [0, 1), got {self.dropout}.")
         if float(self.init_scale) < 0.0:
             raise ValueError(f"GPartConfig.init_scale must be >= 0, got {self.init_scale}.")
-        if self.projection not in PROJECTIONS:
-            raise ValueError(
-                f"GPartConfig.projection={self.projection!r} is not supported; choose one of {', '.join(PROJECTIONS)}."
-            )
-        if self.partition_scope not in SCOPES:
-            raise ValueError(
-                f"GPartConfig.partition_scope={self.partition_scope!r} is not supported; choose one of "
-                f"{', '.join(SCOPES)}."
-            )
-        if self.grouping not in GROUPINGS:
-            raise ValueError(
-                f"GPartConfig.grouping={self.grouping!r} is not supported; choose one of {', '.join(GROUPINGS)}."
-            )
+        for name, choices in (("projection", PROJECTIONS), ("partition_scope", SCOPES), ("grouping", GROUPINGS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"GPartConfig.{name}={getattr(self, name)!r} is not supported; choose one of "
+                                 f"{', '.join(choices)}.")
         if self.grouping != "random" and (self.projection, self.column_gain_ratio, self.partition_scope) != (
                 "partition", 1.0, "global"):
-            raise ValueError(
-                f"GPartConfig.grouping={self.grouping!r} applies to the global isometric partition only "
-                "(projection='partition', column_gain_ratio=1, partition_scope='global')."
-            )
+            raise ValueError(f"GPartConfig.grouping={self.grouping!r} applies to the global isometric partition only "
+                             "(projection='partition', column_gain_ratio=1, partition_scope='global').")
         ratio = self.column_gain_ratio
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 1.0 <= ratio < float("inf"):
+        if not _is_number(ratio) or not 1.0 <= ratio < float("inf"):
             raise ValueError(f"GPartConfig.column_gain_ratio must be a number >= 1 (1: isometric), got {ratio!r}.")
         if self.projection != "partition" and ratio != 1.0:
-            raise ValueError(
-                f"GPartConfig.column_gain_ratio={ratio} applies to projection='partition' only; "
-                f"projection={self.projection!r} takes none."
-            )
+            raise ValueError(f"GPartConfig.column_gain_ratio={ratio} applies to projection='partition' only; "
+                             f"projection={self.projection!r} takes none.")
         if self.bias != "none":
-            raise ValueError(
-                f"GPartConfig.bias={self.bias!r} is not supported: GPart keeps base biases frozen. Use "
-                "partition_bias=True to adapt biases through theta, or modules_to_save to train a module in full."
-            )
+            raise ValueError(f"GPartConfig.bias={self.bias!r} is not supported: GPart keeps base biases frozen. Use "
+                             "partition_bias=True to adapt biases through theta, or modules_to_save to train a module "
+                             "in full.")
         if self.partition_algorithm != ALGORITHM:
-            raise ValueError(
-                f"This adapter uses partition algorithm {self.partition_algorithm!r}; gpart {__version__} knows "
-                f"{ALGORITHM!r}. Loading it would silently change the update, so it is refused; "
-                f"{_upgrade_hint(self.gpart_version)}"
-            )
+            raise ValueError(f"This adapter uses partition algorithm {self.partition_algorithm!r}; gpart "
+                             f"{__version__} knows {ALGORITHM!r}. Loading it would silently change the update, so it "
+                             f"is refused; {_upgrade_hint(self.gpart_version)}")
         check_version(self.partition_version, _upgrade_hint(self.gpart_version))
         if self.gpart_version is None:
             self.gpart_version = __version__
         if not isinstance(self.gpart_version, str):
             raise ValueError(f"GPartConfig.gpart_version must be a version string, got {self.gpart_version!r}.")
-        _check_names("target_modules", self.target_modules)
-        _check_names("exclude_modules", self.exclude_modules)
-        _check_names("target_parameters", self.target_parameters, allow_str=False)
-        _check_names("modules_to_save", self.modules_to_save, allow_str=False)
-        _check_names("layers_pattern", self.layers_pattern)
+        for name in ("target_modules", "exclude_modules", "target_parameters", "modules_to_save", "layers_pattern"):
+            _check_names(name, getattr(self, name), allow_str=name not in ("target_parameters", "modules_to_save"))
         layers = self.layers_to_transform
         if layers is not None and not (_is_int(layers) or (isinstance(layers, list) and all(map(_is_int, layers)))):
             raise ValueError(f"GPartConfig.layers_to_transform must be an int or a list of ints, got {layers!r}.")
         if not isinstance(self.partition_bias, bool):
             raise ValueError(f"GPartConfig.partition_bias must be True or False, got {self.partition_bias!r}.")
-        self.target_modules = set(self.target_modules) if isinstance(self.target_modules, list) else self.target_modules
-        self.exclude_modules = (
-            set(self.exclude_modules) if isinstance(self.exclude_modules, list) else self.exclude_modules
-        )
+        for name in ("target_modules", "exclude_modules"):  # stored as sets, as PEFT's own configs do
+            if isinstance(getattr(self, name), list):
+                setattr(self, name, set(getattr(self, name)))
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError("layers_to_transform cannot be used when target_modules is a str (a regex).")
         if isinstance(self.target_modules, str) and self.layers_pattern is not None:
@@ -208,8 +154,8 @@ class GPartConfig(PeftConfig):
             raise ValueError("When layers_pattern is given, layers_to_transform must be given too.")
 
     def to_dict(self) -> dict:
-        """The config's fields, without the options added after the first release while they hold their
-        defaults: an adapter that does not use them stays loadable by a gpart that predates them."""
+        # options added after the first release are left out at their defaults, so an adapter that does not
+        # use them stays loadable by a gpart that predates them
         out = super().to_dict()
         for name, default in OPTIONAL_DEFAULTS.items():
             if out.get(name) == default:
@@ -218,50 +164,32 @@ class GPartConfig(PeftConfig):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
-        """Load a saved config; PeftModel.from_pretrained and load_adapter come through here before they
-        touch the model, so a local adapter that would be read from a pickle is refused here.
-
-        Unpickling a stranger's file can run code; safetensors cannot. PEFT falls back to
-        adapter_model.bin when no adapter_model.safetensors exists, so for GPart that needs an explicit
-        opt-in (environment variable GPART_ALLOW_PICKLE=1).
-        """
+        # PeftModel.from_pretrained and load_adapter come through here before they touch the model. Unpickling a
+        # stranger's file can run code, and PEFT falls back to adapter_model.bin when there is no safetensors
+        # file: for GPart that needs the explicit opt-in GPART_ALLOW_PICKLE=1.
         path = os.path.join(pretrained_model_name_or_path, subfolder) if subfolder else pretrained_model_name_or_path
-        if (
-            os.path.isdir(path)
-            and not os.path.exists(os.path.join(path, "adapter_model.safetensors"))
-            and os.environ.get(ALLOW_PICKLE_ENV) != "1"
-        ):
-            raise ValueError(
-                f"{path} holds no adapter_model.safetensors. gpart loads adapters from safetensors only, because a "
-                f"pickled file can run code when loaded. If you trust this adapter, set {ALLOW_PICKLE_ENV}=1 to "
-                "load its adapter_model.bin."
-            )
-        _check_weights_file(os.path.join(path, "adapter_model.safetensors"))
+        weights = os.path.join(path, "adapter_model.safetensors")
+        if os.path.isdir(path) and not os.path.exists(weights) and os.environ.get(ALLOW_PICKLE_ENV) != "1":
+            raise ValueError(f"{path} holds no adapter_model.safetensors. gpart loads adapters from safetensors only, "
+                             "because a pickled file can run code when loaded. If you trust this adapter, set "
+                             f"{ALLOW_PICKLE_ENV}=1 to load its adapter_model.bin.")
+        _check_weights_file(weights)
         return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
-        """Write adapter_config.json and the GPart section of the folder's README.md (the model card).
-
-        PEFT saves each adapter's config into that adapter's folder, after its own README.md template: this
-        is where gpart tells a reader without gpart what the adapter needs.
-        """
+        # PEFT saves each adapter's config into its folder after its own README.md template: the place to tell a
+        # reader without gpart what the adapter needs
         super().save_pretrained(save_directory, **kwargs)
         update_model_card(save_directory, self)
 
     @classmethod
     def check_kwargs(cls, **kwargs):
-        """Validate the fields of a saved adapter_config.json before anything is built from it.
-
-        A missing field leaves the partition undefined, so it is an error here (unknown fields are refused
-        when the config is built, see `__new__`).
-        """
+        """Validate a saved adapter_config.json before anything is built from it (unknown fields: `__new__`)."""
         kwargs = super().check_kwargs(**kwargs)
         missing = [k for k in SAVED_REQUIRED if kwargs.get(k) is None]
         if missing:
-            raise ValueError(
-                f"adapter_config.json lacks {missing}, without which the partition that theta indexes is unknown. "
-                "The file is truncated or was not written by gpart."
-            )
+            raise ValueError(f"adapter_config.json lacks {missing}, without which the partition that theta indexes is "
+                             "unknown. The file is truncated or was not written by gpart.")
         _check_saved_types(kwargs)
         return kwargs
 
@@ -292,6 +220,10 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _check_names(field_name: str, value, allow_str: bool = True) -> None:
     """A module/parameter-name field: None, a list (or set) of strings, or (where allowed) one string."""
     if value is None or (allow_str and isinstance(value, str)):
@@ -304,7 +236,6 @@ def _check_names(field_name: str, value, allow_str: bool = True) -> None:
 
 def _check_saved_types(kwargs: dict) -> None:
     """Types of the partition fields of a saved config; raise ValueError naming the first bad one."""
-
     for name in ("d", "seed", "D", "partition_version"):
         if not _is_int(kwargs[name]):
             raise ValueError(f"adapter_config.json: {name} must be an integer, got {kwargs[name]!r}.")
@@ -325,5 +256,5 @@ def _check_saved_types(kwargs: dict) -> None:
         if name in kwargs and not isinstance(kwargs[name], str):
             raise ValueError(f"adapter_config.json: {name} must be a string.")
     for name in ("dropout", "init_scale", "column_gain_ratio"):
-        if name in kwargs and (isinstance(kwargs[name], bool) or not isinstance(kwargs[name], (int, float))):
+        if name in kwargs and not _is_number(kwargs[name]):
             raise ValueError(f"adapter_config.json: {name} must be a number, got {kwargs[name]!r}.")

@@ -12,37 +12,27 @@ from .model import GPartModel
 
 def merge_and_dequantize(model, dtype: torch.dtype | None = None, adapter_names: list[str] | None = None,
                          safe_merge: bool = False) -> nn.Module:
-    """Merge the adapter(s) into a dequantized copy of every quantized layer and return a plain model.
+    """Merge the adapter(s) into dequantized copies of the quantized layers and return a plain float model.
 
-    Each adapted bitsandbytes layer becomes an nn.Linear holding W + Delta_W (W the weight the layer
-    computes with, dequantized to float32; the sum in float32, cast once to `dtype`); quantized layers that
-    no adapter touches are dequantized too, float layers are merged as by merge_and_unload, and the
-    model's quantization config is removed, so `save_pretrained` writes an ordinary checkpoint. Every
-    floating-point parameter ends in `dtype` (default: the dtype the model was loaded in, else float32). The quantized layers are replaced, so `model` itself is consumed; keep the adapter file to
-    go back.
-
-    Args:
-        model: a PeftModel (or its GPartModel) with GPart adapters.
-        dtype: dtype of the returned model, e.g. torch.bfloat16.
-        adapter_names: adapters to merge (default: the active ones).
-        safe_merge: raise (before replacing anything) if a merged weight is not finite.
+    Adapted bitsandbytes layers become nn.Linear holding W + Delta_W (summed in float32, cast once); quantized
+    layers no adapter touches are dequantized, float layers merged as by merge_and_unload, the quantization
+    config removed and every float parameter cast to `dtype` (default: the dtype the model was loaded in, else
+    float32), so `save_pretrained` writes an ordinary checkpoint. `model` (a PeftModel or its GPartModel) is
+    consumed: keep the adapter file to go back. `adapter_names` defaults to the active adapters; `safe_merge`
+    raises, before anything is replaced, if a merged weight is not finite.
     """
     tuner = getattr(model, "base_model", model)
     if not isinstance(tuner, GPartModel):
-        raise TypeError(
-            f"merge_and_dequantize needs a model with GPart adapters (a PeftModel from get_peft_model with a "
-            f"GPartConfig), got {type(model).__name__}."
-        )
+        raise TypeError("merge_and_dequantize needs a model with GPart adapters (a PeftModel from get_peft_model with "
+                        f"a GPartConfig), got {type(model).__name__}.")
     dtype = _target_dtype(tuner.model, dtype)
     replacements = []
     for key, layer in list(tuner.model.named_modules()):
         if isinstance(layer, QuantizedLinear):
             new = layer.to_float_linear(dtype, adapter_names)
             if safe_merge and not torch.isfinite(new.weight).all():
-                raise ValueError(
-                    f"NaNs or infs detected in the merged weight of '{key}'; nothing was replaced. Check theta for "
-                    "non-finite values."
-                )
+                raise ValueError(f"NaNs or infs detected in the merged weight of '{key}'; nothing was replaced. Check "
+                                 "theta for non-finite values.")
             replacements.append((key, layer, new))
     for key, layer, new in replacements:
         _swap(tuner.model, key, layer, new)

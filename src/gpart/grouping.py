@@ -54,23 +54,21 @@ class SignedMagnitudeGroups:
     def scales(self, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self._sizes.double().rsqrt().to(dtype=dtype, device=device)
 
-    def _ids(self, device) -> torch.Tensor:
+    def _ids(self, device, start: int, length: int, positions: torch.Tensor | None) -> torch.Tensor:
+        """The group ids of positions [start, start + length), or of `positions`, on `device`."""
         key = str(device)
         if key not in self._on:
             self._on[key] = self.ids.to(device)
-        return self._on[key]
+        ids = self._on[key]
+        return ids[start : start + length] if positions is None else ids[positions.reshape(-1)]
 
     def delta(self, theta_s: torch.Tensor, start: int, length: int, positions: torch.Tensor | None = None):
-        ids = self._ids(theta_s.device)
-        ids = ids[start : start + length] if positions is None else ids[positions.reshape(-1)]
-        return theta_s.float()[ids]
+        return theta_s.float()[self._ids(theta_s.device, start, length, positions)]
 
     def transpose_add(self, acc: torch.Tensor, grad: torch.Tensor, start: int,
                       positions: torch.Tensor | None = None) -> None:
         flat = grad.reshape(-1).float()
-        ids = self._ids(acc.device)
-        ids = ids[start : start + flat.numel()] if positions is None else ids[positions.reshape(-1)]
-        acc.index_add_(0, ids, flat)
+        acc.index_add_(0, self._ids(acc.device, start, flat.numel(), positions), flat)
 
     def dense(self) -> torch.Tensor:
         """The D x d matrix P (for tests and small models only)."""

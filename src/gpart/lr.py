@@ -21,7 +21,7 @@ import weakref
 import torch.nn as nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from .config import PEFT_TYPE, GPartConfig
+from .config import GPartConfig
 from .theta import ThetaParameter
 
 REFERENCE_LENGTH = 10_000  # a reference theta length d: base_lr is theta's lr there
@@ -33,38 +33,34 @@ class LearningRateRuleError(ValueError):
     """The rule was asked of something it does not apply to (not a GPart adapter)."""
 
 
-def _supported() -> str:
-    return "a model with a GPart adapter (PeftModel or GPartModel, after get_peft_model) or a GPartConfig"
+SUPPORTED = "a model with a GPart adapter (PeftModel or GPartModel, after get_peft_model) or a GPartConfig"
+
+
+def _not_gpart(what: str) -> LearningRateRuleError:
+    return LearningRateRuleError(f"GPart's learning-rate rule applies to GPart adapters only; {what}. It needs "
+                                 f"{SUPPORTED}; for other methods set their learning rate directly")
 
 
 def gpart_config(model_or_config, adapter_name: str | None = None) -> GPartConfig:
     """The GPartConfig the rule reads, from a config or a model holding a GPart adapter."""
     if isinstance(model_or_config, GPartConfig):
-        config = model_or_config
-    elif getattr(model_or_config, "peft_type", None) is not None and not hasattr(model_or_config, "peft_config"):
-        kind = getattr(model_or_config.peft_type, "value", model_or_config.peft_type)
-        raise LearningRateRuleError(
-            f"GPart's learning-rate rule applies to GPart adapters only; got a {type(model_or_config).__name__} "
-            f"({kind}). It needs {_supported()}; for other methods set their learning rate directly")
-    else:
-        configs = getattr(model_or_config, "peft_config", None)
-        if not isinstance(configs, dict) or not configs:
-            raise LearningRateRuleError(
-                f"GPart's learning-rate rule needs {_supported()}; got a {type(model_or_config).__name__} "
-                "without a PEFT adapter")
-        name = adapter_name or getattr(model_or_config, "active_adapter", None)
-        if isinstance(name, (list, tuple)):
-            name = name[0] if len(name) == 1 else None
-        if name not in configs:
-            raise LearningRateRuleError(f"adapter {name!r} not found; the model has {', '.join(map(str, configs))}")
-        config = configs[name]
-        if not isinstance(config, GPartConfig):
-            kind = getattr(getattr(config, "peft_type", None), "value", type(config).__name__)
-            raise LearningRateRuleError(
-                f"GPart's learning-rate rule applies to GPart adapters only; adapter {name!r} is {kind}. "
-                f"It needs {_supported()}; for other methods set their learning rate directly")
-    if str(getattr(config.peft_type, "value", config.peft_type)) != PEFT_TYPE:
-        raise LearningRateRuleError(f"GPart's learning-rate rule needs {_supported()}")
+        return model_or_config
+    kind, peft_type = type(model_or_config).__name__, getattr(model_or_config, "peft_type", None)
+    if peft_type is not None and not hasattr(model_or_config, "peft_config"):  # another method's config
+        raise _not_gpart(f"got a {kind} ({getattr(peft_type, 'value', peft_type)})")
+    configs = getattr(model_or_config, "peft_config", None)
+    if not isinstance(configs, dict) or not configs:
+        raise LearningRateRuleError(f"GPart's learning-rate rule needs {SUPPORTED}; got a {kind} without a PEFT "
+                                    "adapter")
+    name = adapter_name or getattr(model_or_config, "active_adapter", None)
+    if isinstance(name, (list, tuple)):
+        name = name[0] if len(name) == 1 else None
+    if name not in configs:
+        raise LearningRateRuleError(f"adapter {name!r} not found; the model has {', '.join(map(str, configs))}")
+    config = configs[name]
+    if not isinstance(config, GPartConfig):
+        method = getattr(getattr(config, "peft_type", None), "value", type(config).__name__)
+        raise _not_gpart(f"adapter {name!r} is {method}")
     return config
 
 

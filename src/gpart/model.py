@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
@@ -66,11 +67,10 @@ def _check_adaptable(module: nn.Module, key: str) -> None:
     """Refuse quantized layers other than bitsandbytes', and weights GPart cannot add Delta_W to."""
     reason = Q.unsupported_reason(module)
     if reason is not None:
-        raise TypeError(
-            f"GPart cannot adapt '{key}' ({type(module).__module__}.{type(module).__name__}): {reason}. Supported: "
-            f"{Q.SUPPORTED}. Load the model unquantized or with bitsandbytes (BitsAndBytesConfig(load_in_4bit=True) "
-            "or load_in_8bit=True), or leave this module out with exclude_modules."
-        )
+        raise TypeError(f"GPart cannot adapt '{key}' ({type(module).__module__}.{type(module).__name__}): {reason}. "
+                        f"Supported: {Q.SUPPORTED}. Load the model unquantized or with bitsandbytes "
+                        "(BitsAndBytesConfig(load_in_4bit=True) or load_in_8bit=True), or leave this module out with "
+                        "exclude_modules.")
 
 
 class GPartModel(BaseTuner):
@@ -84,6 +84,7 @@ class GPartModel(BaseTuner):
     # (default on, off in distributed runs); True/False set it for this model. Not saved with the adapter.
     eval_cache: bool | None = None
     gpart_cache_used = False  # set by a wrapper when it keeps something, so train() frees only when needed
+    _gpart_grad_while_enabled: list | None = None  # requires_grad flags to restore when adapters are re-enabled
 
     # -- eval-mode cache -------------------------------------------------------------------------------
 
@@ -117,13 +118,7 @@ class GPartModel(BaseTuner):
         # what a failed injection or load must restore (PEFT freezes the base model while injecting)
         self._gpart_requires_grad = {adapter_name: [(p, p.requires_grad) for p in model.parameters()]}
         try:
-            super().inject_adapter(
-                model,
-                adapter_name,
-                autocast_adapter_dtype=autocast_adapter_dtype,
-                low_cpu_mem_usage=low_cpu_mem_usage,
-                state_dict=state_dict,
-            )
+            super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, state_dict)
             self._finish_adapter(adapter_name, low_cpu_mem_usage)
             Q.disable_cpu_repacking(model)
         except Exception:
@@ -148,18 +143,14 @@ class GPartModel(BaseTuner):
             target.update_layer(adapter_name, config)
             return
         if isinstance(target, BaseTunerLayer):
-            raise TypeError(
-                f"'{current_key}' is already wrapped by another PEFT method ({type(target).__name__}); GPart cannot "
-                "be stacked on it."
-            )
+            raise TypeError(f"'{current_key}' is already wrapped by another PEFT method ({type(target).__name__}); "
+                            "GPart cannot be stacked on it.")
         _check_adaptable(target, current_key)
         wrapper = wrapper_for(target)
         if wrapper is None:
-            raise TypeError(
-                f"GPart cannot adapt '{current_key}' of type {type(target).__name__}. Supported: {Q.SUPPORTED}; "
-                "other tensors can be adapted by name with target_parameters. Adjust target_modules or "
-                "exclude_modules."
-            )
+            raise TypeError(f"GPart cannot adapt '{current_key}' of type {type(target).__name__}. Supported: "
+                            f"{Q.SUPPORTED}; other tensors can be adapted by name with target_parameters. Adjust "
+                            "target_modules or exclude_modules.")
         self._replace_module(parent, target_name, wrapper(target, adapter_name, self, config), target)
 
     def _replace_module(self, parent, child_name, new_module, child) -> None:
@@ -169,31 +160,30 @@ class GPartModel(BaseTuner):
 
     def _unwrap_empty_layers(self) -> None:
         """Put the base module back wherever no adapter is left on a wrapper."""
-        for key, layer in list(self._gpart_layers()):
+        # innermost first: a module with two adapted parameters holds one wrapper inside the other
+        for key, layer in reversed(list(self._gpart_layers())):
             if not layer.gpart_slices:
-                parent_key, _, child = key.rpartition(".")
-                parent = self.model.get_submodule(parent_key) if parent_key else self.model
-                self._replace_module(parent, child, layer.base_layer, layer)
+                self.model.set_submodule(key, layer.base_layer)
 
     def _gpart_layers(self):
         for key, module in self.model.named_modules():
             if isinstance(module, GPartLayer):
                 yield key, module
 
+    def _adapter_layers(self, adapter_name: str):
+        """The wrappers that hold `adapter_name`, in canonical order."""
+        return [(key, layer) for key, layer in self._gpart_layers() if adapter_name in layer.gpart_slices]
+
     def current_layout(self, adapter_name: str) -> list[tuple[str, tuple[int, ...]]]:
         """The ordered [name, shape] list of the tensors `adapter_name` adapts."""
-        layout = []
-        for key, layer in self._gpart_layers():
-            if adapter_name in layer.gpart_slices:
-                for suffix, shape in layer.adapted_shapes():
-                    layout.append((f"{_clean_name(key)}.{suffix}", shape))
-        return layout
+        return [(f"{_clean_name(key)}.{suffix}", shape)
+                for key, layer in self._adapter_layers(adapter_name) for suffix, shape in layer.adapted_shapes()]
 
     def _finish_adapter(self, adapter_name: str, low_cpu_mem_usage: bool) -> None:
         """Fix the layout, check it against the config, give every wrapper its slice and create theta."""
         config: GPartConfig = self.peft_config[adapter_name]
         layout = self.current_layout(adapter_name)
-        D = sum(_numel(shape) for _, shape in layout)
+        D = sum(math.prod(shape) for _, shape in layout)
         if config.layout is not None:
             _check_layout(config, layout, D)
         check_sizes(D, config.d)
@@ -203,46 +193,37 @@ class GPartModel(BaseTuner):
         if config.grouping == "signed_magnitude":
             projections = [self._signed_magnitude_groups(adapter_name, config)]
         else:
-            projections = [_projection(config, block.seed, block.D, block.d) for block in scope.blocks]
+            projections = [make_projection(config.projection, block.seed, block.D, block.d, config.partition_version,
+                                           config.column_gain_ratio) for block in scope.blocks]
         self._gpart_projections[adapter_name] = projections
         placements = iter(scope.placements)
-        for _, layer in self._gpart_layers():
-            if adapter_name not in layer.gpart_slices:
-                continue
+        for _, layer in self._adapter_layers(adapter_name):
             slices = []
             for _, shape in layer.adapted_shapes():
                 block, start = next(placements)
                 slices.append(TensorSlice(projections[block], start, shape, scope.blocks[block].theta_offset))
             layer.gpart_slices[adapter_name] = (slices[0], slices[1] if len(slices) > 1 else None)
-        first = layout and self._first_adapted_tensor(adapter_name)
-        device = first.device if first is not None and not low_cpu_mem_usage else torch.device("meta")
+        device = torch.device("meta") if low_cpu_mem_usage else self._first_adapted_tensor(adapter_name).device
         self.gpart_theta[adapter_name] = nn.Parameter(_initial_theta(config, device))
 
     def _signed_magnitude_groups(self, adapter_name: str, config: GPartConfig) -> SignedMagnitudeGroups:
         """The W0-dependent groups, checked against the fingerprint a loaded config records."""
-        weights = [t for _, layer in self._gpart_layers() if adapter_name in layer.gpart_slices
-                   for _, t in layer.adapted_tensors()]
+        weights = [t for _, layer in self._adapter_layers(adapter_name) for _, t in layer.adapted_tensors()]
         if any(t.is_meta or not t.dtype.is_floating_point for t in weights):
-            raise ValueError(
-                "grouping='signed_magnitude' computes its groups from the base weights' values, but some adapted "
-                "weights are quantized or not loaded yet (meta). Load the base model unquantized, without "
-                "low_cpu_mem_usage, or use grouping='random'."
-            )
+            raise ValueError("grouping='signed_magnitude' computes its groups from the base weights' values, but some "
+                             "adapted weights are quantized or not loaded yet (meta). Load the base model "
+                             "unquantized, without low_cpu_mem_usage, or use grouping='random'.")
         groups = SignedMagnitudeGroups(weights, config.d)
         if config.grouping_fingerprint is not None and config.grouping_fingerprint != groups.fingerprint():
-            raise LayoutMismatchError(
-                "This adapter's grouping='signed_magnitude' groups were computed from other base weights: the signs "
-                "and magnitudes of this model's W0 give different groups, so theta would update other weights. Load "
-                "it onto the base model it was trained on."
-            )
+            raise LayoutMismatchError("This adapter's grouping='signed_magnitude' groups were computed from other "
+                                      "base weights: the signs and magnitudes of this model's W0 give different "
+                                      "groups, so theta would update other weights. Load it onto the base model it "
+                                      "was trained on.")
         config.grouping_fingerprint = groups.fingerprint()
         return groups
 
-    def _first_adapted_tensor(self, adapter_name: str):
-        for _, layer in self._gpart_layers():
-            if adapter_name in layer.gpart_slices:
-                return layer.adapted_tensors()[0][1]
-        return None
+    def _first_adapted_tensor(self, adapter_name: str) -> torch.Tensor:
+        return self._adapter_layers(adapter_name)[0][1].adapted_tensors()[0][1]
 
     def _abort_adapter(self, adapter_name: str) -> None:
         """Undo a failed injection: remove the adapter everywhere and unwrap wrappers left empty."""
@@ -250,13 +231,17 @@ class GPartModel(BaseTuner):
             layer.gpart_slices.pop(adapter_name, None)
             layer.gpart_dropout.pop(adapter_name, None)
         self._unwrap_empty_layers()
-        if adapter_name in self.gpart_theta:
-            del self.gpart_theta[adapter_name]
+        self._forget_theta(adapter_name)
         self.peft_config.pop(adapter_name, None)
-        self._gpart_scales = {k: v for k, v in self._gpart_scales.items() if k[0] != adapter_name}
-        self._gpart_projections.pop(adapter_name, None)
         for param, flag in self._gpart_requires_grad.pop(adapter_name, []):
             param.requires_grad_(flag)
+
+    def _forget_theta(self, adapter_name: str) -> None:
+        """Drop the adapter's theta and what was derived from its config (scales, projections)."""
+        if adapter_name in self.gpart_theta:
+            del self.gpart_theta[adapter_name]
+        self._gpart_scales = {k: v for k, v in self._gpart_scales.items() if k[0] != adapter_name}
+        self._gpart_projections.pop(adapter_name, None)
 
     # -- theta bookkeeping -----------------------------------------------------------------------------
 
@@ -275,8 +260,7 @@ class GPartModel(BaseTuner):
 
     def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
         super().set_adapter(adapter_name, inference_mode=inference_mode)
-        if "gpart_theta" in self._modules:
-            self._set_theta_trainability(inference_mode)
+        self._set_theta_trainability(inference_mode)
 
     def set_requires_grad(self, adapter_names, requires_grad: bool = True) -> None:
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
@@ -291,43 +275,36 @@ class GPartModel(BaseTuner):
         # theta lives on the tuner, not in the wrappers that PEFT switches: inside disable_adapter() no theta
         # trains (as LoRA's and VeRA's adapter weights do not). On exit every flag PEFT or we switched, theta's
         # and the modules_to_save copies', is put back as it was (PEFT would make a frozen adapter trainable).
-        if not enabled and "_gpart_grad_while_enabled" not in self.__dict__:
-            self._gpart_grad_while_enabled = [(p, p.requires_grad) for p in self._switched_parameters()]
+        if not enabled and self._gpart_grad_while_enabled is None:
+            copies = [p for m in self.model.modules() if isinstance(m, AuxiliaryTrainingWrapper)
+                      for p in m.parameters()]
+            self._gpart_grad_while_enabled = [(p, p.requires_grad) for p in [*self.gpart_theta.values(), *copies]]
         super()._enable_adapter_layers(enabled)
         if not enabled:
-            for theta in self._switched_parameters(theta_only=True):
+            for theta in self.gpart_theta.values():
                 theta.requires_grad_(False)
-        elif "_gpart_grad_while_enabled" in self.__dict__:
-            for param, flag in self.__dict__.pop("_gpart_grad_while_enabled"):
+        elif self._gpart_grad_while_enabled is not None:
+            for param, flag in self._gpart_grad_while_enabled:
                 param.requires_grad_(flag)
-
-    def _switched_parameters(self, theta_only: bool = False) -> list[nn.Parameter]:
-        params = list(self.gpart_theta.values()) if "gpart_theta" in self._modules else []
-        if not theta_only:
-            params += [p for m in self.model.modules() if isinstance(m, AuxiliaryTrainingWrapper) for p in m.parameters()]
-        return params
+            self._gpart_grad_while_enabled = None
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         # theta is created in fp32; without autocast it follows (and keeps) the base weights' dtype, like
         # LoRA's factors. A quantized base has no float weight to follow: theta stays fp32 there.
-        theta = self.gpart_theta.get(adapter_name) if "gpart_theta" in self._modules else None
-        if theta is None or theta.is_meta or autocast_adapter_dtype:
+        theta = self.gpart_theta[adapter_name]
+        if theta.is_meta or autocast_adapter_dtype:
             return
         first = self._first_adapted_tensor(adapter_name)
-        if first is not None and first.dtype.is_floating_point and first.dtype != theta.dtype:
-            if hasattr(theta, "keep_dtype"):
-                theta.keep_dtype = first.dtype
+        if first.dtype.is_floating_point and first.dtype != theta.dtype:
+            theta.keep_dtype = first.dtype
             theta.data = theta.data.to(first.dtype)
 
     def delete_adapter(self, adapter_name: str) -> None:
         was_active = adapter_name in self.active_adapters
         super().delete_adapter(adapter_name)
-        if adapter_name in self.gpart_theta:
-            del self.gpart_theta[adapter_name]
+        self._forget_theta(adapter_name)
         if was_active:  # PEFT activates what is left, trainable as set_adapter makes it
             self._set_theta_trainability()
-        self._gpart_scales = {k: v for k, v in self._gpart_scales.items() if k[0] != adapter_name}
-        self._gpart_projections.pop(adapter_name, None)
         # unwrap layers that no adapter uses any more, so nothing of the adapter is left behind
         self._unwrap_empty_layers()
 
@@ -350,11 +327,10 @@ class GPartModel(BaseTuner):
             for attr in ("seed", "d", "layout_fingerprint", "partition_version", "projection", "column_gain_ratio",
                          "partition_scope", "grouping_fingerprint"):
                 if getattr(other, attr) != getattr(ref, attr):
-                    raise ValueError(
-                        f"Cannot combine '{adapters[0]}' and '{name}' in theta space: their {attr} differs "
-                        f"({getattr(ref, attr)!r} vs {getattr(other, attr)!r}), so their thetas index different "
-                        "partitions. Combine adapters trained with the same seed, d and target modules."
-                    )
+                    raise ValueError(f"Cannot combine '{adapters[0]}' and '{name}' in theta space: their {attr} "
+                                     f"differs ({getattr(ref, attr)!r} vs {getattr(other, attr)!r}), so their thetas "
+                                     "index different partitions. Combine adapters trained with the same seed, d and "
+                                     "target modules.")
         new_config = copy.deepcopy(ref)
         new_config.inference_mode = True
         self.peft_config[adapter_name] = new_config
@@ -392,17 +368,6 @@ class GPartModel(BaseTuner):
         return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
 
 
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
-
-
-def _projection(config: GPartConfig, seed: int, D: int, d: int):
-    return make_projection(config.projection, seed, D, d, config.partition_version, config.column_gain_ratio)
-
-
 def _initial_theta(config: GPartConfig, device) -> torch.Tensor:
     if device.type == "meta" or config.init_scale == 0.0:
         return torch.zeros(config.d, device=device)
@@ -415,44 +380,35 @@ def _check_layout(config: GPartConfig, layout: list, D: int) -> None:
     saved = [(name, tuple(shape)) for name, shape in config.layout]
     for i, (have, want) in enumerate(zip(layout, saved)):
         if have != want:
-            raise LayoutMismatchError(
-                f"This adapter does not fit the model: adapted tensor #{i} is {have[0]} {list(have[1])} in the model "
-                f"but {want[0]} {list(want[1])} in the adapter. Load it onto the base model it was trained on."
-            )
+            raise LayoutMismatchError(f"This adapter does not fit the model: adapted tensor #{i} is {have[0]} "
+                                      f"{list(have[1])} in the model but {want[0]} {list(want[1])} in the adapter. "
+                                      "Load it onto the base model it was trained on.")
     if len(layout) != len(saved):
         i = min(len(layout), len(saved))
-        extra = layout[i] if len(layout) > len(saved) else saved[i]
-        where = "model" if len(layout) > len(saved) else "adapter"
-        raise LayoutMismatchError(
-            f"This adapter does not fit the model: the {where} has an extra adapted tensor #{i}, {extra[0]} "
-            f"{list(extra[1])} ({len(layout)} tensors in the model, {len(saved)} in the adapter)."
-        )
+        where, extra = ("model", layout[i]) if len(layout) > len(saved) else ("adapter", saved[i])
+        raise LayoutMismatchError(f"This adapter does not fit the model: the {where} has an extra adapted tensor "
+                                  f"#{i}, {extra[0]} {list(extra[1])} ({len(layout)} tensors in the model, "
+                                  f"{len(saved)} in the adapter).")
     if config.D is not None and config.D != D:
         raise LayoutMismatchError(f"The adapter was trained on D={config.D} weights but the model has D={D}.")
     scope = config.partition_scope
-    if config.layout_fingerprint is not None and config.layout_fingerprint != layout_fingerprint(
-            layout, scope, config.layers_pattern):
-        raise LayoutMismatchError(
-            f"The adapter's layout fingerprint does not match its layout under partition_scope={scope!r}: the adapter "
-            "was made under another partition scope (or layers_pattern), which maps theta differently, or the file is "
-            "corrupt. Load it with the adapter_config.json it was saved with."
-        )
+    if config.layout_fingerprint not in (None, layout_fingerprint(layout, scope, config.layers_pattern)):
+        raise LayoutMismatchError("The adapter's layout fingerprint does not match its layout under "
+                                  f"partition_scope={scope!r}: the adapter was made under another partition scope (or "
+                                  "layers_pattern), which maps theta differently, or the file is corrupt. Load it "
+                                  "with the adapter_config.json it was saved with.")
 
 
 def _theta_problem(state_dict: dict, config: GPartConfig) -> str | None:
     """Why the loaded state dict cannot be this adapter's theta, or None when it can."""
     # the one key PEFT loads into theta: under any other name (say a bare "gpart_theta") theta would stay unset
     if THETA_KEY not in state_dict:
-        return (
-            f"The adapter file holds no theta (expected the tensor '{THETA_KEY}'; found {sorted(state_dict)[:5]}). "
-            "It is not a GPart adapter, or it was truncated."
-        )
+        return (f"The adapter file holds no theta (expected the tensor '{THETA_KEY}'; found {sorted(state_dict)[:5]}). "
+                "It is not a GPart adapter, or it was truncated.")
     theta = state_dict[THETA_KEY]
     if not isinstance(theta, torch.Tensor) or not theta.dtype.is_floating_point:
         return f"theta in the adapter file has dtype {getattr(theta, 'dtype', type(theta))}; expected a float tensor."
     if tuple(theta.shape) != (config.d,):
-        return (
-            f"theta in the adapter file has shape {list(theta.shape)} but the config says d={config.d}; the file and "
-            "its adapter_config.json do not belong together."
-        )
+        return (f"theta in the adapter file has shape {list(theta.shape)} but the config says d={config.d}; the "
+                "file and its adapter_config.json do not belong together.")
     return None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from pathlib import Path
 
 from .version import __version__
 
@@ -56,10 +57,7 @@ model = PeftModel.from_pretrained(base_model, "path/to/this/folder")
 def update_model_card(directory: str, config) -> None:
     """Add or replace the GPart section of `directory`/README.md, keeping the rest; written atomically."""
     path = os.path.join(directory, "README.md")
-    text = ""
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+    text = Path(path).read_text(encoding="utf-8") if os.path.exists(path) else ""
     section = card_section(config)
     start = text.find(BEGIN)
     stop = text.find(END, start)

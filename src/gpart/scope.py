@@ -16,8 +16,10 @@ scope stores nothing per weight, and each block's partition is the global one's 
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
+from itertools import accumulate
 
 from .partition import PartitionError
 
@@ -60,32 +62,28 @@ def block_names(layout, layers_pattern=None) -> list[str | None]:
 
 def plan(scope: str, layout, d: int, seed: int, layers_pattern=None) -> Plan:
     """The blocks of `scope` over `layout`; raises PartitionError naming the problem and the fix."""
-    sizes = [_numel(shape) for _, shape in layout]
+    sizes = [math.prod(shape) for _, shape in layout]
     if scope == "global":
-        return Plan((Block("", seed, sum(sizes), d, 0),), tuple(zip([0] * len(sizes), _running(sizes))))
-    if scope != "transformer_block":
-        raise PartitionError(f"unknown partition_scope {scope!r}; gpart supports {', '.join(SCOPES)}")
+        starts = [end - size for end, size in zip(accumulate(sizes), sizes)]
+        return Plan((Block("", seed, sum(sizes), d, 0),), tuple((0, start) for start in starts))
     names = block_names(layout, layers_pattern)
     containers = "/".join(BLOCK_CONTAINERS) if not layers_pattern else f"layers_pattern {layers_pattern!r}"
     if all(n is None for n in names):
-        raise PartitionError(
-            f"partition_scope='transformer_block' needs numbered transformer blocks, but no adapted tensor lies in "
-            f"one (a module path with a container named {containers} followed by an index). Use "
-            "partition_scope='global', or set layers_pattern to the name of the model's block container."
-        )
+        raise PartitionError("partition_scope='transformer_block' needs numbered transformer blocks, but no adapted "
+                             f"tensor lies in one (a module path with a container named {containers} followed by an "
+                             "index). Use partition_scope='global', or set layers_pattern to the name of the model's "
+                             "block container.")
     outside = [layout[i][0] for i, n in enumerate(names) if n is None]
     if outside:
-        raise PartitionError(
-            f"partition_scope='transformer_block': the adapted tensor {outside[0]!r} lies in no numbered transformer "
-            f"block ({len(outside)} such tensors; blocks are found by {containers}). Leave such modules out with "
-            "exclude_modules, or use partition_scope='global'."
-        )
+        raise PartitionError(f"partition_scope='transformer_block': the adapted tensor {outside[0]!r} lies in no "
+                             f"numbered transformer block ({len(outside)} such tensors; blocks are found by "
+                             f"{containers}). Leave such modules out with exclude_modules, or use "
+                             "partition_scope='global'.")
     order = list(dict.fromkeys(names))
     if d < len(order):
-        raise PartitionError(
-            f"d={d} is smaller than the {len(order)} transformer blocks of partition_scope='transformer_block', which "
-            f"gives every block at least one coordinate of theta; choose d >= {len(order)}, or partition_scope='global'."
-        )
+        raise PartitionError(f"d={d} is smaller than the {len(order)} transformer blocks of "
+                             "partition_scope='transformer_block', which gives every block at least one coordinate of "
+                             f"theta; choose d >= {len(order)}, or partition_scope='global'.")
     index = {name: i for i, name in enumerate(order)}
     block_D, placements = [0] * len(order), []
     for name, size in zip(names, sizes):
@@ -96,26 +94,10 @@ def plan(scope: str, layout, d: int, seed: int, layers_pattern=None) -> Plan:
     for i, name in enumerate(order):
         d_i = q + (i < r)
         if d_i > block_D[i]:
-            raise PartitionError(
-                f"partition_scope='transformer_block': block {name!r} would get d_i={d_i} coordinates of theta (d={d} "
-                f"over {len(order)} blocks) but holds only {block_D[i]} adapted weights; choose d <= "
-                f"{min(block_D) * len(order)}, or partition_scope='global'."
-            )
+            raise PartitionError(f"partition_scope='transformer_block': block {name!r} would get d_i={d_i} "
+                                 f"coordinates of theta (d={d} over {len(order)} blocks) but holds only {block_D[i]} "
+                                 f"adapted weights; choose d <= {min(block_D) * len(order)}, or "
+                                 "partition_scope='global'.")
         blocks.append(Block(name, seed + i, block_D[i], d_i, offset))
         offset += d_i
     return Plan(tuple(blocks), tuple(placements))
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
-
-
-def _running(sizes: list[int]) -> list[int]:
-    starts, total = [], 0
-    for s in sizes:
-        starts.append(total)
-        total += s
-    return starts

@@ -1,19 +1,15 @@
 """theta's container: a parameter that keeps its precision when a trainer narrows it behind our back.
 
-TRL's trainers cast every trainable parameter of a quantized model to bfloat16 (`param.data =
-param.data.to(torch.bfloat16)`, following QLoRA). For GPart that would round theta and its Adam state to
-8 significant bits, and updates smaller than theta's bf16 spacing would be lost. ThetaParameter's `data`
-setter refuses a narrowing cast (fewer bits than `keep_dtype`, float32 unless chosen otherwise): a cast of
-theta itself keeps theta's exact values, any other narrower value is stored as `keep_dtype`; widening
-(float64) and device moves pass through. `module.to(torch.bfloat16)` goes through
-the same setter, so theta stays float32 there too; GPart's functions read theta in float32 whatever the
-model's dtype. `get_peft_model(..., autocast_adapter_dtype=False)` is the explicit way to store theta in
-the base weights' dtype: it sets `keep_dtype` to that dtype.
+TRL's trainers cast every trainable parameter of a quantized model to bfloat16 (following QLoRA), which
+would round theta and its Adam state to 8 significant bits and lose updates below theta's bf16 spacing.
+ThetaParameter's `data` setter (which `module.to(dtype)` goes through too) refuses a cast below
+`keep_dtype` (float32 unless `get_peft_model(..., autocast_adapter_dtype=False)` chose the base weights'
+dtype): a cast of theta itself keeps theta's exact values, any other narrower value is stored as
+`keep_dtype`; widening and device moves pass through. GPart's functions read theta in float32 anyway.
 
-ThetaDict (the tuner's `gpart_theta`) wraps the plain nn.Parameters that gpart puts into it and those a
-`load_state_dict(..., assign=True)` installs (PEFT's low_cpu_mem_usage load). FSDP2's own parameters (the
-sharded DTensors and the unsharded views it swaps in) are left as they are: FSDP2 manages their dtype
-through its MixedPrecisionPolicy.
+ThetaDict (the tuner's `gpart_theta`) wraps the plain nn.Parameters put into it, by gpart or by
+`load_state_dict(..., assign=True)` (PEFT's low_cpu_mem_usage load). FSDP2's own parameters are left as
+they are: FSDP2 manages their dtype through its MixedPrecisionPolicy.
 """
 
 from __future__ import annotations
@@ -76,10 +72,10 @@ def _rebuild_theta(data, requires_grad, keep):
 
 
 class ThetaDict(nn.ParameterDict):
-    """nn.ParameterDict that turns plain nn.Parameters put into it by gpart or by a state-dict load into
-    ThetaParameters. (Not in __setattr__: FSDP2 swaps its own unsharded parameter objects in and out,
-    and a wrapped copy would take their gradients.)"""
+    """nn.ParameterDict that stores the plain nn.Parameters put into it as ThetaParameters."""
 
+    # here, not in __setattr__: FSDP2 swaps its own unsharded parameter objects in and out, and a wrapped copy
+    # would take their gradients
     def __setitem__(self, key: str, value) -> None:
         super().__setitem__(key, _guarded(value))
 
@@ -91,6 +87,4 @@ class ThetaDict(nn.ParameterDict):
 
 
 def _guarded(value):
-    if type(value) is nn.Parameter:
-        return ThetaParameter(value, value.requires_grad)
-    return value
+    return ThetaParameter(value, value.requires_grad) if type(value) is nn.Parameter else value
