@@ -751,7 +751,8 @@ def test_word_reversal_builtin():
         assert 3 <= len(words) <= 5
         assert assistant["content"] == r["answer"] == ", ".join(reversed(words))
     assert ds["test"] == load_dataset("word-reversal")["test"]
-    assert ds["test"] != load_dataset("word-reversal", seed=1)["test"]
+    other = load_dataset("word-reversal", seed=1)  # another seed: other problems, in every split
+    assert not {q for q in questions} & {r["messages"][0]["content"] for split in other.splits.values() for r in split}
     with pytest.raises(DatasetError, match="'word-reversal' is for chat, not math"):
         load_dataset("word-reversal", task="math")
 
@@ -779,4 +780,5 @@ def test_arithmetic_builtin():
     assert negative > 20  # signed answers are common: "3" must not match "-3"
     assert reference_match(["3", "-3", "so it is -3."], ["-3", "-3", "-3"])["exact_match"] == 2 / 3
     assert ds["test"] == load_dataset("arithmetic")["test"]
-    assert ds["test"] != load_dataset("arithmetic", seed=1)["test"]
+    other = {r["messages"][0]["content"] for r in load_dataset("arithmetic", seed=1)["test"]}
+    assert len(other & {r["messages"][0]["content"] for r in ds["test"]}) < 10  # short sums can recur by chance

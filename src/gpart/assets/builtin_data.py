@@ -33,6 +33,7 @@ from .rlazyload import read_lazyload
 TEST_FRACTION = 0.2
 GSM_SYMBOLIC_SIZES = {"train": 2000, "test": 200}
 CHAT_SIZES = {"train": 2000, "validation": 200, "test": 200}
+CHAT_SEED_STRIDE = 10_000  # > 2 * sum(CHAT_SIZES.values()): the streams of two seeds never overlap
 # reasoning-gym's word_sequence_reversal, kept short (3-5 words) so a CPU run sees many examples
 WORD_REVERSAL_CONFIG = {"min_words": 3, "max_words": 5}
 # reasoning-gym's basic_arithmetic, small enough that a 135M model can learn it in a few hundred steps
@@ -282,10 +283,11 @@ def load_arithmetic(seed: int = 0) -> ChatDataset:
 
 
 def _reasoning_gym_chat(name: str, generator: str, config: dict, seed: int) -> ChatDataset:
-    # one stream dealt out in order (train, validation, test): reasoning-gym draws item i from seed + i,
-    # so streams of nearby seeds overlap and separate streams per split would share questions
+    # reasoning-gym draws item i from seed + i: one stream is dealt out in order (train, validation, test),
+    # since per-split streams of nearby seeds would share questions, and the stream of seed s starts at
+    # s * CHAT_SEED_STRIDE, so that seeds give disjoint problems (a stream uses at most 2 * total items)
     total = sum(CHAT_SIZES.values())
-    items = _reasoning_gym().create_dataset(generator, size=2 * total, seed=seed, **config)
+    items = _reasoning_gym().create_dataset(generator, size=2 * total, seed=seed * CHAT_SEED_STRIDE, **config)
     rows, seen = [], set()
     for item in items:
         if item["question"] not in seen:  # a short question can repeat: over-generate, keep the first draw
