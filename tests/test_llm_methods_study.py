@@ -202,6 +202,8 @@ def test_where_the_default_is_the_best_gpart_gets_one_set_of_seeds(tmp_path):
     _sweep(tmp_path, "arithmetic", "gpart", {0.1: (0.9, 0.2), 0.2: (0.5, 0.4), 0.4: (0.6, 0.3)})
     tags = [r.tag for r in lm.seed_runs(tmp_path, ("arithmetic",), ("gpart",))]
     assert tags == ["gpart-base0.2-d131072-s1", "gpart-base0.2-d131072-s2"]
+    md = lm.render(lm.collect(tmp_path))
+    assert "GPart tuned is GPart at the rule's lr" in md and "| tuned |" not in md.split("### arithmetic")[1]
 
 
 def test_paired_differences_arms_and_what_is_missing(tree):
@@ -258,10 +260,13 @@ def test_status_counts_runs_and_estimates_time_from_finished_runs(tree):
     assert "CPU time left: ~" in text
 
 
-def test_prune_removes_checkpoints_of_finished_runs_only(tmp_path):
+def test_prune_removes_checkpoints_of_finished_runs_only_and_keeps_no_machine_path(tmp_path):
     done, running = tmp_path / "llm-reversal" / "a-s0", tmp_path / "llm-reversal" / "b-s0"
     for run in (done, running):
         (run / "checkpoints" / "checkpoint-300").mkdir(parents=True)
-    (done / "metrics.json").write_text("{}")
+    best = done / "checkpoints" / "checkpoint-300"
+    (done / "metrics.json").write_text(json.dumps({"best_checkpoint": str(best.resolve()), "test": {"n": 200}}))
     assert lm.prune_checkpoints(tmp_path) == 1
     assert not (done / "checkpoints").exists() and (running / "checkpoints" / "checkpoint-300").is_dir()
+    assert json.loads((done / "metrics.json").read_text()) == {"best_checkpoint": "checkpoints/checkpoint-300",
+                                                               "test": {"n": 200}}

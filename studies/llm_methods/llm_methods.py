@@ -109,8 +109,7 @@ def domain_specs(smoke: bool = False) -> dict:
     """quality.DOMAINS entries, one per task (the runner reads a run's budget and metric from there)."""
     budget = SMOKE_BUDGET if smoke else BUDGET
     return {domain(t): dict(title=f"LLM methods: SmolLM2-135M-Instruct on {ds} (chat, greedy exact match)",
-                            args=["--task", "causal-lm", "--dataset", ds, *budget], metric="exact_match", d=D,
-                            methods=METHODS, lr_sweep={}, d_sweep=())
+                            args=["--task", "causal-lm", "--dataset", ds, *budget], metric="exact_match", d=D)
             for t, ds in TASKS.items()}
 
 
@@ -230,13 +229,22 @@ def arm_runs(runs: Path, tasks=tuple(TASKS), arms=tuple(ARMS)) -> list[quality.R
 
 def prune_checkpoints(runs: Path) -> int:
     """Delete the Trainer checkpoints of finished runs (metrics.json written): only an unfinished run resumes
-    from one, and a full fine-tuning checkpoint with its optimizer state is over 1.5 GB. Returns the count."""
+    from one, and a full fine-tuning checkpoint with its optimizer state is over 1.5 GB. The metrics.json,
+    which git keeps, then names its best checkpoint relative to the run folder (not by this machine's path).
+    Returns how many runs were pruned."""
     n = 0
-    for metrics in runs.glob("*/*/metrics.json"):
-        ckpt = metrics.parent / "checkpoints"
+    for metrics_file in runs.glob("*/*/metrics.json"):
+        run = metrics_file.parent
+        ckpt = run / "checkpoints"
         if ckpt.is_dir():
             shutil.rmtree(ckpt)
             n += 1
+        metrics = json.loads(metrics_file.read_text())
+        best = metrics.get("best_checkpoint")
+        if best and Path(best).is_absolute():
+            path, here = Path(best).resolve(), run.resolve()
+            metrics["best_checkpoint"] = str(path.relative_to(here)) if path.is_relative_to(here) else path.name
+            lr_rule.write_atomic(metrics_file, json.dumps(metrics, indent=1))
     return n
 
 
@@ -348,7 +356,8 @@ def status_text(runs: Path, steps: int | None = None) -> str:
 
 
 def cmd_status(args) -> int:
-    print(status_text(Path(args.runs_dir)))
+    budget = SMOKE_BUDGET if args.smoke else BUDGET
+    print(status_text(Path(args.runs_dir), int(budget[budget.index("--max-steps") + 1])))
     return 0
 
 
@@ -524,12 +533,17 @@ def render(result: dict) -> str:
         L += ["", "Paired differences in test exact match (GPart minus the other, by seed; \"ahead\" / \"behind\": "
               "the mean beyond one sd of the paired differences):", "",
               "| GPart | minus | difference: mean ± sd: per seed | where GPart stands |", "|---|---|---|---|"]
+        same = t["methods"]["gpart"]["chosen"] == t["methods"]["gpart"]["default_base"]
         for ref, versus in t["paired"].items():
+            if ref == "gpart-tuned" and same:
+                continue  # the same runs as at the rule's lr
             name = "at the rule's lr" if ref == "gpart-default" else "tuned"
             for m, p in versus.items():
                 other = "GPart tuned" if m == "gpart-tuned" else LABEL[m]
                 verdict = (p or {}).get("verdict") or "– (no verdict)"
                 L.append(f"| {name} | {other} | {_pair_text(p)} | {verdict} |")
+        if same:
+            L += ["", "The sweep chose the rule's default base: GPart tuned is GPart at the rule's lr."]
         if t["arms"]:
             L += ["", "The authors' partition variants at GPart's chosen base, minus the global partition (same base, "
                   "by seed):", "", "| arm | flags | test exact match | validation loss per seed | minus global | "
