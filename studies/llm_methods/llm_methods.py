@@ -35,7 +35,7 @@ import math
 import shutil
 import statistics
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -244,7 +244,7 @@ def prune_checkpoints(runs: Path) -> int:
         if best and Path(best).is_absolute():
             path, here = Path(best).resolve(), run.resolve()
             metrics["best_checkpoint"] = str(path.relative_to(here)) if path.is_relative_to(here) else path.name
-            lr_rule.write_atomic(metrics_file, json.dumps(metrics, indent=1))
+            quality.write_atomic(metrics_file, json.dumps(metrics, indent=1))
     return n
 
 
@@ -370,14 +370,13 @@ COMMAND = ("python studies/llm_methods/llm_methods.py run --phase sweep && "
 
 def mean_sd(xs: list[float]) -> tuple[float | None, float | None]:
     """Mean, and the sd only with all three seeds (fewer give no spread to judge by)."""
-    if not xs:
-        return None, None
-    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) >= len(SEEDS) else None)
+    mean, sd = quality.mean_sd(xs)
+    return mean, (sd if len(xs) >= len(SEEDS) else None)
 
 
 def seeds_of(runs: Path, run: quality.Run) -> dict | None:
     """Test exact match and validation loss of `run` (seed 0) on every seed done."""
-    ms = [(s, m) for s in SEEDS if (m := quality.load_metrics(runs, replace(run, seed=s)))]
+    ms = [(s, m) for s in SEEDS if (m := quality.load_metrics(runs, lr_rule.with_seed(run, s)))]
     if not ms:
         return None
     test = [quality.test_metric(run.domain, m) for _, m in ms]
@@ -388,20 +387,20 @@ def seeds_of(runs: Path, run: quality.Run) -> dict | None:
 
 
 def paired(a: dict | None, b: dict | None) -> dict | None:
-    """a - b per seed both have, mean, sd (three seeds only) and where a stands: "ahead" / "behind" when the
-    mean difference is beyond one sd of the paired differences, else "within the spread"; None: no verdict."""
+    """lr_rule.paired (a - b per seed both have) with those seeds, the sd only with three, and where a stands:
+    "ahead" / "behind" when the mean difference is beyond one sd of the paired differences, else "within the
+    spread"; verdict None with fewer seeds."""
     if not a or not b:
         return None
-    other = dict(zip(b["seeds"], b["test"]))
-    seeds = [s for s in a["seeds"] if s in other]
-    diffs = [t - other[s] for s, t in zip(a["seeds"], a["test"]) if s in other]
-    if not diffs:
+    p = lr_rule.paired(a, b)
+    if not p["diffs"]:
         return None
-    mean, sd = mean_sd(diffs)
+    mean, sd = mean_sd(p["diffs"])
     verdict = None
     if sd is not None:
         verdict = "within the spread" if abs(mean) <= sd else ("ahead" if mean > 0 else "behind")
-    return {"seeds": seeds, "diffs": diffs, "mean": mean, "sd": sd, "verdict": verdict}
+    return {"seeds": [s for s in a["seeds"] if s in b["seeds"]], "diffs": p["diffs"], "mean": mean, "sd": sd,
+            "verdict": verdict}
 
 
 def task_summary(runs: Path, task: str) -> dict:
@@ -562,8 +561,8 @@ def cmd_report(args) -> int:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     result = collect(Path(args.runs_dir))
-    lr_rule.write_atomic(out / "llm_methods.json", json.dumps(result, indent=1) + "\n")
-    lr_rule.write_atomic(out / "llm_methods.md", render(result))
+    quality.write_atomic(out / "llm_methods.json", json.dumps(result, indent=1) + "\n")
+    quality.write_atomic(out / "llm_methods.md", render(result))
     print(f"wrote {out / 'llm_methods.md'}")
     return 0
 
