@@ -428,7 +428,7 @@ def task_summary(runs: Path, task: str) -> dict:
             miss.append(f"{LABEL[m]}: seeds {_missing_seeds(row['seeds'])} at the chosen lr")
         if st["where"] not in (None, "bracketed"):
             miss.append(f"{LABEL[m]}: the chosen lr is the {st['where']} after {len(st['points'])} points "
-                        "(the sweep stopped at its cap): the best may lie beyond")
+                        "(the sweep stopped at its cap or its ladder's end): the best may lie beyond")
     if base and len(base["seeds"]) < len(SEEDS):
         miss.append(f"base model: seeds {_missing_seeds(base)}")
     g = out["methods"]["gpart"]
@@ -460,7 +460,7 @@ def _missing_seeds(r: dict | None) -> str:
 def collect(runs: Path) -> dict:
     return {"command": COMMAND, "settings": {
         "model": "SmolLM2-135M-Instruct", "budget": list(BUDGET), "d": D, "seeds": list(SEEDS),
-        "gpart_default_base": DEFAULT_BASE, "ladders": {m: first_points(m) for m in SWEPT},
+        "gpart_default_base": DEFAULT_BASE, "first_points": {m: first_points(m) for m in SWEPT},
         "ranks": RANK, "max_points": lr_rule.MAX_POINTS, "arms": {a: list(f) for a, f in ARMS.items()}},
         "tasks": {t: task_summary(runs, t) for t in TASKS}}
 
