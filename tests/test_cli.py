@@ -77,6 +77,9 @@ def test_train_writes_metrics_adapter_curve_report(trained_text):
     assert m["test"]["n"] == 20 and not m["test_is_validation"]  # the folder's own test.csv
     assert [p["step"] for p in m["history"]["train"]] == list(range(1, 7))
     assert len(m["history"]["eval"]) >= 2 and all("accuracy" in p for p in m["history"]["eval"])
+    # the best checkpoint is named relative to the run folder (no machine path in a file studies commit)
+    assert m["best_checkpoint"].startswith("checkpoints")
+    assert not Path(m["best_checkpoint"]).is_absolute()
     adapter = out / "adapter"
     assert (adapter / "adapter_config.json").exists() and (adapter / "gpart_task.json").exists()
     assert m["adapter_bytes"] == (adapter / "adapter_model.safetensors").stat().st_size

@@ -56,3 +56,25 @@ def test_gpu_check_runs_every_file_with_cuda_tests():
     assert {"tests/test_cuda.py", "tests/test_quantized.py"} <= marked
     assert listed and not marked - set(listed.group(1).split()), \
         f"benchmarks/gpu_check.sh misses {sorted(marked - set(listed.group(1).split()))}"
+
+
+def _strings(value):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+
+
+def test_committed_study_runs_name_no_machine_path():
+    """A study's runs keep their metrics.json in git: no value in one may be an absolute path of the machine
+    that ran it (gpart train names its best checkpoint relative to the run folder)."""
+    import json
+
+    files = sorted(ROOT.glob("studies/*/runs/**/metrics.json"))
+    absolute = [f"{f.relative_to(ROOT)}: {s}" for f in files for s in _strings(json.loads(f.read_text()))
+                if s.startswith("/") and len(s) > 1]
+    assert not absolute, absolute

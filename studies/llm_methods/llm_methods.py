@@ -229,22 +229,14 @@ def arm_runs(runs: Path, tasks=tuple(TASKS), arms=tuple(ARMS)) -> list[quality.R
 
 def prune_checkpoints(runs: Path) -> int:
     """Delete the Trainer checkpoints of finished runs (metrics.json written): only an unfinished run resumes
-    from one, and a full fine-tuning checkpoint with its optimizer state is over 1.5 GB. The metrics.json,
-    which git keeps, then names its best checkpoint relative to the run folder (not by this machine's path).
-    Returns how many runs were pruned."""
+    from one, and a full fine-tuning checkpoint with its optimizer state is over 1.5 GB. Returns how many runs
+    were pruned."""
     n = 0
     for metrics_file in runs.glob("*/*/metrics.json"):
-        run = metrics_file.parent
-        ckpt = run / "checkpoints"
+        ckpt = metrics_file.parent / "checkpoints"
         if ckpt.is_dir():
             shutil.rmtree(ckpt)
             n += 1
-        metrics = json.loads(metrics_file.read_text())
-        best = metrics.get("best_checkpoint")
-        if best and Path(best).is_absolute():
-            path, here = Path(best).resolve(), run.resolve()
-            metrics["best_checkpoint"] = str(path.relative_to(here)) if path.is_relative_to(here) else path.name
-            quality.write_atomic(metrics_file, json.dumps(metrics, indent=1))
     return n
 
 

@@ -502,7 +502,9 @@ def train(args, recipe: TaskRecipe) -> dict:
         **({"test_items": scored_items(test_split, args.seed)} if test else {}),
         **({"skipped": dict(data.skipped)} if data.skipped else {}),
         "history": {"train": train_pts, "eval": eval_pts},
-        "best_checkpoint": trainer.state.best_model_checkpoint,
+        # relative to the run folder: metrics.json travels (a study commits it) without this machine's paths
+        "best_checkpoint": (None if trainer.state.best_model_checkpoint is None
+                            else os.path.relpath(trainer.state.best_model_checkpoint, out)),
     }
     if main:
         with warnings.catch_warnings():
