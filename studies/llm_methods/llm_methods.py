@@ -457,13 +457,18 @@ def collect(runs: Path) -> dict:
         "tasks": {t: task_summary(runs, t) for t in TASKS}}
 
 
-def _seeds_text(r: dict | None, digits: int = 3) -> str:
+def _per_seed_text(r: dict | None, values: str, sign: str = "", missing: str = ", no sd") -> str:
+    """"mean ± sd: s0 x, s1 y, ..." of r[values] by seed; with fewer than 3 seeds, no sd (and says so)."""
     if not r:
         return "–"
-    per = ", ".join(f"s{s} {t:.{digits}f}" for s, t in zip(r["seeds"], r["test"]))
+    per = ", ".join(f"s{s} {v:{sign}.3f}" for s, v in zip(r["seeds"], r[values]))
     if r["sd"] is None:
-        return f"{r['mean']:.{digits}f} ({len(r['test'])} of 3 seeds, no sd): {per}"
-    return f"{r['mean']:.{digits}f} ± {r['sd']:.{digits}f}: {per}"
+        return f"{r['mean']:{sign}.3f} ({len(r[values])} of 3 seeds{missing}): {per}"
+    return f"{r['mean']:{sign}.3f} ± {r['sd']:.3f}: {per}"
+
+
+def _seeds_text(r: dict | None) -> str:
+    return _per_seed_text(r, "test")
 
 
 def _loss_text(r: dict | None) -> str:
@@ -473,12 +478,7 @@ def _loss_text(r: dict | None) -> str:
 
 
 def _pair_text(p: dict | None) -> str:
-    if not p:
-        return "–"
-    per = ", ".join(f"s{s} {d:+.3f}" for s, d in zip(p["seeds"], p["diffs"]))
-    if p["sd"] is None:
-        return f"{p['mean']:+.3f} ({len(p['diffs'])} of 3 seeds: no sd, no verdict): {per}"
-    return f"{p['mean']:+.3f} ± {p['sd']:.3f}: {per}"
+    return _per_seed_text(p, "diffs", "+", ": no sd, no verdict")
 
 
 def _lr_text(m: str, lr: float | None) -> str:
