@@ -500,9 +500,9 @@ def render(result: dict) -> str:
          "middle point, so GPart at the rule's lr is one of the runs), the others' `--lr` (factor 3), each "
          f"extended while its best is at an end, up to {s['max_points']} points. Then seeds 1 and 2 at the chosen "
          "lr (GPart also at the default base). A cell with fewer than 3 seeds has no sd and no verdict. Seeds "
-         "change the initialisation, GPart's partition and the data order; the seeded datasets of nearby seeds "
-         "share almost all their items (reasoning-gym draws item i from seed + i), so the spread over seeds is "
-         "training noise on nearly one test set, not sampling noise of the test items."]
+         "change the initialisation, GPart's partition, the data order and the problems themselves (each seed "
+         "draws its own train, validation and test items), so the spread over seeds holds both training noise "
+         "and the sampling noise of 200 test items."]
     for task, t in result["tasks"].items():
         L += ["", f"### {task} ({t['dataset']})", "", "| method | sweep (seed 0): lr → validation loss (test exact "
               "match) | chosen lr | test exact match, mean ± sd: per seed | validation loss per seed |",
