@@ -354,3 +354,12 @@ def test_quantized_base_option_runs_adapter_methods_on_a_bitsandbytes_model(tmp_
     assert s["gpart"]["trainable_params"] == 256
     md = path.with_suffix(".md").read_text()
     assert "Base quantized with bitsandbytes (nf4)" in md and "GPart / LoRA r=8 = " in md.split("Peak RSS")[-1]
+
+
+def test_core_size_counts_code_lines_without_docstrings_comments_or_blanks():
+    core_size = load_script("benchmarks/core_size.py")
+    source = '"""Module doc,\ntwo lines."""\n\n# a comment\ndef f(x):\n    """Doc."""\n    return (x +\n            1)  # why\n'
+    assert core_size.line_counts(source) == (8, 3)  # def, and the two lines of the return
+    files = core_size.core_files(None)
+    assert "src/gpart/model.py" in files and "src/gpart/functional.py" in files
+    assert not any(p.startswith(core_size.OUTSIDE_CORE) for p in files)

@@ -1,0 +1,67 @@
+#!/usr/bin/env python
+"""Lines of the library core: src/gpart without recipes/, assets/, kernels/, the CLI and the demo.
+
+    python benchmarks/core_size.py [--ref COMMIT]   # prints a markdown table per file: total and code lines
+
+Code lines exclude blank lines, comments and docstrings. With --ref, the same count for that commit's
+files (read with `git show`), so a redesign's before and after come from one command.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import io
+import subprocess
+import sys
+import tokenize
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUTSIDE_CORE = ("src/gpart/recipes/", "src/gpart/assets/", "src/gpart/kernels/", "src/gpart/cli.py",
+                "src/gpart/demo.py")
+LAYOUT = (tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER)
+
+
+def line_counts(source: str) -> tuple[int, int]:
+    """(all lines, code lines) of one module's source."""
+    docstrings = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+                docstrings.update(range(first.lineno, first.end_lineno + 1))
+    code = set()
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type not in LAYOUT:
+            code.update(n for n in range(tok.start[0], tok.end[0] + 1) if n not in docstrings)
+    return len(source.splitlines()), len(code)
+
+
+def core_files(ref: str | None) -> dict[str, str]:
+    """path -> source of every core module, in the working tree or at commit `ref`."""
+    if ref is None:
+        paths = [str(p.relative_to(ROOT)) for p in sorted((ROOT / "src" / "gpart").rglob("*.py"))]
+        read = lambda p: (ROOT / p).read_text()  # noqa: E731
+    else:
+        listing = subprocess.run(["git", "ls-tree", "-r", "--name-only", ref, "src/gpart"], cwd=ROOT, check=True,
+                                 capture_output=True, text=True).stdout.split()
+        paths = sorted(p for p in listing if p.endswith(".py"))
+        read = lambda p: subprocess.run(["git", "show", f"{ref}:{p}"], cwd=ROOT, check=True,  # noqa: E731
+                                        capture_output=True, text=True).stdout
+    return {p: read(p) for p in paths if not p.startswith(OUTSIDE_CORE)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ref", default=None, help="count that commit's files instead of the working tree's")
+    args = p.parse_args(argv)
+    rows = {path: line_counts(src) for path, src in core_files(args.ref).items()}
+    print(f"| module ({args.ref or 'working tree'}) | lines | code lines |\n|---|---|---|")
+    for path, (total, code) in rows.items():
+        print(f"| {path.removeprefix('src/gpart/')} | {total} | {code} |")
+    print(f"| **core, {len(rows)} modules** | **{sum(t for t, _ in rows.values())}** | **{sum(c for _, c in rows.values())}** |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
