@@ -49,6 +49,26 @@ def test_d_larger_than_D_states_D_and_leaves_the_model_untouched():
     assert not any(isinstance(m, GPartLayer) for m in base.modules())
 
 
+def test_a_failed_injection_takes_its_modules_to_save_copies_back():
+    """PEFT copies modules_to_save before gpart can check d against D: the failure must undo those copies too,
+    on a fresh model (the wrapper goes) and on a second adapter (the first adapter keeps its copy, unchanged)."""
+    base = MLP()
+    before = _snapshot(base)
+    with pytest.raises(PartitionError, match="D=200 weights"):
+        get_peft_model(base, GPartConfig(d=201, target_modules=["lin0"], modules_to_save=["head"]))
+    assert _snapshot(base) == before
+
+    model = get_peft_model(MLP(), GPartConfig(d=8, target_modules=["lin0"], modules_to_save=["head"]))
+    with torch.no_grad():
+        model.base_model.model.head.modules_to_save["default"].weight.add_(1.0)  # as if it had trained
+    x = torch.randn(3, 10)
+    out, state = model(x), _snapshot(model)
+    with pytest.raises(PartitionError, match="D=200 weights"):
+        model.add_adapter("other", GPartConfig(d=201, target_modules=["lin0"], modules_to_save=["head"]))
+    assert _snapshot(model) == state and list(model.peft_config) == ["default"]
+    assert torch.equal(model(x), out)
+
+
 def test_unknown_target_names_the_targets():
     with pytest.raises(ValueError, match=r"Target modules \{'nope'\} not found"):
         get_peft_model(MLP(), GPartConfig(d=4, target_modules=["nope"]))

@@ -117,6 +117,7 @@ class GPartModel(BaseTuner):
         self.gpart_theta[adapter_name] = nn.Parameter(torch.zeros(config.d, device="meta"))
         # what a failed injection or load must restore (PEFT freezes the base model while injecting)
         self._gpart_requires_grad = {adapter_name: [(p, p.requires_grad) for p in model.parameters()]}
+        self._gpart_aux_before = {id(m) for m in model.modules() if isinstance(m, AuxiliaryTrainingWrapper)}
         try:
             super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, state_dict)
             self._finish_adapter(adapter_name, low_cpu_mem_usage)
@@ -231,6 +232,13 @@ class GPartModel(BaseTuner):
             layer.gpart_slices.pop(adapter_name, None)
             layer.gpart_dropout.pop(adapter_name, None)
         self._unwrap_empty_layers()
+        # modules_to_save copies PEFT made for this adapter: a wrapper made now goes, an older one loses the copy
+        for key, module in reversed(list(self.model.named_modules())):
+            if isinstance(module, AuxiliaryTrainingWrapper):
+                if id(module) not in self._gpart_aux_before:
+                    self.model.set_submodule(key, module.original_module)
+                else:
+                    module.delete_adapter(adapter_name, [a for a in module.active_adapters if a != adapter_name])
         self._forget_theta(adapter_name)
         self.peft_config.pop(adapter_name, None)
         for param, flag in self._gpart_requires_grad.pop(adapter_name, []):
