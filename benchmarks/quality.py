@@ -31,9 +31,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpart.recipes.methods import DEFAULT_LR, TARGET_SETS
-
 ROOT = Path(__file__).resolve().parents[1]
+# run as a script, benchmarks/ comes first on sys.path, where kernels.py would shadow the `kernels` package
+# that transformers imports
+sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != ROOT / "benchmarks"]
+
+from gpart.recipes.methods import DEFAULT_LR, TARGET_SETS  # noqa: E402
 SEEDS = (0, 1, 2)
 
 LR_RULE_POINTER = ("## GPart's learning-rate rule and the isometry ablations\n\n"
@@ -45,6 +48,11 @@ LR_BUDGET_POINTER = ("## GPart's learning-rate rule across training length\n\n"
                      "sweeps\nthat finished, listed with what was not run): "
                      "[studies/lr_budget/lr_budget.md](../studies/lr_budget/lr_budget.md);\nwhat a user should expect "
                      "at their budget is in [lr.md](lr.md#across-training-length).")
+LLM_METHODS_POINTER = ("## The LLM study at 300 steps (in progress)\n\n"
+                       "Base model, GPart, LoRA r=8, Uni-LoRA and full fine-tuning on two chat tasks (word-reversal, "
+                       "arithmetic),\n300 steps of 8, 200 test items, 3 seeds, each method's lr swept on validation "
+                       "loss: [studies/llm_methods/llm_methods.md](../studies/llm_methods/llm_methods.md)\n(what has run "
+                       "and what is missing is listed there).")
 ALL_LINEAR = ",".join(TARGET_SETS["decoder"]["all"])  # every linear layer of a Llama block
 
 # One fixed budget per domain, sized so a run takes a few minutes on one CPU core.
@@ -481,6 +489,7 @@ def cmd_report(args) -> int:
         body += "\n" + analysis.read_text()
     body += "\n" + LR_RULE_POINTER + "\n"
     body += "\n" + LR_BUDGET_POINTER + "\n"
+    body += "\n" + LLM_METHODS_POINTER + "\n"
     arms = ROOT / "studies" / "partition_arms" / "arms.md"
     if arms.exists():  # the authors' partition variants (studies/partition_arms/arms.py)
         body += "\n" + arms.read_text()
