@@ -27,6 +27,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "studies"))  # the scripts' shared helpers
+from study_scripts import write_atomic  # noqa: E402
 
 
 def git(*args: str, cwd: Path = ROOT) -> str:
@@ -86,7 +88,7 @@ def main(argv=None) -> int:
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="after --: the benchmark script's arguments")
     args = p.parse_args(argv)
     if args.from_json:
-        args.from_json.with_suffix(".md").write_text(render(json.loads(args.from_json.read_text())))
+        write_atomic(args.from_json.with_suffix(".md"), render(json.loads(args.from_json.read_text())))
         return 0
     bench_args = [a for a in args.bench_args if a != "--"]
     shape = bench_args[bench_args.index("--shape") + 1] if "--shape" in bench_args else "default"
@@ -123,9 +125,7 @@ def main(argv=None) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     for suffix, text in ((".json", json.dumps(result, indent=2) + "\n"), (".md", render(result))):
         target = args.out_dir / f"{name}{suffix}"
-        tmp_file = target.with_suffix(suffix + ".tmp")
-        tmp_file.write_text(text)
-        tmp_file.replace(target)
+        write_atomic(target, text)
     print(render(result))
     return 0
 

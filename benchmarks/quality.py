@@ -36,7 +36,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # that transformers imports
 sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != ROOT / "benchmarks"]
 
+sys.path.insert(0, str(ROOT / "studies"))  # the scripts' shared helpers
 from gpart.recipes.methods import DEFAULT_LR, TARGET_SETS  # noqa: E402
+from study_scripts import write_atomic  # noqa: E402 - the studies call it as quality.write_atomic
 SEEDS = (0, 1, 2)
 
 LR_RULE_POINTER = ("## GPart's learning-rate rule and the isometry ablations\n\n"
@@ -161,13 +163,6 @@ def write_base_metrics(out: Path) -> None:
     metrics = {"test": test, "validation": {}, "params": {"trainable": 0}, "adapter_bytes": 0, "saved": "nothing",
                "train": {"runtime_s": 0.0}}
     write_atomic(out / "metrics.json", json.dumps(metrics, indent=1))
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write a temporary file, then rename it: a reader never sees half a report."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def run_dir(runs: Path, run: Run) -> Path:

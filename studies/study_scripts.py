@@ -21,3 +21,10 @@ def load_script(relative_path: str):
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return sys.modules[name]
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a temporary file, then rename it: a reader never sees half a report."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
