@@ -26,9 +26,6 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-# benchmarks/ holds a kernels.py that would shadow the `kernels` package transformers probes for
-sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != HERE]
-
 from gpart.recipes.methods import TARGET_SETS, build_peft_config  # noqa: E402 - the CLI's method settings
 sys.path.insert(0, str(ROOT / "studies"))  # the repository's one script loader
 from study_scripts import load_script  # noqa: E402

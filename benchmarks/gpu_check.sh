@@ -46,6 +46,6 @@ EOF
 "$PY" benchmarks/step_time.py --shape "$SHAPE" --targets all --d "$D" $BATCH --dtype "$DTYPE" --device "$DEVICE" \
   --methods gpart,gpart-v1,floor,lora-r8 --repeats "$REPEATS" --out-dir "$OUT" \
   --note "benchmarks/gpu_check.sh $*" 2>&1 | tee "$OUT/step_time.log" || status=1
-"$PY" benchmarks/kernels.py "${KERNELS[@]}" --out-dir "$OUT" 2>&1 | tail -n 20 || status=1
+"$PY" benchmarks/kernel_speed.py "${KERNELS[@]}" --out-dir "$OUT" 2>&1 | tail -n 20 || status=1
 ls -l "$OUT"
 exit $status

@@ -15,9 +15,6 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-# Running a script puts its folder first on sys.path, where benchmarks/kernels.py would shadow Hugging
-# Face's `kernels` package that transformers probes for (as in kernels.py).
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 sys.path[:0] = [str(HERE.parent / "src"), str(HERE.parent / "studies")]  # studies/: the one script loader
 from study_scripts import load_script  # noqa: E402
 

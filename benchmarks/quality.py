@@ -32,10 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# run as a script, benchmarks/ comes first on sys.path, where kernels.py would shadow the `kernels` package
-# that transformers imports
-sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != ROOT / "benchmarks"]
-
 sys.path.insert(0, str(ROOT / "studies"))  # the scripts' shared helpers
 from gpart.recipes.methods import DEFAULT_LR, TARGET_SETS  # noqa: E402
 from study_scripts import write_atomic  # noqa: E402 - the studies call it as quality.write_atomic

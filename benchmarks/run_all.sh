@@ -20,7 +20,7 @@ run --shape roberta-base --targets qv --d 131072 --methods gpart,floor,lora-r8 -
 run --shape roberta-base --targets all --d 131072 --methods gpart,floor,lora-r8 --repeats 5 --name step_time-roberta-base-all-d131072-b8x128-kernels-v2-idle
 # partition version 2 against version 1, the same build side by side (docs/performance.md quotes these)
 run --shape roberta-base --targets all --d 131072 --methods gpart,gpart-v1,floor,lora-r8 --repeats 5 --name step_time-roberta-base-all-d131072-b8x128-partition-v2
-OMP_WAIT_POLICY=PASSIVE "$PY" benchmarks/kernels.py --repeats 31 --out-dir docs/benchmarks/partition-v2
+OMP_WAIT_POLICY=PASSIVE "$PY" benchmarks/kernel_speed.py --repeats 31 --out-dir docs/benchmarks/partition-v2
 # half precision: bf16 weights, and fp32 weights with the forward under bf16 autocast
 run --shape roberta-base --targets all --d 131072 --methods gpart,floor,lora-r8 --dtype bfloat16
 run --shape roberta-base --targets all --d 131072 --methods gpart,floor,lora-r8 --autocast bfloat16

@@ -30,10 +30,6 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-# Running a script puts its folder first on sys.path; benchmarks/ holds modules (kernels.py) whose names
-# shadow real packages that transformers and peft probe for (Hugging Face's `kernels`). Take the folder
-# off the path and load this harness's own modules by file.
-sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != HERE]
 sys.path.insert(0, str(ROOT / "studies"))  # the repository's one script loader
 from study_scripts import load_script  # noqa: E402
 

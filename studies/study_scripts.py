@@ -1,7 +1,6 @@
 """Load another script of this repository (a study's or a benchmark's) as a module, by its path.
 
-Scripts are not a package; putting benchmarks/ on sys.path would shadow installed packages by its
-script names (kernels.py), so each is loaded once under its own name."""
+Scripts are not a package: each is loaded once, under its own name, from its path."""
 from __future__ import annotations
 
 import importlib.util

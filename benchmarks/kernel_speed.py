@@ -1,8 +1,8 @@
 """Micro-benchmark of GPart's element-wise work: ns per weight, reference vs fast paths.
 
-    python benchmarks/kernels.py                      # 2 and 1 threads, writes docs/benchmarks/kernels.{json,md}
-    python benchmarks/kernels.py --threads 1 --repeats 31 --out-dir /tmp/k
-    python benchmarks/kernels.py --baseline-rev HEAD   # also the C++ kernels of a git revision, same rounds
+    python benchmarks/kernel_speed.py                      # 2 and 1 threads, writes docs/benchmarks/kernels.{json,md}
+    python benchmarks/kernel_speed.py --threads 1 --repeats 31 --out-dir /tmp/k
+    python benchmarks/kernel_speed.py --baseline-rev HEAD   # also the C++ kernels of a git revision, same rounds
 
 Each path processes one weight slice (default 768 x 3072 = 2.36M weights, a RoBERTa-base MLP matrix) of
 the partition of a RoBERTa-base-shaped model with every linear layer targeted (D = 84,934,656, d = 131,072).
@@ -48,9 +48,6 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 from bench_harness import cpu_name  # noqa: E402 - stdlib-only at import; needs this folder on sys.path
 
-# Running a script puts its folder first on sys.path, where this file would shadow Hugging Face's
-# `kernels` package that transformers probes for: take the folder off the path.
-sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != HERE]
 sys.path.insert(0, str(ROOT / "src"))
 
 import gpart.kernels as K  # noqa: E402
@@ -368,7 +365,7 @@ def main(argv=None):
     results = [r for t in args.threads for r in measure(paths, args.repeats, args.warmup, t)]
     after = loadavg()
     given = sys.argv[1:] if argv is None else list(argv)
-    cmd = " ".join(["python benchmarks/kernels.py", *given])
+    cmd = " ".join(["python benchmarks/kernel_speed.py", *given])
     meta = {
         "command": cmd.strip(),
         "cpu": cpu_name(),
