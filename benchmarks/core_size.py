@@ -1,22 +1,27 @@
 #!/usr/bin/env python
 """Lines of the library core: src/gpart without recipes/, assets/, kernels/, the CLI and the demo.
 
-    python benchmarks/core_size.py [--ref COMMIT]   # prints a markdown table per file: total and code lines
+    python benchmarks/core_size.py [--ref COMMIT] [--out-dir docs/benchmarks]
 
-Code lines exclude blank lines, comments and docstrings. With --ref, the same count for that commit's
-files (read with `git show`), so a redesign's before and after come from one command.
+Prints a markdown table per module: total and code lines. Code lines exclude blank lines, comments and
+docstrings. With --ref, the same count for that commit's files (read with `git show`), so a redesign's
+before and after come from one command. With --out-dir, also writes core_size[-REF].{json,md} there.
 """
 from __future__ import annotations
 
 import argparse
 import ast
 import io
+import json
+import shlex
 import subprocess
 import sys
 import tokenize
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "studies"))  # the scripts' shared helpers
+from study_scripts import write_atomic  # noqa: E402
 OUTSIDE_CORE = ("src/gpart/recipes/", "src/gpart/assets/", "src/gpart/kernels/", "src/gpart/cli.py",
                 "src/gpart/demo.py")
 LAYOUT = (tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER)
@@ -51,17 +56,36 @@ def core_files(ref: str | None) -> dict[str, str]:
     return {p: read(p) for p in paths if not p.startswith(OUTSIDE_CORE)}
 
 
+def table(rows: dict, label: str) -> str:
+    """The markdown table of {path: (lines, code lines)}, with the core's totals last."""
+    lines = [f"| module ({label}) | lines | code lines |", "|---|---|---|"]
+    lines += [f"| {path.removeprefix('src/gpart/')} | {total} | {code} |" for path, (total, code) in rows.items()]
+    lines.append(f"| **core, {len(rows)} modules** | **{sum(t for t, _ in rows.values())}** | "
+                 f"**{sum(c for _, c in rows.values())}** |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ref", default=None, help="count that commit's files instead of the working tree's")
+    p.add_argument("--out-dir", default=None, help="also write core_size[-REF].{json,md} in this folder")
     args = p.parse_args(argv)
     rows = {path: line_counts(src) for path, src in core_files(args.ref).items()}
-    print(f"| module ({args.ref or 'working tree'}) | lines | code lines |\n|---|---|---|")
-    for path, (total, code) in rows.items():
-        print(f"| {path.removeprefix('src/gpart/')} | {total} | {code} |")
-    print(f"| **core, {len(rows)} modules** | **{sum(t for t, _ in rows.values())}** | **{sum(c for _, c in rows.values())}** |")
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    label = args.ref or f"working tree on {head or 'an unknown commit'}"
+    print(table(rows, label))
+    if args.out_dir:
+        out, name = Path(args.out_dir), "core_size" + (f"-{args.ref}" if args.ref else "")
+        out.mkdir(parents=True, exist_ok=True)
+        command = shlex.join(["python", "benchmarks/core_size.py", *(argv if argv is not None else sys.argv[1:])])
+        result = {"benchmark": "core_size", "ref": args.ref, "command": command,
+                  "modules": {path: {"lines": t, "code_lines": c} for path, (t, c) in rows.items()},
+                  "lines": sum(t for t, _ in rows.values()), "code_lines": sum(c for _, c in rows.values())}
+        write_atomic(out / f"{name}.json", json.dumps(result, indent=2) + "\n")
+        write_atomic(out / f"{name}.md", f"# Library core size ({label})\n\nCommand: `{command}`\n\n"
+                     f"Core: src/gpart without {', '.join(OUTSIDE_CORE)}. Code lines exclude blank lines, comments "
+                     f"and docstrings.\n\n{table(rows, label)}\n")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -363,3 +363,15 @@ def test_core_size_counts_code_lines_without_docstrings_comments_or_blanks():
     files = core_size.core_files(None)
     assert "src/gpart/model.py" in files and "src/gpart/functional.py" in files
     assert not any(p.startswith(core_size.OUTSIDE_CORE) for p in files)
+
+
+def test_core_size_report_totals_match_its_modules(tmp_path):
+    core_size = load_script("benchmarks/core_size.py")
+    assert core_size.main(["--out-dir", str(tmp_path / "out")]) == 0
+    result = json.loads((tmp_path / "out" / "core_size.json").read_text())
+    counts = {p: core_size.line_counts(src) for p, src in core_size.core_files(None).items()}
+    assert {p: (m["lines"], m["code_lines"]) for p, m in result["modules"].items()} == counts
+    assert (result["lines"], result["code_lines"]) == tuple(map(sum, zip(*counts.values())))
+    md = (tmp_path / "out" / "core_size.md").read_text()
+    assert f"**{result['lines']}** | **{result['code_lines']}**" in md
+    assert "Command: `python benchmarks/core_size.py --out-dir " in md

@@ -78,3 +78,14 @@ def test_committed_study_runs_name_no_machine_path():
     absolute = [f"{f.relative_to(ROOT)}: {s}" for f in files for s in _strings(json.loads(f.read_text()))
                 if s.startswith("/") and len(s) > 1]
     assert not absolute, absolute
+
+
+def test_architecture_core_size_table_matches_the_committed_reports():
+    """docs/architecture.md quotes the core's size from benchmarks/core_size.py's committed reports."""
+    import json
+
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    for name in ("core_size-6ee8381", "core_size"):
+        report = json.loads((ROOT / "docs" / "benchmarks" / f"{name}.json").read_text())
+        row = next(line for line in text.splitlines() if f"]({Path('benchmarks') / name}.md)" in line)
+        assert f"| {len(report['modules'])} | {report['lines']:,} | {report['code_lines']:,} |" in row, (name, row)
