@@ -119,6 +119,8 @@ def test_report_numbers_from_a_fake_tree(tree):
     mv = result["movement"]["23040"]
     assert mv["best_lr"] == {"32": c32["best_lr"], "1024": c1024["best_lr"]} and math.isclose(mv["longest_over_shortest"], 0.25)
     assert math.isclose(mv["slope"], math.log(0.25) / math.log(32))
+    assert result["d_exponent"] == {}  # d = 1,440 has no runs in this tree
+    assert math.isclose(lb.rule_exponent(), 0.75)
     a = result["authors"]
     assert a["test"] == [0.90, 0.91, 0.93] and [round(x, 6) for x in a["minus_default"]["diffs"]] == [-0.07, -0.04, -0.03]
     assert result["schedule"]["scheduler"] == "linear" and result["llm_step"]["median_s"] > 1
@@ -134,16 +136,27 @@ def test_report_writes_its_files(tree, tmp_path_factory, monkeypatch):
     assert (out / "lr_budget.png").stat().st_size > 0 and "## GPart's learning-rate rule across" in (out / "lr_budget.md").read_text()
 
 
+def test_d_exponent_from_two_bracketed_cells_of_one_budget():
+    rows = [{"steps": 32, "d": 23040, "bracket": "bracketed", "best_lr": 0.1},
+            {"steps": 32, "d": 1440, "bracket": "bracketed", "best_lr": 0.4},
+            {"steps": 1024, "d": 23040, "bracket": "bracketed", "best_lr": 0.05},
+            {"steps": 1024, "d": 1440, "bracket": "lowest tried", "best_lr": 0.05}]
+    assert lb.d_exponent(rows) == {"32": pytest.approx(0.5)}  # 4x the lr for 16x fewer coordinates
+
+
 def test_docs_table_is_the_committed_study():
     """docs/lr.md's budget table: every validation figure is the committed lr_budget.json's (seed 0)."""
     result = json.loads((lb.OUT / "lr_budget.json").read_text())
     curves = {(c["steps"], c["d"]): {p["base"]: p["validation"] for p in c["curve"]} for c in result["cells"]}
     text = (Path(lb.quality.ROOT) / "docs" / "lr.md").read_text()
     section = text.split("## Across training length")[1].split("\n## ")[0]
+    header = next(line for line in section.splitlines() if line.startswith("| steps | d | base "))
+    bases = [float(c.split()[1]) for c in header.split("|")[3:-2]]  # "base 0.1 (default)", ..., then "best base"
     rows = [line.split("|")[1:-1] for line in section.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert len(rows) == len(curves)
+    assert {b for c in curves.values() for b in c} <= set(bases), "a swept base has no column in docs/lr.md"
     for row in rows:
         steps, d = int(row[0].replace(",", "")), int(row[1].replace(",", ""))
-        for base, cell in zip((0.05, 0.1, 0.2, 0.4), row[2:6]):
+        for base, cell in zip(bases, row[2:2 + len(bases)]):
             got = curves[(steps, d)].get(base)
             assert cell.strip().strip("*") == ("–" if got is None else f"{got:.3f}"), (steps, d, base)

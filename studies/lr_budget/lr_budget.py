@@ -106,6 +106,12 @@ def rule_factor(d: int) -> float:
     return lr_rule.RULES[lr_rule.RULE_NAME](0, d, 0)
 
 
+def rule_exponent() -> float:
+    """The rule's power of 1/d, read off its factors at the study's two d."""
+    small, large = min(DS), max(DS)
+    return math.log(rule_factor(small) / rule_factor(large)) / math.log(large / small)
+
+
 def _seeds(runs: Path, run) -> dict | None:
     """Test and validation scores of `run` on every seed done (run is the seed-0 one)."""
     ms = [(s, m) for s in quality.SEEDS if (m := quality.load_metrics(runs, lr_rule.with_seed(run, s)))]
@@ -167,6 +173,15 @@ def movement(cell_rows: list[dict]) -> dict:
     return out
 
 
+def d_exponent(cell_rows: list[dict]) -> dict:
+    """Per budget where both d's cells are bracketed: the power of 1/d that their best theta lrs imply,
+    log(lr*(small d) / lr*(large d)) / log(large d / small d), against the rule's 3/4."""
+    small, large = min(DS), max(DS)
+    best = {(c["steps"], c["d"]): c["best_lr"] for c in cell_rows if c["bracket"] == "bracketed"}
+    return {str(t): math.log(best[(t, small)] / best[(t, large)]) / math.log(large / small)
+            for t in BUDGETS if (t, small) in best and (t, large) in best}
+
+
 def authors_summary(runs: Path, cell_rows: list[dict]) -> dict | None:
     steps = max(BUDGETS)
     r = _seeds(runs, authors_run(steps))
@@ -193,7 +208,7 @@ def collect(runs: Path) -> dict:
     schedule = ({k: example["run"][k] for k in ("scheduler", "warmup", "weight_decay", "head_lr", "batch_size")}
                 if example and "run" in example else None)
     return {"command": COMMAND, "budgets": list(BUDGETS), "d": list(DS), "default_base": DEFAULT_BASE,
-            "schedule": schedule, "cells": rows, "movement": movement(rows),
+            "schedule": schedule, "cells": rows, "movement": movement(rows), "d_exponent": d_exponent(rows),
             "authors": authors_summary(runs, rows), "llm_step": llm_step_time()}
 
 
@@ -252,6 +267,9 @@ def render(result: dict) -> str:
         ratio = ("" if mv["slope"] is None else f"; longest / shortest budget: {mv['longest_over_shortest']:.2g}x, "
                  f"fitted lr* ∝ steps^{mv['slope']:.2f}")
         L.append(f"- d = {int(d):,}, bracketed cells: best theta lr {parts}{ratio}.")
+    for t, k in result.get("d_exponent", {}).items():
+        L.append(f"- {int(t):,} steps, both d bracketed: the best theta lrs scale as d^-{k:.2f} between d = "
+                 f"{min(DS):,} and {max(DS):,} (the rule: d^-{rule_exponent():.2f}).")
     L += ["", "### The CLI's default against the tuned best, by seed", "",
           "| steps | d | default base: test accuracy mean ± sd (seeds): per seed | tuned base | tuned: test accuracy | "
           "default − tuned, paired: mean ± sd (per seed) | within one sd of the tuned? |",
