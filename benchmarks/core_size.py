@@ -56,12 +56,16 @@ def core_files(ref: str | None) -> dict[str, str]:
     return {p: read(p) for p in paths if not p.startswith(OUTSIDE_CORE)}
 
 
+def totals(rows: dict) -> tuple[int, int]:
+    """(lines, code lines) of the whole core, from {path: (lines, code lines)}."""
+    return sum(t for t, _ in rows.values()), sum(c for _, c in rows.values())
+
+
 def table(rows: dict, label: str) -> str:
     """The markdown table of {path: (lines, code lines)}, with the core's totals last."""
     lines = [f"| module ({label}) | lines | code lines |", "|---|---|---|"]
     lines += [f"| {path.removeprefix('src/gpart/')} | {total} | {code} |" for path, (total, code) in rows.items()]
-    lines.append(f"| **core, {len(rows)} modules** | **{sum(t for t, _ in rows.values())}** | "
-                 f"**{sum(c for _, c in rows.values())}** |")
+    lines.append("| **core, {} modules** | **{}** | **{}** |".format(len(rows), *totals(rows)))
     return "\n".join(lines)
 
 
@@ -71,21 +75,28 @@ def main(argv=None) -> int:
     p.add_argument("--out-dir", default=None, help="also write core_size[-REF].{json,md} in this folder")
     args = p.parse_args(argv)
     rows = {path: line_counts(src) for path, src in core_files(args.ref).items()}
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    label = args.ref or f"working tree on {head or 'an unknown commit'}"
-    print(table(rows, label))
+    label = args.ref or f"working tree on {_head() or 'an unknown commit'}"
+    report = table(rows, label)
+    print(report)
     if args.out_dir:
         out, name = Path(args.out_dir), "core_size" + (f"-{args.ref}" if args.ref else "")
         out.mkdir(parents=True, exist_ok=True)
+        lines, code = totals(rows)
         command = shlex.join(["python", "benchmarks/core_size.py", *(argv if argv is not None else sys.argv[1:])])
         result = {"benchmark": "core_size", "ref": args.ref, "command": command,
                   "modules": {path: {"lines": t, "code_lines": c} for path, (t, c) in rows.items()},
-                  "lines": sum(t for t, _ in rows.values()), "code_lines": sum(c for _, c in rows.values())}
+                  "lines": lines, "code_lines": code}
         write_atomic(out / f"{name}.json", json.dumps(result, indent=2) + "\n")
         write_atomic(out / f"{name}.md", f"# Library core size ({label})\n\nCommand: `{command}`\n\n"
                      f"Core: src/gpart without {', '.join(OUTSIDE_CORE)}. Code lines exclude blank lines, comments "
-                     f"and docstrings.\n\n{table(rows, label)}\n")
+                     f"and docstrings.\n\n{report}\n")
     return 0
+
+
+def _head() -> str:
+    """This checkout's short commit id ('' outside a git checkout)."""
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
 
 if __name__ == "__main__":
     sys.exit(main())

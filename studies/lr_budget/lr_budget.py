@@ -106,10 +106,14 @@ def rule_factor(d: int) -> float:
     return lr_rule.RULES[lr_rule.RULE_NAME](0, d, 0)
 
 
+def power_of_inverse_d(at_small: float, at_large: float) -> float:
+    """k such that a quantity worth at_small at the study's smaller d and at_large at its larger one goes as d^-k."""
+    return math.log(at_small / at_large) / math.log(max(DS) / min(DS))
+
+
 def rule_exponent() -> float:
     """The rule's power of 1/d, read off its factors at the study's two d."""
-    small, large = min(DS), max(DS)
-    return math.log(rule_factor(small) / rule_factor(large)) / math.log(large / small)
+    return power_of_inverse_d(rule_factor(min(DS)), rule_factor(max(DS)))
 
 
 def _seeds(runs: Path, run) -> dict | None:
@@ -178,7 +182,7 @@ def d_exponent(cell_rows: list[dict]) -> dict:
     log(lr*(small d) / lr*(large d)) / log(large d / small d), against the rule's 3/4."""
     small, large = min(DS), max(DS)
     best = {(c["steps"], c["d"]): c["best_lr"] for c in cell_rows if c["bracket"] == "bracketed"}
-    return {str(t): math.log(best[(t, small)] / best[(t, large)]) / math.log(large / small)
+    return {str(t): power_of_inverse_d(best[(t, small)], best[(t, large)])
             for t in BUDGETS if (t, small) in best and (t, large) in best}
 
 
@@ -267,7 +271,7 @@ def render(result: dict) -> str:
         ratio = ("" if mv["slope"] is None else f"; longest / shortest budget: {mv['longest_over_shortest']:.2g}x, "
                  f"fitted lr* ∝ steps^{mv['slope']:.2f}")
         L.append(f"- d = {int(d):,}, bracketed cells: best theta lr {parts}{ratio}.")
-    for t, k in result.get("d_exponent", {}).items():
+    for t, k in result["d_exponent"].items():
         L.append(f"- {int(t):,} steps, both d bracketed: the best theta lrs scale as d^-{k:.2f} between d = "
                  f"{min(DS):,} and {max(DS):,} (the rule: d^-{rule_exponent():.2f}).")
     L += ["", "### The CLI's default against the tuned best, by seed", "",
