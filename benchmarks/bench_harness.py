@@ -70,7 +70,7 @@ SHAPES = {
               "intermediate 11008, vocab 32000): setup only", meta=True),
         # tiny shapes for the harness's own tests and smoke runs
         Shape("tiny-bert", "encoder", "tiny BERT (hidden 32, 2 layers), for tests"),
-        Shape("tiny-llama", "decoder", "tiny Llama (hidden 32, 2 layers), for tests"),
+        Shape("tiny-llama", "decoder", "tiny Llama (hidden 64, 2 layers), for tests"),
     ]
 }
 
@@ -179,8 +179,9 @@ def build_model(shape: str, seed: int = 0, device=None):
                          intermediate_size=64, max_position_embeddings=512, num_labels=2)
         return _seq_cls_from_config(cfg)
     if shape == "tiny-llama":
-        cfg = LlamaConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, intermediate_size=48, max_position_embeddings=512,
+        # hidden 64: bitsandbytes' CPU 4-bit inference layout needs rows of at least one 64-value block
+        cfg = LlamaConfig(vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, intermediate_size=128, max_position_embeddings=512,
                           tie_word_embeddings=True)
         return LlamaForCausalLM(cfg)
     raise ValueError(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")

@@ -9,6 +9,8 @@ steps. GPart's eval cache is freed before each of its timed calls, so its prefil
 the cache (the cost of a first call). Writes JSON + markdown + PNG under docs/benchmarks/.
 
     python benchmarks/generation.py                       # SmolLM2-135M shape, q,k,v,o, d=131,072
+    python benchmarks/generation.py --dtype bfloat16                  # bf16 base weights
+    python benchmarks/generation.py --quant nf4-dq                    # the CLI's --load-in-4bit base (NF4, fp32 compute)
     python benchmarks/generation.py --shape tiny-llama --repeats 1 --new-tokens 4 --out-dir /tmp/g   # smoke
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ import os
 import shlex
 import statistics
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,6 +38,7 @@ QKVO = ",".join(TARGET_SETS["decoder"]["attn"])  # the LLM recipe's default targ
 
 METHODS = ("base", "gpart", "gpart-uncached", "gpart-merged", "lora-r8")
 REFERENCE = "lora-r8"
+PAIRS = (("gpart", "gpart-merged"), ("gpart", "base"), ("gpart-merged", "base"))  # also compared repeat by repeat
 DESCRIPTIONS = {
     "base": "the frozen base model, no adapter",
     "gpart": "GPart unmerged, eval cache on (the default)",
@@ -49,6 +53,10 @@ def parse_args(argv=None):
     p.add_argument("--shape", choices=("smollm2-135m", "tiny-llama"), default="smollm2-135m")
     p.add_argument("--targets", default=QKVO)
     p.add_argument("--d", type=int, default=131072)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="the base weights' dtype (with --quant: bitsandbytes' compute dtype)")
+    p.add_argument("--quant", default=None, choices=harness.QUANT_MODES,
+                   help="load the base with bitsandbytes (nf4-dq: what the CLI's --load-in-4bit loads)")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
@@ -60,6 +68,7 @@ def parse_args(argv=None):
     p.add_argument("--out-dir", default=str(ROOT / "docs" / "benchmarks"))
     p.add_argument("--name", default=None)
     p.add_argument("--note", action="append", default=[])
+    p.add_argument("--from-json", default=None, help="re-render the markdown and plot of a stored result")
     args = p.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in args.methods if m not in METHODS]
@@ -72,7 +81,8 @@ def parse_args(argv=None):
 
 def default_name(args) -> str:
     targets = "qkvo" if args.targets == QKVO else args.targets.replace(",", "+")
-    return f"generation-{args.shape}-{targets}-d{args.d}"
+    suffix = "".join(f"-{x}" for x in (None if args.dtype == "float32" else args.dtype, args.quant) if x)
+    return f"generation-{args.shape}-{targets}-d{args.d}{suffix}"
 
 
 # ------------------------------------------------------------------------------------------- models
@@ -82,26 +92,48 @@ def build_models(args) -> dict:
     from peft import get_peft_model
 
     targets = args.targets.split(",")
-    base = harness.build_model(args.shape, args.seed).eval()
-    models = {"base": base}
-    gen = torch.Generator().manual_seed(args.seed + 7)
-    common = dict(d=args.d, targets=targets, seed=args.seed, dropout=0.0, head=[], task_type=None)
-    gp = get_peft_model(copy.deepcopy(base), build_peft_config("gpart", **common))
-    with torch.no_grad():  # a trained-looking theta, so the outputs are not the base model's
-        theta = gp.base_model.gpart_theta["default"]
-        theta.copy_(torch.randn(theta.shape, generator=gen) * 0.05 * args.update_scale)
-    gp.eval()
-    models["gpart"] = models["gpart-uncached"] = gp
-    if "gpart-merged" in args.methods:
-        models["gpart-merged"] = copy.deepcopy(gp).merge_and_unload().eval()
-    if "lora-r8" in args.methods:
-        lora = get_peft_model(copy.deepcopy(base), build_peft_config("lora", r=8, **common))
-        with torch.no_grad():
-            for name, p in lora.named_parameters():
-                if "lora_B" in name:
-                    p.copy_(torch.randn(p.shape, generator=gen) * 0.01 * args.update_scale)
-        models["lora-r8"] = lora.eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        new_base = base_loader(args, tmp)
+        base = new_base()
+        models = {"base": base}
+        gen = torch.Generator().manual_seed(args.seed + 7)
+        common = dict(d=args.d, targets=targets, seed=args.seed, dropout=0.0, head=[], task_type=None)
+        gp = get_peft_model(new_base(), build_peft_config("gpart", **common))
+        with torch.no_grad():  # a trained-looking theta, so the outputs are not the base model's
+            theta = gp.base_model.gpart_theta["default"]
+            theta.copy_(torch.randn(theta.shape, generator=gen) * 0.05 * args.update_scale)
+        gp.eval()
+        models["gpart"] = models["gpart-uncached"] = gp
+        if "gpart-merged" in args.methods:
+            merged = get_peft_model(new_base(), build_peft_config("gpart", **common))
+            with torch.no_grad():
+                merged.base_model.gpart_theta["default"].copy_(theta)
+            models["gpart-merged"] = merged.merge_and_unload().eval()  # 4-bit: re-quantized (a warning says how much is lost)
+        if "lora-r8" in args.methods:
+            lora = get_peft_model(new_base(), build_peft_config("lora", r=8, **common))
+            with torch.no_grad():
+                for name, p in lora.named_parameters():
+                    if "lora_B" in name:
+                        p.copy_(torch.randn(p.shape, generator=gen) * 0.01 * args.update_scale)
+            models["lora-r8"] = lora.eval()
     return models
+
+
+def base_loader(args, tmp: str):
+    """A function that returns a fresh copy of the base model in --dtype (and --quant). A quantized base is
+    saved once as a float checkpoint, then loaded with bitsandbytes for each method (as step_time does)."""
+    import torch
+
+    dtype = getattr(torch, args.dtype)
+    if args.quant:
+        harness.save_float_checkpoint(args.shape, args.seed, tmp)
+        return lambda: harness.load_quantized(tmp, args.quant, "cpu", dtype).eval()
+    base = harness.build_model(args.shape, args.seed).to(dtype).eval()
+    return lambda: copy.deepcopy(base)
+
+
+def base_description(args) -> str:
+    return f"bitsandbytes {args.quant} base, {args.dtype} compute" if args.quant else f"{args.dtype} base"
 
 
 def set_method(models: dict, method: str):
@@ -181,10 +213,10 @@ def measure(args, argv) -> dict:
     build_s = time.perf_counter() - t_build
     vocab = models["base"].config.vocab_size
     ids = torch.randint(3, vocab, (1, args.prompt_len), generator=torch.Generator().manual_seed(args.seed + 1))
-    D = sum(w.numel() for w in harness.targeted_weights(models["base"], args.targets.split(",")).values())
+    D = harness.targeted_numel(models["base"], args.targets.split(","))
     result = {
         "benchmark": "generation",
-        "title": (f"Greedy generation: {args.shape}, targets {args.targets}, d={args.d:,}, batch 1, prompt "
+        "title": (f"Greedy generation: {args.shape} ({base_description(args)}), targets {args.targets}, d={args.d:,}, batch 1, prompt "
                   f"{args.prompt_len} tokens, {args.new_tokens} new tokens, {args.threads} thread(s), CPU"),
         "command": "python benchmarks/generation.py " + shlex.join(argv),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -261,6 +293,14 @@ def summarize(result: dict) -> None:
                 "prefill": med["prefill_s"] / summary[ref]["prefill_s"],
             }
     result["ratios"] = ratios
+    result["paired_cpu"] = {}
+    for a, b in PAIRS:
+        rows = [(x, y) for x in result["runs"] if x["method"] == a
+                for y in result["runs"] if y["method"] == b and y["repeat"] == x["repeat"]]
+        if rows:
+            per = [x["decode_cpu_ms_per_token"] / y["decode_cpu_ms_per_token"] for x, y in rows]
+            result["paired_cpu"][f"{a}/{b}"] = {"median": statistics.median(per),
+                                               "slower_in": sum(v > 1 for v in per), "repeats": len(per)}
 
 
 # ------------------------------------------------------------------------------------------ reports
@@ -290,8 +330,7 @@ def render_markdown(result: dict) -> str:
     lines += ["", "Methods:", ""] + [f"- `{m}`: {d}" for m, d in result["methods"].items()] + [""]
     g = s.get("gpart", {})
     if g.get("cache_bytes") is not None:
-        lines += [f"Memory kept by GPart's eval cache: {g['cache_bytes'] / 2**20:.1f} MiB (one fp32 merged weight "
-                  "per adapted layer; freed by `model.train()`, merge/unmerge, adapter changes, `.to()` and "
+        lines += [f"Memory kept by GPart's eval cache: {g['cache_bytes'] / 2**20:.1f} MiB ({g['cache_bytes'] / cfg['D']:.1f} bytes per adapted weight; freed by `model.train()`, merge/unmerge, adapter changes, `.to()` and "
                   "`model.base_model.clear_gpart_cache()`); after `model.train()`: "
                   f"{result.get('cache_bytes_after_train', 0) / 2**20:.1f} MiB.", ""]
     lines += ["Generated tokens: " + ", ".join(f"{m} {'equal to' if ok else 'DIFFERENT from'} GPart uncached"
@@ -302,6 +341,10 @@ def render_markdown(result: dict) -> str:
               "streamer's timestamps; CPU ms/token: the same with the process's CPU time. Prefill: from the call to the first token (the prompt's forward; for "
               "`gpart` it includes building the cache, which is freed before each timed call). Paired: the "
               "median over repeats of the per-repeat ratio.", ""]
+    if result.get("paired_cpu"):
+        lines += ["Paired CPU time per decoded token (median of the per-repeat ratios; in how many repeats the first "
+                  "was slower): " + ", ".join(f"{k} {v['median']:.3f} ({v['slower_in']} of {v['repeats']})"
+                                               for k, v in result["paired_cpu"].items()) + ".", ""]
     if result.get("plot"):
         lines += [f"![decode time per token]({result['plot']})", ""]
     lines += [f"- {n}" for n in result["notes"]]
@@ -367,6 +410,13 @@ def write(result: dict, out_dir: Path, stem: str) -> None:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.from_json:
+        path = Path(args.from_json)
+        result = json.loads(path.read_text())
+        summarize(result)
+        write(result, path.parent, path.stem)
+        print(f"re-rendered {path.with_suffix('.md')}")
+        return 0
     result = measure(args, argv)
     stem = args.name or default_name(args)
     write(result, Path(args.out_dir), stem)

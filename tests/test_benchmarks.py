@@ -217,9 +217,40 @@ def test_generation_benchmark_times_every_method_and_checks_the_tokens(tmp_path)
     md = (tmp_path / "gen.md").read_text()
     assert f"| {r:.3f} |" in next(line for line in md.splitlines() if line.startswith("| gpart |"))
     assert (tmp_path / "gen.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # GPart cached over merged, repeat by repeat, in CPU time
+    cpu = {(x["method"], x["repeat"]): x["decode_cpu_ms_per_token"] for x in result["runs"]}
+    per = [cpu["gpart", k] / cpu["gpart-merged", k] for k in (0, 1)]
+    paired = result["paired_cpu"]["gpart/gpart-merged"]
+    assert paired == {"median": pytest.approx(statistics.median(per)), "slower_in": sum(v > 1 for v in per), "repeats": 2}
+    assert f"gpart/gpart-merged {paired['median']:.3f} ({paired['slower_in']} of 2)" in md
+    # --from-json re-renders the same report from the stored runs
+    (tmp_path / "gen.md").unlink()
+    assert generation.main(["--from-json", str(tmp_path / "gen.json")]) == 0
+    assert (tmp_path / "gen.md").read_text() == md
     index = load_script("benchmarks/index.py").render(tmp_path)
     row = next(line for line in index.splitlines() if "[gen](gen.md)" in line)
     assert row.startswith("| tiny-llama | q_proj,k_proj,v_proj,o_proj | 64 | 3 |") and f"| {r:.2f} |" in row
+
+
+@pytest.mark.parametrize("option,suffix,bytes_per_weight", [(["--dtype", "bfloat16"], "bfloat16", 2),
+                                                              (["--quant", "nf4-dq"], "nf4-dq", 4)])
+def test_generation_benchmark_on_a_bf16_or_4bit_base(tmp_path, option, suffix, bytes_per_weight):
+    """--dtype / --quant build every method on that base: the cache keeps Delta_W (bf16: in bf16; 4-bit: in
+    fp32 beside bitsandbytes' product), and the cached adapter generates the uncached adapter's tokens."""
+    if option[0] == "--quant":
+        pytest.importorskip("bitsandbytes")
+    generation = load_script("benchmarks/generation.py")
+    argv = ["--shape", "tiny-llama", "--d", "64", "--prompt-len", "5", "--new-tokens", "3", "--repeats", "1",
+            "--update-scale", "30", "--methods", "base,gpart,gpart-uncached", *option, "--out-dir", str(tmp_path)]
+    assert generation.main(argv) == 0
+    (path,) = tmp_path.glob("*.json")
+    assert path.name == f"generation-tiny-llama-qkvo-d64-{suffix}.json"
+    result = json.loads(path.read_text())
+    assert suffix in result["title"] and result["config"]["D"] == 2 * (64 * 64 * 2 + 64 * 32 * 2)
+    assert result["tokens_equal"] == {"gpart": True, "gpart-uncached": True}
+    assert result["tokens_differ_from_base"]["gpart"]
+    assert result["summary"]["gpart"]["cache_bytes"] == bytes_per_weight * result["config"]["D"]
+    assert f"({bytes_per_weight}.0 bytes per adapted weight;" in path.with_suffix(".md").read_text()
 
 
 def test_partition_version_1_method_and_autocast_option(tmp_path):
@@ -350,7 +381,7 @@ def test_quantized_base_option_runs_adapter_methods_on_a_bitsandbytes_model(tmp_
     s = result["summary"]
     assert result["config"]["quant"] == "nf4" and "bitsandbytes nf4 base" in result["title"]
     assert not s["gpart"]["errors"] and not s["lora-r8"]["errors"] and "float weights" in s["floor"]["skipped"]
-    assert s["gpart"]["D"] == 2 * (32 * 32 * 2 + 32 * 16 * 2)  # logical sizes, not the packed 4-bit storage
+    assert s["gpart"]["D"] == 2 * (64 * 64 * 2 + 64 * 32 * 2)  # logical sizes, not the packed 4-bit storage
     assert s["gpart"]["trainable_params"] == 256
     md = path.with_suffix(".md").read_text()
     assert "Base quantized with bitsandbytes (nf4)" in md and "GPart / LoRA r=8 = " in md.split("Peak RSS")[-1]

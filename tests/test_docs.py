@@ -89,3 +89,23 @@ def test_architecture_core_size_table_matches_the_committed_reports():
         report = json.loads((ROOT / "docs" / "benchmarks" / f"{name}.json").read_text())
         row = next(line for line in text.splitlines() if f"]({Path('benchmarks') / name}.md)" in line)
         assert f"| {len(report['modules'])} | {report['lines']:,} | {report['code_lines']:,} |" in row, (name, row)
+
+
+def test_llm_generation_tables_match_the_committed_reports():
+    """docs/llm.md's bf16 / NF4 generation table: CPU ms per token and the ratio to LoRA from each report, and
+    the quoted paired ratio over the merged model from the bf16 one."""
+    import json
+
+    text = (ROOT / "docs" / "llm.md").read_text().split("**bf16 and 4-bit bases**")[1]
+    reports = [json.loads((ROOT / "docs" / "benchmarks" / f"generation-smollm2-135m-qkvo-d131072-{name}.json").read_text())
+               for name in ("bfloat16", "nf4-dq")]
+    rows = {"base model": "base", "GPart unmerged, eval cache (default)": "gpart",
+            "GPart unmerged, cache off": "gpart-uncached", "GPart merged": "gpart-merged", "LoRA r=8 unmerged": "lora-r8"}
+    for label, method in rows.items():
+        line = next(line for line in text.splitlines() if line.startswith(f"| {label} |"))
+        cells = [c.strip() for c in line.split("|")[2:4]]
+        for cell, r in zip(cells, reports):
+            ms, ratio = r["summary"][method]["decode_cpu_ms_per_token"], r["ratios"][f"{method}/lora-r8"]["decode_cpu"]
+            assert cell == f"{ms:.1f} ({ratio:.2f})", (label, cell)
+    paired = reports[0]["paired_cpu"]["gpart/gpart-merged"]
+    assert f"{paired['median']:.2f}x the merged model per token" in " ".join(text.split())
