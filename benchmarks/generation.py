@@ -281,13 +281,10 @@ def summarize(result: dict) -> None:
     ratios = {}
     if ref in summary:
         for method, med in summary.items():
-            # per-repeat ratios too: each repeat ran both methods back to back, so their ratio cancels slow drift
-            pairs = [(a, b) for a in result["runs"] if a["method"] == method
-                     for b in result["runs"] if b["method"] == ref and b["repeat"] == a["repeat"]]
+            paired = per_repeat_ratios(result["runs"], method, ref, "decode_ms_per_token")
             ratios[f"{method}/{ref}"] = {
                 "decode": med["decode_ms_per_token"] / summary[ref]["decode_ms_per_token"],
-                "decode_paired_median": statistics.median(
-                    a["decode_ms_per_token"] / b["decode_ms_per_token"] for a, b in pairs) if pairs else None,
+                "decode_paired_median": statistics.median(paired) if paired else None,
                 "decode_cpu": med["decode_cpu_ms_per_token"] / summary[ref]["decode_cpu_ms_per_token"],
                 "total": med["ms_per_token"] / summary[ref]["ms_per_token"],
                 "prefill": med["prefill_s"] / summary[ref]["prefill_s"],
@@ -295,13 +292,17 @@ def summarize(result: dict) -> None:
     result["ratios"] = ratios
     result["paired_cpu"] = {}
     for a, b in PAIRS:
-        rows = [(x, y) for x in result["runs"] if x["method"] == a
-                for y in result["runs"] if y["method"] == b and y["repeat"] == x["repeat"]]
-        if rows:
-            per = [x["decode_cpu_ms_per_token"] / y["decode_cpu_ms_per_token"] for x, y in rows]
+        per = per_repeat_ratios(result["runs"], a, b, "decode_cpu_ms_per_token")
+        if per:
             result["paired_cpu"][f"{a}/{b}"] = {"median": statistics.median(per),
                                                "slower_in": sum(v > 1 for v in per), "repeats": len(per)}
 
+
+def per_repeat_ratios(runs: list[dict], a: str, b: str, key: str) -> list[float]:
+    """a's `key` over b's, one ratio per repeat that ran both: each repeat ran them back to back, so the ratio
+    cancels the machine's slow drift."""
+    of_b = {r["repeat"]: r[key] for r in runs if r["method"] == b}
+    return [r[key] / of_b[r["repeat"]] for r in runs if r["method"] == a and r["repeat"] in of_b]
 
 # ------------------------------------------------------------------------------------------ reports
 def render_markdown(result: dict) -> str:
