@@ -94,11 +94,11 @@ def first_points(method: str) -> tuple[float, float, float]:
     return tuple(ladder[i - 1:i + 2])
 
 
-def theta_lr(base: float) -> float:
-    """theta's lr at d = D under the rule `gpart train` applies (gpart.lr)."""
+def theta_lr(base: float, d: int = D) -> float:
+    """theta's lr at d under the rule `gpart train` applies (gpart.lr)."""
     from gpart.lr import EXPONENT, REFERENCE_LENGTH
 
-    return base * (REFERENCE_LENGTH / D) ** EXPONENT
+    return base * (REFERENCE_LENGTH / d) ** EXPONENT
 
 
 def domain(task: str) -> str:
@@ -121,11 +121,15 @@ def register(smoke: bool = False) -> None:
 
 # ----------------------------------------------------------------------------------------------- runs
 
-def gpart_run(task: str, base: float, seed: int = 0, arm: str | None = None) -> quality.Run:
-    """`gpart train` with theta's lr from the rule at this base value (and weight decay as the rule sets it)."""
+def gpart_run(task: str, base: float, seed: int = 0, arm: str | None = None, steps: int | None = None,
+              d: int = D) -> quality.Run:
+    """`gpart train` with theta's lr from the rule at this base value (and weight decay as the rule sets it);
+    `steps`: another step budget than the study's (the budget study, studies/lr_budget/llm_budget.py)."""
     extra = ("--base-lr", f"{base:g}", *(ARMS[arm] if arm else ()))
-    return quality.Run(domain(task), "gpart", seed, None, D, variant=f"{arm + '-' if arm else ''}base{base:g}",
-                       extra=extra)
+    if steps is not None:  # later flags win in `gpart train`: one validation pass at the end, as at 300
+        extra += ("--max-steps", str(steps), "--eval-steps", str(steps))
+    variant = (f"{arm}-" if arm else "") + (f"T{steps}-" if steps is not None else "") + f"base{base:g}"
+    return quality.Run(domain(task), "gpart", seed, None, d, variant=variant, extra=extra)
 
 
 def method_run(task: str, method: str, lr: float | None, seed: int = 0) -> quality.Run:
@@ -139,11 +143,17 @@ def method_run(task: str, method: str, lr: float | None, seed: int = 0) -> quali
 
 @dataclass(frozen=True)
 class Cell:
-    """One (task, method) sweep: make(lr) is its seed-0 run at a ladder point (GPart's: a base value)."""
+    """One (task, method) sweep: make(lr) is its seed-0 run at a ladder point (GPart's: a base value). GPart's
+    may also have another step budget and d (the budget study); the study's own cells keep 300 steps and D."""
     task: str
     method: str
+    steps: int | None = None
+    d: int = D
 
     def make(self, lr: float) -> quality.Run:
+        if self.method == "gpart":
+            return gpart_run(self.task, lr, steps=self.steps, d=self.d)
+        assert (self.steps, self.d) == (None, D), "only GPart's cells take another budget or d"
         return method_run(self.task, self.method, lr)
 
     @property

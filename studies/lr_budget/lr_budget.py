@@ -106,9 +106,9 @@ def rule_factor(d: int) -> float:
     return lr_rule.RULES[lr_rule.RULE_NAME](0, d, 0)
 
 
-def power_of_inverse_d(at_small: float, at_large: float) -> float:
-    """k such that a quantity worth at_small at the study's smaller d and at_large at its larger one goes as d^-k."""
-    return math.log(at_small / at_large) / math.log(max(DS) / min(DS))
+def power_of_inverse_d(at_small: float, at_large: float, ds=DS) -> float:
+    """k such that a quantity worth at_small at the smaller of `ds` and at_large at the larger goes as d^-k."""
+    return math.log(at_small / at_large) / math.log(max(ds) / min(ds))
 
 
 def rule_exponent() -> float:
@@ -158,12 +158,12 @@ def cell_summary(runs: Path, steps: int, d: int) -> dict | None:
     return out
 
 
-def movement(cell_rows: list[dict]) -> dict:
+def movement(cell_rows: list[dict], ds=DS) -> dict:
     """Per d: the best theta lr at each budget, and its fitted power of the budget (log-log slope; None
     with fewer than two budgets). Only bracketed cells count (a best at an end of its sweep, or a tie there,
     is no located optimum); a factor-2 ladder puts each best within sqrt(2) of the true one."""
     out = {}
-    for d in DS:
+    for d in ds:
         rows = sorted((c for c in cell_rows if c["d"] == d and c["bracket"] == "bracketed"), key=lambda c: c["steps"])
         if not rows:
             continue
@@ -177,13 +177,13 @@ def movement(cell_rows: list[dict]) -> dict:
     return out
 
 
-def d_exponent(cell_rows: list[dict]) -> dict:
+def d_exponent(cell_rows: list[dict], budgets=BUDGETS, ds=DS) -> dict:
     """Per budget where both d's cells are bracketed: the power of 1/d that their best theta lrs imply,
     log(lr*(small d) / lr*(large d)) / log(large d / small d), against the rule's 3/4."""
-    small, large = min(DS), max(DS)
+    small, large = min(ds), max(ds)
     best = {(c["steps"], c["d"]): c["best_lr"] for c in cell_rows if c["bracket"] == "bracketed"}
-    return {str(t): power_of_inverse_d(best[(t, small)], best[(t, large)])
-            for t in BUDGETS if (t, small) in best and (t, large) in best}
+    return {str(t): power_of_inverse_d(best[(t, small)], best[(t, large)], ds)
+            for t in budgets if (t, small) in best and (t, large) in best}
 
 
 def authors_summary(runs: Path, cell_rows: list[dict]) -> dict | None:

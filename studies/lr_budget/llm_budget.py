@@ -1,0 +1,238 @@
+#!/usr/bin/env python
+"""GPart's learning-rate rule across training length (issue 17, item 1): the LLM task.
+
+    python studies/lr_budget/llm_budget.py run --phase sweep|seeds [--steps 1024,300,32] [--ds 131072,8192]
+                                               [--jobs 1 --threads 1]
+    python studies/lr_budget/llm_budget.py status   # per cell: points, chosen base, runs to do
+    python studies/lr_budget/llm_budget.py report   # studies/lr_budget/: llm_budget.{json,md}
+
+The LLM study's arithmetic task (studies/llm_methods: SmolLM2-135M-Instruct, batches of 8 x 128 tokens,
+validation loss on 200 items, greedy exact match on 200 test items) at 32, 300 and 1,024 optimizer steps, at
+the causal-lm default d (131,072) and at one 16x smaller (8,192). Each cell sweeps GPart's base value on the
+LLM study's ladder (a factor 2 apart around the causal-lm default 0.2, so the default is the middle point),
+seed 0, chosen on validation loss, extended while the best is at an end; then seeds 1, 2 at the default
+and at the chosen base, so every cell holds the CLI's untuned default against its tuned best, paired by seed.
+
+The runs live in the LLM study's folder: the 300-step cell at d = 131,072 is that study's own GPart sweep
+and seeds (the same runs), and every other cell's runs carry their budget (T32-, T1024-) and d in their names.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # studies/: the shared script loader
+from study_scripts import load_script  # noqa: E402
+
+lm = load_script("studies/llm_methods/llm_methods.py")
+lb = load_script("studies/lr_budget/lr_budget.py")
+quality = lm.quality
+
+TASK = "arithmetic"
+OUT = Path(__file__).resolve().parent
+ANALYSIS = OUT / "llm_budget_analysis.md"  # written by hand; the report includes it
+STUDY_STEPS = int(lm.BUDGET[lm.BUDGET.index("--max-steps") + 1])  # the LLM study's own budget: 300
+STEPS = (1024, STUDY_STEPS, 32)  # the longest first: it is the one the defaults are judged at
+DS = (lm.D, lm.D // 16)
+COMMAND = ("python studies/lr_budget/llm_budget.py run --phase sweep && "
+           "python studies/lr_budget/llm_budget.py run --phase seeds && python studies/lr_budget/llm_budget.py report")
+
+
+def cell(steps: int, d: int):
+    """The (steps, d) sweep as an LLM-study cell: at the study's own budget and d it is the study's GPart cell."""
+    return lm.Cell(TASK, "gpart", None if steps == STUDY_STEPS else steps, d)
+
+
+def cells(steps=STEPS, ds=DS) -> list:
+    return [cell(t, d) for t in steps for d in ds]
+
+
+def steps_of(c) -> int:
+    return c.steps or STUDY_STEPS
+
+
+def seed_runs(runs: Path, todo_cells: list) -> list[quality.Run]:
+    """Seeds 1, 2 at each finished cell's default base and at its chosen one (one set when they are the same)."""
+    out = []
+    for c in todo_cells:
+        best = lm.chosen(runs, c)
+        if best is not None:
+            out += [lm.gpart_run(TASK, b, s, steps=c.steps, d=c.d)
+                    for b in dict.fromkeys((lm.DEFAULT_BASE, best)) for s in lm.SEEDS_MORE]
+    return sorted(dict.fromkeys(out), key=lambda r: r.seed)
+
+
+def cmd_run(args) -> int:
+    runs, todo = Path(args.runs_dir), cells(_ints(args.steps, STEPS), _ints(args.ds, DS))
+    if args.phase == "sweep":
+        lm.sweep(runs, todo, args.jobs, args.threads)
+    else:
+        lm.run_and_prune(runs, seed_runs(runs, todo), args.jobs, args.threads)
+    return 0
+
+
+def _ints(text: str, known: tuple[int, ...]) -> tuple[int, ...]:
+    """Comma-separated values among the study's own (the report shows only those)."""
+    values = tuple(int(x) for x in text.split(",") if x)
+    unknown = [v for v in values if v not in known]
+    if unknown:
+        raise SystemExit(f"unknown {', '.join(map(str, unknown))}; choose from {', '.join(map(str, known))}")
+    return values
+
+
+# ----------------------------------------------------------------------------------------------- analysis
+
+def cell_summary(runs: Path, c) -> dict | None:
+    st = lm.sweep_state(runs, c)
+    if not st["points"]:
+        return None
+    factor = lm.theta_lr(1.0, c.d)
+    best = max(st["points"], key=lambda p: p[1])[0]  # the best so far; "chosen" only once the sweep is finished
+    out = {"steps": steps_of(c), "d": c.d, "factor": factor, "default_base": lm.DEFAULT_BASE,
+           "default_lr": lm.DEFAULT_BASE * factor,
+           "curve": [{"base": b, "lr": b * factor, "validation_loss": -v, "test": t} for b, v, t in st["points"]],
+           "finished": st["finished"], "best_base": best, "best_lr": best * factor,
+           "bracket": st["where"] or "not finished"}
+    ms = [m for b, _, _ in st["points"] if (m := quality.load_metrics(runs, c.make(b)))]
+    out["step_s"] = statistics.median(m["train"]["runtime_s"] / m["train"]["steps"] for m in ms)
+    out["default"] = lm.seeds_of(runs, c.make(lm.DEFAULT_BASE))
+    out["tuned"] = lm.seeds_of(runs, c.make(best)) if st["finished"] else None
+    out["default_minus_tuned"] = lm.paired(out["default"], out["tuned"]) if best != lm.DEFAULT_BASE else None
+    return out
+
+
+def missing(runs: Path, rows: list[dict]) -> list[str]:
+    done = {(r["steps"], r["d"]): r for r in rows}
+    out = []
+    for c in cells():
+        r = done.get((steps_of(c), c.d))
+        where = f"{steps_of(c):,} steps, d = {c.d:,}"
+        if r is None or not r["finished"]:
+            out.append(f"{where}: sweep not finished ({len(r['curve']) if r else 0} points)")
+            continue
+        need = [x for x in ("default", "tuned") if not r[x] or len(r[x]["seeds"]) < len(lm.SEEDS)]
+        if r["best_base"] == lm.DEFAULT_BASE and "tuned" in need:
+            need.remove("tuned")
+        if need:
+            out.append(f"{where}: seeds 1, 2 at the {' and the '.join(need)} base")
+    return out
+
+
+def collect(runs: Path) -> dict:
+    rows = [r for c in cells() if (r := cell_summary(runs, c))]
+    return {"command": COMMAND, "task": TASK, "dataset": lm.TASKS[TASK], "steps": list(STEPS), "d": list(DS),
+            "default_base": lm.DEFAULT_BASE, "study_budget": list(lm.BUDGET), "cells": rows,
+            "movement": lb.movement(rows, DS), "d_exponent": lb.d_exponent(rows, STEPS, DS),
+            "missing": missing(runs, rows)}
+
+
+def _curve_text(c: dict) -> str:
+    return "; ".join(("**" if p["base"] == c["best_base"] else "") + f"{p['base']:g} → {p['validation_loss']:.3f} "
+                     f"({p['test']:.3f})" + ("**" if p["base"] == c["best_base"] else "") for p in c["curve"])
+
+
+def render(result: dict) -> str:
+    L = ["## GPart's learning-rate rule across training length (LLM)", "",
+         f"Produced by `{result['command']}` (one thread per run, up to 2 runs at once, on a 2-core CPU shared with "
+         "other jobs; raw numbers: [llm_budget.json](llm_budget.json)). The LLM study's task, `gpart train --task "
+         f"causal-lm --dataset {result['dataset']} " + " ".join(result["study_budget"]) + "` (SmolLM2-135M-Instruct, "
+         "q, k, v, o), with `--max-steps` and `--eval-steps` set to each budget: one validation pass at the end, "
+         "greedy exact match on 200 test items. Schedule: the causal-lm recipe's default at every budget.", "",
+         "Each cell sweeps the rule's base value (`--base-lr`: theta's lr = base × (10⁴/d)^¾) a factor 2 apart "
+         f"around the default {result['default_base']:g}, seed 0, chosen on validation loss, extended while the best "
+         "is at an end; then seeds 1 and 2 at the default and at the chosen base. The 300-step cell at "
+         f"d = {DS[0]:,} is the LLM study's GPart sweep (the same runs).", "",
+         "### The best learning rate by budget", "",
+         "| steps | d | theta's lr at the default base | base → validation loss (test exact match), seed 0; best in bold "
+         "| best base | best theta lr | located? | train s/step |", "|---|---|---|---|---|---|---|---|"]
+    for c in result["cells"]:
+        L.append(f"| {c['steps']:,} | {c['d']:,} | {c['default_lr']:.3g} | {_curve_text(c)} | {c['best_base']:g} | "
+                 f"{c['best_lr']:.3g} | {c['bracket']} | {c['step_s']:.2f} |")
+    L += ["", "Train s/step: the median over the cell's runs of Trainer's train runtime over the steps, with other "
+          "jobs on the machine: a cost estimate, not a benchmark.", ""]
+    for d, mv in result["movement"].items():
+        parts = ", ".join(f"{int(t):,} steps {lr:.3g}" for t, lr in mv["best_lr"].items())
+        ratio = ("" if mv["slope"] is None else f"; longest / shortest budget: {mv['longest_over_shortest']:.2g}x, "
+                 f"fitted lr* ∝ steps^{mv['slope']:.2f}")
+        L.append(f"- d = {int(d):,}, bracketed cells: best theta lr {parts}{ratio}.")
+    for t, k in result["d_exponent"].items():
+        L.append(f"- {int(t):,} steps, both d bracketed: the best theta lrs scale as d^-{k:.2f} between d = "
+                 f"{min(DS):,} and {max(DS):,} (the rule: d^-{lb.rule_exponent():.2f}).")
+    L += ["", "### The CLI's default against the tuned best, by seed", "",
+          "| steps | d | default base: test exact match, mean ± sd: per seed | validation loss per seed | tuned base | "
+          "tuned: test exact match | default − tuned, paired | where the default stands |",
+          "|---|---|---|---|---|---|---|---|"]
+    for c in result["cells"]:
+        if not c["finished"]:
+            continue
+        same = c["best_base"] == c["default_base"]
+        p = c["default_minus_tuned"]
+        verdict = "is the tuned best" if same else ((p or {}).get("verdict") or "– (no verdict)")
+        L.append(f"| {c['steps']:,} | {c['d']:,} | {lm._seeds_text(c['default'])} | {lm._loss_text(c['default'])} | "
+                 f"{c['best_base']:g}{' (the default)' if same else ''} | "
+                 f"{'same runs' if same else lm._seeds_text(c['tuned'])} | {'–' if same else lm._pair_text(p)} | "
+                 f"{verdict} |")
+    L += ["", "\"ahead\" / \"behind\": the mean paired difference beyond one sd of the differences; a cell with fewer "
+          "than 3 seeds has no sd and no verdict.", "",
+          "Missing: " + ("; ".join(result["missing"]) + "." if result["missing"] else "nothing.")]
+    if ANALYSIS.exists():
+        L += ["", ANALYSIS.read_text().rstrip()]
+    return "\n".join(L) + "\n"
+
+
+def cmd_report(args) -> int:
+    out = Path(args.out_dir)
+    result = collect(Path(args.runs_dir))
+    quality.write_atomic(out / "llm_budget.json", json.dumps(result, indent=1) + "\n")
+    quality.write_atomic(out / "llm_budget.md", render(result))
+    print(f"wrote {out / 'llm_budget.md'}")
+    return 0
+
+
+def status_text(runs: Path) -> str:
+    """Per cell: its points, what its sweep runs next, and the seeds to do; CPU time from finished runs."""
+    per_step = [m["train"]["runtime_s"] / m["train"]["steps"] for c in cells() for b in lm.GPART_LADDER
+                if (m := quality.load_metrics(runs, c.make(b))) and m["train"].get("steps")]
+    step_s = statistics.median(per_step) if per_step else None
+    lines, total = [f"runs: {runs}", f"train s/step (median of finished runs): {step_s or '–'}"], 0.0
+    for c in cells():
+        st = lm.sweep_state(runs, c)
+        todo = [c.make(b) for b in st["todo"]] + ([c.make(st["next"])] if st["next"] is not None else [])
+        todo += [r for r in seed_runs(runs, [c]) if not quality.load_metrics(runs, r)]
+        total += len(todo) * steps_of(c) * (step_s or 0.0)
+        pts = "; ".join(f"{b:g} → {-v:.3f}" for b, v, _ in st["points"]) or "no points yet"
+        state = f"chosen {st['chosen']:g} ({st['where']})" if st["finished"] else "sweeping"
+        lines.append(f"{steps_of(c):5d} steps, d {c.d:6d}: {state}: {pts}; to do: "
+                     + (", ".join(r.tag for r in todo) or "nothing"))
+    lines.append(f"CPU time left (training only, runs known now): ~{total / 3600:.1f} h")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--phase", choices=("sweep", "seeds"), required=True)
+    r.add_argument("--steps", default=",".join(map(str, STEPS)), help="step budgets, comma-separated")
+    r.add_argument("--ds", default=",".join(map(str, DS)), help="d values, comma-separated")
+    r.add_argument("--jobs", type=int, default=1, help="runs at once")
+    r.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    st = sub.add_parser("status")
+    rep = sub.add_parser("report")
+    rep.add_argument("--out-dir", default=str(OUT))
+    for sp in (r, st, rep):
+        sp.add_argument("--runs-dir", default=str(lm.RUNS), help="default: the LLM study's runs")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    lm.register()
+    if args.cmd == "status":
+        print(status_text(Path(args.runs_dir)))
+        return 0
+    return {"run": cmd_run, "report": cmd_report}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""studies/lr_budget/llm_budget.py: every run carries its budget, d and the rule's base value, the 300-step
+cell at the default d is the LLM study's own GPart sweep, a cell's sweep is chosen on validation loss and
+extended at an end, seeds go to the default and the chosen base, and the report pairs them by seed and says
+what is missing. All on fake metrics trees (no model)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import load_script
+
+q = load_script("benchmarks/quality.py")
+lm = load_script("studies/llm_methods/llm_methods.py")
+lbl = load_script("studies/lr_budget/llm_budget.py")
+
+
+@pytest.fixture(autouse=True)
+def domains(monkeypatch):
+    for name, spec in lm.domain_specs().items():
+        monkeypatch.setitem(q.DOMAINS, name, spec)
+
+
+def _write(runs: Path, run, loss: float, test: float, steps: int) -> None:
+    out = q.run_dir(runs, run)
+    out.mkdir(parents=True)
+    (out / "metrics.json").write_text(json.dumps({
+        "validation": {"loss": loss}, "test": {"exact_match": test, "n": 200},
+        "train": {"runtime_s": 4.0 * steps, "steps": steps}}))
+
+
+def _parse(run, tmp_path):
+    from gpart_cli import build_parser
+
+    return build_parser().parse_args(run.argv(tmp_path / "out"))
+
+
+def test_runs_carry_budget_d_and_base_and_the_study_cell_is_shared(tmp_path):
+    assert [(lbl.steps_of(c), c.d) for c in lbl.cells()] == [
+        (1024, 131072), (1024, 8192), (300, 131072), (300, 8192), (32, 131072), (32, 8192)]
+    run = lbl.cell(1024, 8192).make(0.1)
+    args = _parse(run, tmp_path)
+    assert (args.max_steps, args.eval_steps, args.d, args.base_lr, args.lr) == (1024, 1024, 8192, 0.1, None)
+    assert (args.dataset, args.batch_size, args.max_length, args.max_eval_samples) == ("arithmetic", 8, 128, 200)
+    assert run.tag == "gpart-T1024-base0.1-d8192-s0"
+    # the LLM study's cell: the same runs (same folder), so its sweep and seeds count here
+    assert lbl.cell(300, 131072) == lm.Cell("arithmetic", "gpart")
+    assert lbl.cell(300, 131072).make(0.2).tag == "gpart-base0.2-d131072-s0"
+    assert _parse(lbl.cell(300, 8192).make(0.2), tmp_path).max_steps == 300
+    assert lm.theta_lr(0.2, 8192) == pytest.approx(0.2 * (10_000 / 8192) ** 0.75)
+
+
+def test_unknown_budgets_are_refused():
+    with pytest.raises(SystemExit, match="unknown 500; choose from 1024, 300, 32"):
+        lbl.main(["run", "--phase", "sweep", "--steps", "500"])
+
+
+def test_sweep_on_validation_loss_extends_then_seeds_go_to_default_and_best(tmp_path):
+    c = lbl.cell(32, 8192)
+    for b, loss, test in ((0.1, 1.0, 0.10), (0.2, 0.9, 0.12), (0.4, 0.8, 0.05)):  # best at the top end
+        _write(tmp_path, c.make(b), loss, test, 32)
+    assert lm.sweep_state(tmp_path, c)["next"] == 0.8
+    _write(tmp_path, c.make(0.8), 0.85, 0.20, 32)  # best test, but not the lowest loss: 0.4 is chosen
+    st = lm.sweep_state(tmp_path, c)
+    assert (st["chosen"], st["where"]) == (0.4, "bracketed")
+    assert [r.tag for r in lbl.seed_runs(tmp_path, [c])] == [
+        "gpart-T32-base0.2-d8192-s1", "gpart-T32-base0.4-d8192-s1", "gpart-T32-base0.2-d8192-s2",
+        "gpart-T32-base0.4-d8192-s2"]
+    assert lbl.seed_runs(tmp_path, [lbl.cell(1024, 8192)]) == []  # not swept yet
+
+
+def test_report_pairs_default_with_tuned_and_says_what_is_missing(tmp_path, monkeypatch):
+    t32, study = lbl.cell(32, 8192), lbl.cell(300, 131072)
+    for b, loss in ((0.1, 1.0), (0.2, 0.9), (0.4, 0.8), (0.8, 0.85)):
+        _write(tmp_path, t32.make(b), loss, 0.1, 32)
+    for s, (default, tuned) in enumerate(((0.10, 0.15), (0.12, 0.14), (0.20, 0.19))):
+        if s:
+            _write(tmp_path, lm.gpart_run("arithmetic", 0.2, s, steps=32, d=8192), 0.9, default, 32)
+            _write(tmp_path, lm.gpart_run("arithmetic", 0.4, s, steps=32, d=8192), 0.8, tuned, 32)
+    # seed 0 of both are the sweep's runs (test 0.1); the study's own cell: the default is the best, 3 seeds
+    for b, loss in ((0.1, 0.95), (0.2, 0.94), (0.4, 0.98)):
+        _write(tmp_path, study.make(b), loss, 0.18, 300)
+    for s in (1, 2):
+        _write(tmp_path, lm.gpart_run("arithmetic", 0.2, s), 0.9, 0.17, 300)
+    result = lbl.collect(tmp_path)
+    rows = {(c["steps"], c["d"]): c for c in result["cells"]}
+    r = rows[(32, 8192)]
+    assert (r["best_base"], r["bracket"], r["best_lr"]) == (0.4, "bracketed", pytest.approx(lm.theta_lr(0.4, 8192)))
+    assert r["default_minus_tuned"]["diffs"] == pytest.approx([0.0, -0.02, 0.01])
+    assert r["default_minus_tuned"]["verdict"] == "within the spread"
+    assert rows[(300, 131072)]["default_minus_tuned"] is None  # the default is the chosen base
+    assert result["movement"]["8192"]["best_lr"] == {"32": pytest.approx(lm.theta_lr(0.4, 8192))}
+    missing = "; ".join(result["missing"])
+    assert "1,024 steps, d = 131,072: sweep not finished (0 points)" in missing
+    assert "32 steps, d = 131,072: sweep not finished (0 points)" in missing
+    assert "32 steps, d = 8,192" not in missing and "300 steps, d = 131,072" not in missing
+    analysis = tmp_path / "analysis.md"
+    analysis.write_text("### What it shows\n\nBy hand.\n")
+    monkeypatch.setattr(lbl, "ANALYSIS", analysis)
+    assert lbl.main(["report", "--runs-dir", str(tmp_path), "--out-dir", str(tmp_path)]) == 0
+    md = (tmp_path / "llm_budget.md").read_text()
+    assert "| 32 | 8,192 | " in md and "**0.4 → 0.800 (0.100)**" in md
+    assert "| 300 | 131,072 | 0.173 ± 0.006: s0 0.180, s1 0.170, s2 0.170 |" in md and "is the tuned best" in md
+    assert "+0.000, s1 -0.020, s2 +0.010 | within the spread |" in md and md.rstrip().endswith("By hand.")
+    assert json.loads((tmp_path / "llm_budget.json").read_text())["cells"][0]["steps"] == 300
