@@ -294,11 +294,12 @@ def render(result: dict) -> str:
               f"recipe's (0.1, unscaled: an explicit `--lr`): test accuracy {_ms(a)}; minus the CLI default "
               f"{_pair_text(a.get('minus_default'))}; minus the tuned best {_pair_text(a.get('minus_tuned'))} (paired by seed)."]
     llm = result["llm_step"]
-    L += ["", "### Not measured", "",
-          f"The LLM and vision budgets. One SmolLM2-135M training step with GPart (batch 8 × 128 as "
-          f"in the LLM study, q and v adapted, 2 threads) takes {llm['median_s']:.1f} s on this CPU (`{llm['command']}`, [{Path(llm['artifact']).name}]"
-          f"(../../{llm['artifact']})): a 1,024-step run is over an hour, and a sweep with seeds at two d and three "
-          "budgets is days of this machine. Vision (DINOv2-small, batch 32) was left out for the same reason.", ""]
+    L += ["", "### The other domains", "",
+          "The LLM task's budgets have their own page, [llm_budget.md](llm_budget.md) (`llm_budget.py` in this "
+          f"folder). They are slow here: one SmolLM2-135M training step with GPart (batch 8 × 128 as in the LLM "
+          f"study, q and v adapted, 2 threads) takes {llm['median_s']:.1f} s on this CPU (`{llm['command']}`, "
+          f"[{Path(llm['artifact']).name}](../../{llm['artifact']})), so a 1,024-step run is over an hour. Vision "
+          "(DINOv2-small, batch 32) was not measured, for the same reason.", ""]
     analysis = OUT / "lr_budget_analysis.md"
     if analysis.exists():
         L += [analysis.read_text().rstrip(), ""]
