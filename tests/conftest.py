@@ -320,3 +320,12 @@ def qa_conversations():
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "studies"))  # the repo's one script loader (benchmarks/ must stay off the path)
 from study_scripts import load_script  # noqa: E402,F401  (tests load benchmark and study scripts with it)
+
+
+@pytest.fixture
+def llm_study_domains(monkeypatch):
+    """The LLM study's domains in the quality study's table for one test (the study's script registers them
+    when it runs, not on import, so the table stays as it is for every other test)."""
+    quality = load_script("benchmarks/quality.py")
+    for name, spec in load_script("studies/llm_methods/llm_methods.py").domain_specs().items():
+        monkeypatch.setitem(quality.DOMAINS, name, spec)

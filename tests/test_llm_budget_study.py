@@ -15,10 +15,7 @@ lm = load_script("studies/llm_methods/llm_methods.py")
 lbl = load_script("studies/lr_budget/llm_budget.py")
 
 
-@pytest.fixture(autouse=True)
-def domains(monkeypatch):
-    for name, spec in lm.domain_specs().items():
-        monkeypatch.setitem(q.DOMAINS, name, spec)
+pytestmark = pytest.mark.usefixtures("llm_study_domains")
 
 
 def _write(runs: Path, run, loss: float, test: float, steps: int) -> None:

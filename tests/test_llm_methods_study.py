@@ -14,11 +14,7 @@ q = load_script("benchmarks/quality.py")
 lm = load_script("studies/llm_methods/llm_methods.py")
 
 
-@pytest.fixture(autouse=True)
-def domains(monkeypatch):
-    """The study's domains in the quality table for this test only (the script registers them when it runs)."""
-    for name, spec in lm.domain_specs().items():
-        monkeypatch.setitem(q.DOMAINS, name, spec)
+pytestmark = pytest.mark.usefixtures("llm_study_domains")
 
 
 def _write(runs: Path, run, loss: float | None, test: float, runtime: float = 600.0, steps: int = 300) -> None:

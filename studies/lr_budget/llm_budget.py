@@ -154,14 +154,7 @@ def render(result: dict) -> str:
                  f"{c['best_lr']:.3g} | {c['bracket']} | {c['step_s']:.2f} |")
     L += ["", "Train s/step: the median over the cell's runs of Trainer's train runtime over the steps, with other "
           "jobs on the machine: a cost estimate, not a benchmark.", ""]
-    for d, mv in result["movement"].items():
-        parts = ", ".join(f"{int(t):,} steps {lr:.3g}" for t, lr in mv["best_lr"].items())
-        ratio = ("" if mv["slope"] is None else f"; longest / shortest budget: {mv['longest_over_shortest']:.2g}x, "
-                 f"fitted lr* ∝ steps^{mv['slope']:.2f}")
-        L.append(f"- d = {int(d):,}, bracketed cells: best theta lr {parts}{ratio}.")
-    for t, k in result["d_exponent"].items():
-        L.append(f"- {int(t):,} steps, both d bracketed: the best theta lrs scale as d^-{k:.2f} between d = "
-                 f"{min(DS):,} and {max(DS):,} (the rule: d^-{lb.rule_exponent():.2f}).")
+    L += lb.movement_lines(result, DS)
     L += ["", "### The CLI's default against the tuned best, by seed", "",
           "| steps | d | default base: test exact match, mean ± sd: per seed | validation loss per seed | tuned base | "
           "tuned: test exact match | default − tuned, paired | where the default stands |",

@@ -241,6 +241,20 @@ def _verdict(gap: dict | None) -> str:
     return {True: "yes", False: "no", None: "– (one seed)"}[gap["within_one_sd"]]
 
 
+def movement_lines(result: dict, ds=DS) -> list[str]:
+    """The report's bullets on how the best lr moves with the budget (per d) and with d (per budget)."""
+    L = []
+    for d, mv in result["movement"].items():
+        parts = ", ".join(f"{int(t):,} steps {lr:.3g}" for t, lr in mv["best_lr"].items())
+        ratio = ("" if mv["slope"] is None else f"; longest / shortest budget: {mv['longest_over_shortest']:.2g}x, "
+                 f"fitted lr* ∝ steps^{mv['slope']:.2f}")
+        L.append(f"- d = {int(d):,}, bracketed cells: best theta lr {parts}{ratio}.")
+    for t, k in result["d_exponent"].items():
+        L.append(f"- {int(t):,} steps, both d bracketed: the best theta lrs scale as d^-{k:.2f} between d = "
+                 f"{min(ds):,} and {max(ds):,} (the rule: d^-{rule_exponent():.2f}).")
+    return L
+
+
 def render(result: dict) -> str:
     sch = result["schedule"]
     L = ["## GPart's learning-rate rule across training length (text)", "",
@@ -266,14 +280,7 @@ def render(result: dict) -> str:
     L += ["", "Ties go to the smaller base (the validation split is 484 examples: one example is 0.002). "
           "Train s/step: the median over the cell's runs of Trainer's train runtime (including the one validation "
           "pass, which dominates at 32 steps) over the steps, with other jobs on the machine: a cost estimate, not a benchmark.", ""]
-    for d, mv in result["movement"].items():
-        parts = ", ".join(f"{int(t):,} steps {lr:.3g}" for t, lr in mv["best_lr"].items())
-        ratio = ("" if mv["slope"] is None else f"; longest / shortest budget: {mv['longest_over_shortest']:.2g}x, "
-                 f"fitted lr* ∝ steps^{mv['slope']:.2f}")
-        L.append(f"- d = {int(d):,}, bracketed cells: best theta lr {parts}{ratio}.")
-    for t, k in result["d_exponent"].items():
-        L.append(f"- {int(t):,} steps, both d bracketed: the best theta lrs scale as d^-{k:.2f} between d = "
-                 f"{min(DS):,} and {max(DS):,} (the rule: d^-{rule_exponent():.2f}).")
+    L += movement_lines(result, DS)
     L += ["", "### The CLI's default against the tuned best, by seed", "",
           "| steps | d | default base: test accuracy mean ± sd (seeds): per seed | tuned base | tuned: test accuracy | "
           "default − tuned, paired: mean ± sd (per seed) | within one sd of the tuned? |",
