@@ -257,7 +257,7 @@ def run_and_prune(runs: Path, todo: list[quality.Run], jobs: int, threads: int) 
 
 def cmd_run(args) -> int:
     runs = Path(args.runs_dir)
-    tasks, methods = _csv(args.tasks, TASKS), _csv(args.methods, METHODS)
+    tasks, methods = csv_choices(args.tasks, TASKS), csv_choices(args.methods, METHODS)
     if args.phase == "sweep":
         if "base" in methods:  # the untouched model, seed 0: one evaluation
             run_and_prune(runs, [method_run(t, "base", None) for t in tasks], args.jobs, args.threads)
@@ -268,11 +268,11 @@ def cmd_run(args) -> int:
     elif args.phase == "seeds":
         run_and_prune(runs, seed_runs(runs, tasks, methods), args.jobs, args.threads)
     else:
-        run_and_prune(runs, arm_runs(runs, tasks, _csv(args.arms, ARMS)), args.jobs, args.threads)
+        run_and_prune(runs, arm_runs(runs, tasks, csv_choices(args.arms, ARMS)), args.jobs, args.threads)
     return 0
 
 
-def _csv(text: str, known) -> tuple:
+def csv_choices(text: str, known) -> tuple:
     items = tuple(x for x in text.split(",") if x)
     unknown = [x for x in items if x not in known]
     if unknown:
@@ -477,17 +477,17 @@ def _per_seed_text(r: dict | None, values: str, sign: str = "", missing: str = "
     return f"{r['mean']:{sign}.3f} ± {r['sd']:.3f}: {per}"
 
 
-def _seeds_text(r: dict | None) -> str:
+def seeds_text(r: dict | None) -> str:
     return _per_seed_text(r, "test")
 
 
-def _loss_text(r: dict | None) -> str:
+def loss_text(r: dict | None) -> str:
     if not r or any(v is None for v in r["validation_loss"]):
         return "–"
     return ", ".join(f"{v:.3f}" for v in r["validation_loss"])
 
 
-def _pair_text(p: dict | None) -> str:
+def pair_text(p: dict | None) -> str:
     return _per_seed_text(p, "diffs", "+", ": no sd, no verdict")
 
 
@@ -519,18 +519,18 @@ def render(result: dict) -> str:
               "|---|---|---|---|---|"]
         for m, row in t["methods"].items():
             if m == "base":
-                L.append(f"| {LABEL[m]} | – | – | {_seeds_text(row['seeds'])} | – |")
+                L.append(f"| {LABEL[m]} | – | – | {seeds_text(row['seeds'])} | – |")
                 continue
             pts = "; ".join(("**" if p["lr"] == row["chosen"] else "") + f"{p['lr']:g} → {p['validation_loss']:.3f} "
                             f"({p['test']:.3f})" + ("**" if p["lr"] == row["chosen"] else "") for p in row["sweep"])
             where = "" if row["where"] in (None, "bracketed") else f" ({row['where']})"
             chosen_text = _lr_text(m, row["chosen"]) + where if row["finished"] else "sweep not finished"
-            L.append(f"| {LABEL[m]} | {pts or '–'} | {chosen_text} | {_seeds_text(row['seeds'])} | "
-                     f"{_loss_text(row['seeds'])} |")
+            L.append(f"| {LABEL[m]} | {pts or '–'} | {chosen_text} | {seeds_text(row['seeds'])} | "
+                     f"{loss_text(row['seeds'])} |")
             if m == "gpart" and row["chosen"] != row["default_base"]:
                 L.append(f"| GPart at the rule's default | (the sweep's middle point) | "
-                         f"{_lr_text(m, row['default_base'])} | {_seeds_text(row['default'])} | "
-                         f"{_loss_text(row['default'])} |")
+                         f"{_lr_text(m, row['default_base'])} | {seeds_text(row['default'])} | "
+                         f"{loss_text(row['default'])} |")
         L += ["", "Paired differences in test exact match (GPart minus the other, by seed; \"ahead\" / \"behind\": "
               "the mean beyond one sd of the paired differences):", "",
               "| GPart | minus | difference: mean ± sd: per seed | where GPart stands |", "|---|---|---|---|"]
@@ -542,7 +542,7 @@ def render(result: dict) -> str:
             for m, p in versus.items():
                 other = "GPart tuned" if m == "gpart-tuned" else LABEL[m]
                 verdict = (p or {}).get("verdict") or "– (no verdict)"
-                L.append(f"| {name} | {other} | {_pair_text(p)} | {verdict} |")
+                L.append(f"| {name} | {other} | {pair_text(p)} | {verdict} |")
         if same:
             L += ["", "The sweep chose the rule's default base: GPart tuned is GPart at the rule's lr."]
         if t["arms"]:
@@ -551,8 +551,8 @@ def render(result: dict) -> str:
                   "where the arm stands |", "|---|---|---|---|---|---|"]
             for arm, a in t["arms"].items():
                 verdict = (a["minus_global"] or {}).get("verdict") or "– (no verdict)"
-                L.append(f"| {arm} | `{' '.join(a['flags'])}` | {_seeds_text(a['seeds'])} | {_loss_text(a['seeds'])} | "
-                         f"{_pair_text(a['minus_global'])} | {verdict} |")
+                L.append(f"| {arm} | `{' '.join(a['flags'])}` | {seeds_text(a['seeds'])} | {loss_text(a['seeds'])} | "
+                         f"{pair_text(a['minus_global'])} | {verdict} |")
         L += ["", "Missing: " + ("; ".join(t["missing"]) + "." if t["missing"] else "nothing.")]
     if ANALYSIS.exists():
         L += ["", ANALYSIS.read_text().rstrip()]

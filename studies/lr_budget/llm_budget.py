@@ -61,27 +61,20 @@ def seed_runs(runs: Path, todo_cells: list) -> list[quality.Run]:
     for c in todo_cells:
         best = lm.chosen(runs, c)
         if best is not None:
-            out += [lm.gpart_run(TASK, b, s, steps=c.steps, d=c.d)
+            out += [lm.lr_rule.with_seed(c.make(b), s)
                     for b in dict.fromkeys((lm.DEFAULT_BASE, best)) for s in lm.SEEDS_MORE]
     return sorted(dict.fromkeys(out), key=lambda r: r.seed)
 
 
 def cmd_run(args) -> int:
-    runs, todo = Path(args.runs_dir), cells(_ints(args.steps, STEPS), _ints(args.ds, DS))
+    steps = tuple(map(int, lm.csv_choices(args.steps, tuple(map(str, STEPS)))))
+    ds = tuple(map(int, lm.csv_choices(args.ds, tuple(map(str, DS)))))
+    runs, todo = Path(args.runs_dir), cells(steps, ds)
     if args.phase == "sweep":
         lm.sweep(runs, todo, args.jobs, args.threads)
     else:
         lm.run_and_prune(runs, seed_runs(runs, todo), args.jobs, args.threads)
     return 0
-
-
-def _ints(text: str, known: tuple[int, ...]) -> tuple[int, ...]:
-    """Comma-separated values among the study's own (the report shows only those)."""
-    values = tuple(int(x) for x in text.split(",") if x)
-    unknown = [v for v in values if v not in known]
-    if unknown:
-        raise SystemExit(f"unknown {', '.join(map(str, unknown))}; choose from {', '.join(map(str, known))}")
-    return values
 
 
 # ----------------------------------------------------------------------------------------------- analysis
@@ -165,9 +158,9 @@ def render(result: dict) -> str:
         same = c["best_base"] == c["default_base"]
         p = c["default_minus_tuned"]
         verdict = "is the tuned best" if same else ((p or {}).get("verdict") or "– (no verdict)")
-        L.append(f"| {c['steps']:,} | {c['d']:,} | {lm._seeds_text(c['default'])} | {lm._loss_text(c['default'])} | "
+        L.append(f"| {c['steps']:,} | {c['d']:,} | {lm.seeds_text(c['default'])} | {lm.loss_text(c['default'])} | "
                  f"{c['best_base']:g}{' (the default)' if same else ''} | "
-                 f"{'same runs' if same else lm._seeds_text(c['tuned'])} | {'–' if same else lm._pair_text(p)} | "
+                 f"{'same runs' if same else lm.seeds_text(c['tuned'])} | {'–' if same else lm.pair_text(p)} | "
                  f"{verdict} |")
     L += ["", "\"ahead\" / \"behind\": the mean paired difference beyond one sd of the differences; a cell with fewer "
           "than 3 seeds has no sd and no verdict.", "",
