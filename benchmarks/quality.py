@@ -34,6 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "studies"))  # the scripts' shared helpers
 from gpart.recipes.methods import DEFAULT_LR, TARGET_SETS  # noqa: E402
+from gpart.recipes.training import CHECKPOINTS, last_complete_checkpoint  # noqa: E402
 from study_scripts import write_atomic  # noqa: E402 - the studies call it as quality.write_atomic
 SEEDS = (0, 1, 2)
 
@@ -208,6 +209,15 @@ def diag_runs(runs: Path, domain: str, seeds=(0,)) -> list[Run]:
     return [Run(domain, "gpart", s, lr * f, d, t) for d, f, t in DOMAINS[domain].get("diagnostics", ()) for s in seeds]
 
 
+def restart_flag(out: Path) -> list[str]:
+    """How `gpart train` takes up a run folder: a new run needs nothing; an unfinished one continues from its
+    last complete checkpoint (--resume: the CLI refuses it if the run's settings changed) or, with none,
+    starts afresh (--overwrite)."""
+    if not (out / "run.json").exists():
+        return []
+    return ["--resume"] if last_complete_checkpoint(out / CHECKPOINTS) else ["--overwrite"]
+
+
 def execute(runs: Path, todo: list[Run], jobs: int, threads: int) -> None:
     todo = [r for r in dict.fromkeys(todo) if load_metrics(runs, r) is None]
     print(f"{len(todo)} runs to do", flush=True)
@@ -217,7 +227,7 @@ def execute(runs: Path, todo: list[Run], jobs: int, threads: int) -> None:
     def one(run: Run) -> None:
         out = run_dir(runs, run)
         out.parent.mkdir(parents=True, exist_ok=True)
-        flag = ["--overwrite"] if (out / "run.json").exists() else []  # an unfinished run starts afresh
+        flag = restart_flag(out)
         log = out.parent / f"{run.tag}.log"
         t = time.time()
         with open(log, "w") as fh:

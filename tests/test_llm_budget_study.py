@@ -37,7 +37,9 @@ def test_runs_carry_budget_d_and_base_and_the_study_cell_is_shared(tmp_path):
         (1024, 131072), (1024, 8192), (300, 131072), (300, 8192), (32, 131072), (32, 8192)]
     run = lbl.cell(1024, 8192).make(0.1)
     args = _parse(run, tmp_path)
-    assert (args.max_steps, args.eval_steps, args.d, args.base_lr, args.lr) == (1024, 1024, 8192, 0.1, None)
+    # a run longer than the study's validates and checkpoints every 256 steps, so a stopped one resumes
+    assert (args.max_steps, args.eval_steps, args.d, args.base_lr, args.lr) == (1024, 256, 8192, 0.1, None)
+    assert _parse(lbl.cell(32, 8192).make(0.1), tmp_path).eval_steps == 32  # short: one validation, at the end
     assert (args.dataset, args.batch_size, args.max_length, args.max_eval_samples) == ("arithmetic", 8, 128, 200)
     assert run.tag == "gpart-T1024-base0.1-d8192-s0"
     # the LLM study's cell: the same runs (same folder), so its sweep and seeds count here

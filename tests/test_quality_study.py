@@ -93,3 +93,15 @@ def test_partition_check_puts_the_new_runs_beside_the_studys(tmp_path):
     assert text["study"] == [0.9, 0.92, 0.94] and text["now"] == [0.91, 0.95, 0.93]
     assert text["now_mean_sd"][0] == pytest.approx(0.93)
     assert result["partition_version"] == 2 and result["command"].endswith(" ".join(argv))
+
+
+def test_an_unfinished_run_resumes_from_its_last_complete_checkpoint_else_starts_afresh(tmp_path):
+    out = tmp_path / "run"
+    assert q.restart_flag(out) == []  # a new run
+    out.mkdir()
+    (out / "run.json").write_text("{}")
+    assert q.restart_flag(out) == ["--overwrite"]  # started, nothing saved yet
+    (out / "checkpoints" / ".checkpoint-256").mkdir(parents=True)  # a save that was cut off is not one
+    assert q.restart_flag(out) == ["--overwrite"]
+    (out / "checkpoints" / "checkpoint-256").mkdir()
+    assert q.restart_flag(out) == ["--resume"]

@@ -25,7 +25,8 @@ arms  - the authors' partition variants at GPart's chosen base: `--partition-sco
         `--grouping signed_magnitude`, seeds 0, 1, 2, paired by seed with the global partition.
 
 Same runner as benchmarks/quality.py (one `gpart train` process per run, resumable: a run whose metrics.json
-exists is skipped; only the metrics.json files of `runs/` are kept in git, so a fresh clone resumes).
+exists is skipped, an unfinished one continues from its last checkpoint; only the metrics.json files of `runs/`
+are kept in git, so a fresh clone resumes).
 """
 from __future__ import annotations
 
@@ -55,6 +56,8 @@ SEEDS_MORE = (1, 2)
 D = 131072  # the causal-lm default d (CausalLM.defaults["d"]), given explicitly so the runs do not move with it
 BUDGET = ("--max-steps", "300", "--batch-size", "8", "--max-length", "128", "--eval-steps", "300",
           "--max-eval-samples", "200", "--max-new-tokens", "24")
+STUDY_STEPS = int(BUDGET[BUDGET.index("--max-steps") + 1])  # 300
+CHECKPOINT_EVERY = 256  # runs longer than the study's: an hour or more on a CPU, too long to lose whole
 # a budget that only checks the machinery end to end (later flags win in `gpart train`)
 SMOKE_BUDGET = ("--max-steps", "2", "--batch-size", "8", "--max-length", "128", "--eval-steps", "2",
                 "--max-eval-samples", "8", "--max-new-tokens", "4")
@@ -126,8 +129,9 @@ def gpart_run(task: str, base: float, seed: int = 0, arm: str | None = None, ste
     """`gpart train` with theta's lr from the rule at this base value (and weight decay as the rule sets it);
     `steps`: another step budget than the study's (the budget study, studies/lr_budget/llm_budget.py)."""
     extra = ("--base-lr", f"{base:g}", *(ARMS[arm] if arm else ()))
-    if steps is not None:  # later flags win in `gpart train`: one validation pass at the end, as at 300
-        extra += ("--max-steps", str(steps), "--eval-steps", str(steps))
+    if steps is not None:  # later flags win in `gpart train`: one validation pass at the end, as at 300;
+        # a longer run validates and checkpoints every CHECKPOINT_EVERY steps, so a stopped one resumes
+        extra += ("--max-steps", str(steps), "--eval-steps", str(steps if steps <= STUDY_STEPS else CHECKPOINT_EVERY))
     variant = (f"{arm}-" if arm else "") + (f"T{steps}-" if steps is not None else "") + f"base{base:g}"
     return quality.Run(domain(task), "gpart", seed, None, d, variant=variant, extra=extra)
 

@@ -13,6 +13,10 @@ LLM study's ladder (a factor 2 apart around the causal-lm default 0.2, so the de
 seed 0, chosen on validation loss, extended while the best is at an end; then seeds 1, 2 at the default
 and at the chosen base, so every cell holds the CLI's untuned default against its tuned best, paired by seed.
 
+A 1,024-step run (over an hour on one CPU thread) validates and checkpoints every 256 steps, as `gpart train`
+does by default for a --max-steps run (the best of the four validation points is kept), so a stopped run
+continues from its last checkpoint; the shorter ones validate once, at the end.
+
 The runs live in the LLM study's folder: the 300-step cell at d = 131,072 is that study's own GPart sweep
 and seeds (the same runs), and every other cell's runs carry their budget (T32-, T1024-) and d in their names.
 """
@@ -35,7 +39,7 @@ quality = lm.quality
 TASK = "arithmetic"
 OUT = Path(__file__).resolve().parent
 ANALYSIS = OUT / "llm_budget_analysis.md"  # written by hand; the report includes it
-STUDY_STEPS = int(lm.BUDGET[lm.BUDGET.index("--max-steps") + 1])  # the LLM study's own budget: 300
+STUDY_STEPS = lm.STUDY_STEPS  # the LLM study's own budget: 300
 STEPS = (1024, STUDY_STEPS, 32)  # the longest first: it is the one the defaults are judged at
 DS = (lm.D, lm.D // 16)
 COMMAND = ("python studies/lr_budget/llm_budget.py run --phase sweep && "
