@@ -38,20 +38,8 @@ from gpart.recipes.training import CHECKPOINTS, last_complete_checkpoint  # noqa
 from study_scripts import write_atomic  # noqa: E402 - the studies call it as quality.write_atomic
 SEEDS = (0, 1, 2)
 
-LR_RULE_POINTER = ("## GPart's learning-rate rule and the isometry ablations\n\n"
-                   "A finished study, kept with its script, data and figures in\n"
-                   "[studies/lr_rule/lr_rule.md](../studies/lr_rule/lr_rule.md); the rule it chose is described in "
-                   "[lr.md](lr.md).")
-LR_BUDGET_POINTER = ("## GPart's learning-rate rule across training length\n\n"
-                     "The rule's base value swept at 32, 256 and 1,024 steps (text, d = 23,040 and 1,440; seed 0, the "
-                     "sweeps\nthat finished, listed with what was not run): "
-                     "[studies/lr_budget/lr_budget.md](../studies/lr_budget/lr_budget.md);\nwhat a user should expect "
-                     "at their budget is in [lr.md](lr.md#across-training-length).")
-LLM_METHODS_POINTER = ("## The LLM study at 300 steps (in progress)\n\n"
-                       "Base model, GPart, LoRA r=8, Uni-LoRA and full fine-tuning on two chat tasks (word-reversal, "
-                       "arithmetic),\n300 steps of 8, 200 test items, 3 seeds, each method's lr swept on validation "
-                       "loss: [studies/llm_methods/llm_methods.md](../studies/llm_methods/llm_methods.md)\n(what has run "
-                       "and what is missing is listed there).")
+# the other studies' summaries in docs/results.md, written by hand (numbers quoted from their reports)
+STUDIES_SUMMARY = ROOT / "docs" / "studies-summary.md"
 ALL_LINEAR = ",".join(TARGET_SETS["decoder"]["all"])  # every linear layer of a Llama block
 
 # One fixed budget per domain, sized so a run takes a few minutes on one CPU core.
@@ -169,6 +157,28 @@ def run_dir(runs: Path, run: Run) -> Path:
 def load_metrics(runs: Path, run: Run) -> dict | None:
     p = run_dir(runs, run) / "metrics.json"
     return json.loads(p.read_text()) if p.exists() else None
+
+
+def step_seconds(metrics: dict) -> float | None:
+    """A finished run's training seconds per optimizer step. runtime_s timed only the launch that finished the
+    run: after a resume, the steps since resumed_from_step (none when it resumed at its last step)."""
+    t = metrics.get("train", {})
+    n = t.get("steps", 0) - t.get("resumed_from_step", 0)
+    return t["runtime_s"] / n if n > 0 and t.get("runtime_s") else None
+
+
+def train_seconds(metrics: dict) -> float | None:
+    """A finished run's training time: as timed, or after a resume its timed steps' rate times all its steps."""
+    t = metrics["train"]
+    if not t.get("resumed_from_step"):
+        return t["runtime_s"]
+    per_step = step_seconds(metrics)
+    return None if per_step is None else per_step * t["steps"]
+
+
+def median_step_seconds(metrics: list[dict]) -> float | None:
+    xs = [x for m in metrics if (x := step_seconds(m)) is not None]
+    return statistics.median(xs) if xs else None
 
 
 def selection_score(domain: str, metrics: dict) -> float:
@@ -329,7 +339,7 @@ def collect(runs: Path, previous: dict | None = None) -> dict:
                 "macro_f1": mean_sd([m["test"].get("macro_f1") for _, m in ms if "macro_f1" in m["test"]])[0],
                 "trainable": last["params"]["trainable"], "adapter": last["params"].get("adapter"),
                 "saved_bytes": last["adapter_bytes"], "saved": last["saved"], "D": last.get("D"),
-                "train_s": statistics.median(m["train"]["runtime_s"] for _, m in ms),
+                "train_s": statistics.median(t for _, m in ms if (t := train_seconds(m)) is not None),
                 "n_test": last["test"].get("n"),
                 "val_loss": mean_sd([m["validation"]["loss"] for _, m in ms if "loss" in m["validation"]])[0],
             }
@@ -366,7 +376,7 @@ def collect_diagnostics(runs: Path, dom: str) -> list[dict]:
         rows.append({"method": run.method, "d": run.d if run.uses_d else None, "lr": run.lr,
                      "targets": run.targets or ",".join(TARGET_SETS["decoder"]["attn"]), "D": m.get("D"),
                      "trainable": m["params"]["trainable"], "val_loss": m["validation"].get("loss"),
-                     "test": test_metric(dom, m), "train_s": m["train"]["runtime_s"]})
+                     "test": test_metric(dom, m), "train_s": train_seconds(m)})
     return rows
 
 
@@ -488,9 +498,7 @@ def cmd_report(args) -> int:
     analysis = ROOT / "docs" / "quality" / "analysis.md"
     if analysis.exists():
         body += "\n" + analysis.read_text()
-    body += "\n" + LR_RULE_POINTER + "\n"
-    body += "\n" + LR_BUDGET_POINTER + "\n"
-    body += "\n" + LLM_METHODS_POINTER + "\n"
+    body += "\n" + STUDIES_SUMMARY.read_text().split("-->\n", 1)[1]
     arms = ROOT / "studies" / "partition_arms" / "arms.md"
     if arms.exists():  # the authors' partition variants (studies/partition_arms/arms.py)
         body += "\n" + arms.read_text()

@@ -193,8 +193,9 @@ def test_resume_continues_and_checks_identity(text_setup, tmp_path, capsys):
     assert rc == 2 and "different run" in err and "d: run has 32, now 33" in err
     assert main(common + ["--d", "32", "--max-steps", "6", "--resume"]) == 0
     m = json.loads((out / "metrics.json").read_text())
-    assert m["train"]["steps"] == 6
+    assert (m["train"]["steps"], m["train"]["resumed_from_step"]) == (6, 4)  # runtime_s timed steps 5..6
     assert [p["step"] for p in m["history"]["train"]] == list(range(1, 7))  # history spans both sessions
+    assert "6 steps" in (report := (out / "report.md").read_text()) and "since the resume at step 4" in report
 
 
 def test_output_dir_guard_never_overwrites(trained_text, text_setup, tmp_path, capsys):

@@ -36,12 +36,11 @@ def test_lr_chosen_on_validation_and_paired_with_the_global_partition(tmp_path):
         _write(tmp_path, arms.arm_run("block", 0.04, seed), 0.9, test)
     reference = {"methods": {"gpart": {"lr": 0.04, "seeds": [0, 1, 2], "test": [0.94, 0.96, 0.94], "mean": 0.9467}},
                  "lr_sweep": {"gpart": [{"lr": 0.04, "validation": 0.938}]}}
-    llm = {"args": ["--max-steps", "16"], "methods": {"gpart": {"train_s": 256.0}}}
-    result = arms.summary(tmp_path, reference, llm)
+    result = arms.summary(tmp_path, reference)
     block = result["arms"]["block"]
     assert block["lr"] == 0.04 and block["test"] == [0.5, 0.95, 0.93]
     assert block["paired_diff"] == pytest.approx([-0.44, -0.01, -0.01])
     assert "signed" not in result["arms"]
     assert "| block (`--partition-scope transformer_block`) | 0.04 | 0.500, 0.950, 0.930 |" in arms.render(result)
-    assert result["llm"]["step_s"] == 16.0 and "one 300-step run would take about 80 minutes" in arms.render(result)
+    assert "are part of the LLM study: studies/llm_methods/llm_methods.md" in arms.render(result)
     assert "- block: -0.153 against the global partition, within the spread" in arms.render(result)

@@ -105,3 +105,23 @@ def test_an_unfinished_run_resumes_from_its_last_complete_checkpoint_else_starts
     assert q.restart_flag(out) == ["--overwrite"]
     (out / "checkpoints" / "checkpoint-256").mkdir()
     assert q.restart_flag(out) == ["--resume"]
+
+
+def test_a_resumed_run_is_timed_by_the_steps_its_last_launch_ran():
+    plain = {"train": {"steps": 300, "runtime_s": 600.0}}
+    resumed = {"train": {"steps": 1024, "runtime_s": 512.0, "resumed_from_step": 768}}  # 256 steps timed
+    at_end = {"train": {"steps": 60, "runtime_s": 0.01, "resumed_from_step": 60}}  # killed after the last save
+    assert (q.step_seconds(plain), q.train_seconds(plain)) == (2.0, 600.0)
+    assert (q.step_seconds(resumed), q.train_seconds(resumed)) == (2.0, 2048.0)
+    assert (q.step_seconds(at_end), q.train_seconds(at_end)) == (None, None)
+    assert q.step_seconds({"train": {"steps": 16, "runtime_s": 0.0}}) is None  # the base model: nothing trained
+    assert q.median_step_seconds([plain, resumed, at_end, {"train": {"steps": 10, "runtime_s": 40.0}}]) == 2.0
+    assert q.median_step_seconds([at_end]) is None
+
+
+def test_results_md_is_what_the_report_assembles_from_its_hand_written_parts():
+    """`quality.py report` rebuilds docs/results.md; text edited into results.md alone would be lost by it."""
+    results = (q.ROOT / "docs" / "results.md").read_text()
+    assert q.STUDIES_SUMMARY.read_text().split("-->\n", 1)[1] in results
+    assert (q.ROOT / "docs" / "quality" / "analysis.md").read_text() in results
+    assert results.endswith((q.ROOT / "studies" / "partition_arms" / "arms.md").read_text())

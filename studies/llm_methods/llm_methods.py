@@ -316,14 +316,13 @@ def run_seconds(runs: Path, steps: int | None = None) -> tuple[dict, str]:
     """Train seconds per run of each method: the median train runtime of this study's finished runs; a method
     with none, the median s/step of the others x steps, or else the quality study's committed 16-step LLM runs'
     s/step x steps. Base: 0 (it only evaluates). Returns the seconds and where they came from."""
-    steps = steps or int(BUDGET[BUDGET.index("--max-steps") + 1])
+    steps = steps or STUDY_STEPS
     per_step = {}
     for m in runs.glob("llm-*/*/metrics.json"):
         metrics = json.loads(m.read_text())
         method = m.parent.name.split("-")[0]
-        train = metrics.get("train", {})
-        if method in SWEPT and train.get("runtime_s") and train.get("steps"):
-            per_step.setdefault(method, []).append(train["runtime_s"] / train["steps"])
+        if method in SWEPT and (x := quality.step_seconds(metrics)) is not None:
+            per_step.setdefault(method, []).append(x)
     source = "this study's finished runs"
     if not per_step and QUALITY_RESULTS.exists():
         llm = json.loads(QUALITY_RESULTS.read_text())["domains"]["llm"]

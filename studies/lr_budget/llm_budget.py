@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -95,7 +94,7 @@ def cell_summary(runs: Path, c) -> dict | None:
            "finished": st["finished"], "best_base": best, "best_lr": best * factor,
            "bracket": st["where"] or "not finished"}
     ms = [m for b, _, _ in st["points"] if (m := quality.load_metrics(runs, c.make(b)))]
-    out["step_s"] = statistics.median(m["train"]["runtime_s"] / m["train"]["steps"] for m in ms)
+    out["step_s"] = quality.median_step_seconds(ms)
     out["default"] = lm.seeds_of(runs, c.make(lm.DEFAULT_BASE))
     out["tuned"] = lm.seeds_of(runs, c.make(best)) if st["finished"] else None
     out["default_minus_tuned"] = lm.paired(out["default"], out["tuned"]) if best != lm.DEFAULT_BASE else None
@@ -185,9 +184,8 @@ def cmd_report(args) -> int:
 
 def status_text(runs: Path) -> str:
     """Per cell: its points, what its sweep runs next, and the seeds to do; CPU time from finished runs."""
-    per_step = [m["train"]["runtime_s"] / m["train"]["steps"] for c in cells() for b in lm.GPART_LADDER
-                if (m := quality.load_metrics(runs, c.make(b))) and m["train"].get("steps")]
-    step_s = statistics.median(per_step) if per_step else None
+    step_s = quality.median_step_seconds([m for c in cells() for b in lm.GPART_LADDER
+                                          if (m := quality.load_metrics(runs, c.make(b)))])
     lines, total = [f"runs: {runs}", f"train s/step (median of finished runs): {step_s or '–'}"], 0.0
     for c in cells():
         st = lm.sweep_state(runs, c)

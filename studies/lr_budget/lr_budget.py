@@ -147,7 +147,7 @@ def cell_summary(runs: Path, steps: int, d: int) -> dict | None:
            "bracket": bracket([p[0] for p in pts], best[0]),
            "near_best_bases": [p[0] for p in pts if p[1] >= best[1] - NEAR]}
     ms = [m for b, _, _ in pts if (m := quality.load_metrics(runs, make(b)))]
-    out["step_s"] = statistics.median(m["train"]["runtime_s"] / m["train"]["steps"] for m in ms)
+    out["step_s"] = quality.median_step_seconds(ms)
     default, tuned = _seeds(runs, make(DEFAULT_BASE)), _seeds(runs, make(best[0]))
     out["default"], out["tuned"] = default, tuned
     if default and tuned and len(pts) >= 3:  # a tuned best needs a sweep; a verdict needs a spread

@@ -60,25 +60,17 @@ def cmd_run(args) -> int:
     return 0
 
 
-def llm_step_s(llm: dict) -> dict:
-    """GPart's seconds per training step in the quality study's LLM domain (its committed train_s), which
-    says what a 300-step LLM arm would cost on this CPU."""
-    steps = int(llm["args"][llm["args"].index("--max-steps") + 1])
-    return {"train_s": llm["methods"]["gpart"]["train_s"], "steps": steps,
-            "step_s": llm["methods"]["gpart"]["train_s"] / steps}
-
-
-def summary(runs: Path, reference: dict, llm: dict | None = None) -> dict:
+def summary(runs: Path, reference: dict) -> dict:
     """Per arm: its sweep, and test accuracy per seed at the chosen lr beside the global partition's."""
     glob = reference["methods"]["gpart"]
     out = {"settings": {"domain": DOMAIN, "args": quality.DOMAINS[DOMAIN]["args"], "d": quality.DOMAINS[DOMAIN]["d"],
                         "lrs": list(LRS)},
-           "command": COMMAND, "llm": None if llm is None else llm_step_s(llm),
+           "command": COMMAND,
            "global": {"lr": glob["lr"], "seeds": glob["seeds"], "test": glob["test"], "mean": glob["mean"],
                       "sweep": reference["lr_sweep"]["gpart"]},
            "arms": {}}
     for arm in ARMS:
-        sweep = [{"lr": lr, "validation": m["validation"]["accuracy"], "train_s": m["train"]["runtime_s"]}
+        sweep = [{"lr": lr, "validation": m["validation"]["accuracy"], "train_s": quality.train_seconds(m)}
                  for lr in LRS if (m := quality.load_metrics(runs, arm_run(arm, lr)))]
         lr = chosen_lr(runs, arm)
         if lr is None:
@@ -129,18 +121,14 @@ def render(result: dict) -> str:
     lines += ["", "Three seeds of one task at 60 steps: the defaults (global scope, random grouping) are unchanged, and "
                   "signed_magnitude stays an experimental option (it keeps D int64 ids computed from W0 and runs "
                   "without a fused kernel)."]
-    if result["llm"]:
-        llm = result["llm"]
-        lines += ["", f"No LLM arm: the quality study's GPart LLM runs took {llm['train_s']:.0f} s for {llm['steps']} steps "
-                      f"of 8 ({llm['step_s']:.0f} s per step), so one 300-step run would take about "
-                      f"{300 * llm['step_s'] / 60:.0f} minutes on this CPU, and an arm (an lr sweep and 3 seeds) "
-                      "several hours."]
+    lines += ["", "The same two arms on the LLM task (arithmetic, 300 steps, three seeds) are part of the LLM study: "
+                  "studies/llm_methods/llm_methods.md."]
     return "\n".join(lines) + "\n"
 
 
 def cmd_report(args) -> int:
     domains = json.loads((quality.ROOT / "docs" / "quality" / "results.json").read_text())["domains"]
-    result = summary(Path(args.runs_dir), domains[DOMAIN], domains["llm"])
+    result = summary(Path(args.runs_dir), domains[DOMAIN])
     quality.write_atomic(OUT / "arms.json", json.dumps(result, indent=1) + "\n")
     text = render(result)
     quality.write_atomic(OUT / "arms.md", text)

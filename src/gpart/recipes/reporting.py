@@ -99,7 +99,9 @@ def write_report(out: Path, m: dict) -> Path:
                      if run["method"] in ("gpart", "unilora") else f"- adapted weights D = {_fmt(m['D'])}")
     lines += [
         f"- saved adapter: {_fmt(m['adapter_bytes'])} bytes in `{m['saved']}`",
-        f"- training: {_fmt(m['train']['steps'])} steps, {m['train']['runtime_s']:.1f} s, "
+        f"- training: {_fmt(m['train']['steps'])} steps, {m['train']['runtime_s']:.1f} s"
+        + (f" (since the resume at step {m['train']['resumed_from_step']})" if m['train'].get('resumed_from_step') else "")
+        + ", "
         f"final train loss {_fmt(m['train'].get('final_loss'))}",
         f"- seed {run['seed']}, lr {run['lr']:g}{_lr_source(run)}" + (f", head lr {run['head_lr']:g}" if has_head else ""),
         *([f"- skipped (longer than --max-length): "

@@ -496,7 +496,9 @@ def train(args, recipe: TaskRecipe) -> dict:
         "saved": saved_dir.name,
         "train": {"steps": trainer.state.global_step, "epochs": trainer.state.epoch,
                   "runtime_s": runtime, "final_loss": train_pts[-1]["loss"] if train_pts else None,
-                  "mean_loss": result.training_loss},
+                  "mean_loss": result.training_loss,
+                  # runtime_s timed this launch alone: after a resume, the steps from this one on
+                  **({"resumed_from_step": int(last.name[11:])} if last is not None else {})},
         "validation": validation, "test": test,
         "test_is_validation": data.splits.get("test") is data.splits.get("validation"),
         **({"test_items": scored_items(test_split, args.seed)} if test else {}),
