@@ -81,7 +81,15 @@ def test_report_pairs_default_with_tuned_and_says_what_is_missing(tmp_path, monk
         _write(tmp_path, study.make(b), loss, 0.18, 300)
     for s in (1, 2):
         _write(tmp_path, lm.gpart_run("arithmetic", 0.2, s), 0.9, 0.17, 300)
+    assert lbl.kept_text(lbl.kept_steps(tmp_path)) == "No run over 300 steps has finished yet."
+    for b, kept in ((0.2, 1024), (0.4, 768)):  # 1,024 steps validate every 256 and keep the best checkpoint
+        _write(tmp_path, lbl.cell(1024, 8192).make(b), 0.7, 0.2, 1024)
+        f = q.run_dir(tmp_path, lbl.cell(1024, 8192).make(b)) / "metrics.json"
+        f.write_text(json.dumps(json.loads(f.read_text()) | {"best_checkpoint": f"checkpoints/checkpoint-{kept}"}))
     result = lbl.collect(tmp_path)
+    assert lbl.kept_text(result["kept_checkpoints"]) == (
+        "Checkpoint kept at the end: the last one in 1 of the 2 finished runs over 300 steps; an earlier one in "
+        "gpart-T1024-base0.4-d8192-s0 (step 768 of 1,024).")
     rows = {(c["steps"], c["d"]): c for c in result["cells"]}
     r = rows[(32, 8192)]
     assert (r["best_base"], r["bracket"], r["best_lr"]) == (0.4, "bracketed", pytest.approx(lm.theta_lr(0.4, 8192)))
@@ -91,6 +99,7 @@ def test_report_pairs_default_with_tuned_and_says_what_is_missing(tmp_path, monk
     assert result["movement"]["8192"]["best_lr"] == {"32": pytest.approx(lm.theta_lr(0.4, 8192))}
     missing = "; ".join(result["missing"])
     assert "1,024 steps, d = 131,072: sweep not finished (0 points)" in missing
+    assert "1,024 steps, d = 8,192: sweep not finished (2 points)" in missing
     assert "32 steps, d = 131,072: sweep not finished (0 points)" in missing
     assert "32 steps, d = 8,192" not in missing and "300 steps, d = 131,072" not in missing
     analysis = tmp_path / "analysis.md"
@@ -101,4 +110,5 @@ def test_report_pairs_default_with_tuned_and_says_what_is_missing(tmp_path, monk
     assert "| 32 | 8,192 | " in md and "**0.4 → 0.800 (0.100)**" in md
     assert "| 300 | 131,072 | 0.173 ± 0.006: s0 0.180, s1 0.170, s2 0.170 |" in md and "is the tuned best" in md
     assert "+0.000, s1 -0.020, s2 +0.010 | within the spread |" in md and md.rstrip().endswith("By hand.")
-    assert json.loads((tmp_path / "llm_budget.json").read_text())["cells"][0]["steps"] == 300
+    assert [c["steps"] for c in json.loads((tmp_path / "llm_budget.json").read_text())["cells"]] == [1024, 300, 32]
+    assert "an earlier one in gpart-T1024-base0.4-d8192-s0 (step 768 of 1,024)." in md

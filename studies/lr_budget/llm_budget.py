@@ -118,12 +118,31 @@ def missing(runs: Path, rows: list[dict]) -> list[str]:
     return out
 
 
+def kept_steps(runs: Path) -> dict:
+    """The runs that validate more than once (budgets over the study's): the step of the checkpoint each kept,
+    the one of best validation loss, by run name. Where it is not the last step, the run's result is earlier."""
+    out = {}
+    for steps in (t for t in STEPS if t > STUDY_STEPS):
+        for f in sorted(runs.glob(f"llm-{TASK}/gpart-T{steps}-*/metrics.json")):
+            best = json.loads(f.read_text()).get("best_checkpoint")
+            out[f.parent.name] = {"steps": steps, "kept": int(best.rsplit("-", 1)[1]) if best else None}
+    return out
+
+
 def collect(runs: Path) -> dict:
     rows = [r for c in cells() if (r := cell_summary(runs, c))]
     return {"command": COMMAND, "task": TASK, "dataset": lm.TASKS[TASK], "steps": list(STEPS), "d": list(DS),
             "default_base": lm.DEFAULT_BASE, "study_budget": list(lm.BUDGET), "cells": rows,
             "movement": lb.movement(rows, DS), "d_exponent": lb.d_exponent(rows, STEPS, DS),
-            "missing": missing(runs, rows)}
+            "kept_checkpoints": kept_steps(runs), "missing": missing(runs, rows)}
+
+
+def kept_text(kept: dict) -> str:
+    if not kept:
+        return "No run over 300 steps has finished yet."
+    early = [f"{tag} (step {k['kept']:,} of {k['steps']:,})" for tag, k in kept.items() if k["kept"] != k["steps"]]
+    return (f"Checkpoint kept at the end: the last one in {len(kept) - len(early)} of the {len(kept)} finished runs over "
+            "300 steps" + (f"; an earlier one in {', '.join(early)}." if early else "."))
 
 
 def _curve_text(c: dict) -> str:
@@ -136,8 +155,10 @@ def render(result: dict) -> str:
          f"Produced by `{result['command']}` (one thread per run, up to 2 runs at once, on a 2-core CPU shared with "
          "other jobs; raw numbers: [llm_budget.json](llm_budget.json)). The LLM study's task, `gpart train --task "
          f"causal-lm --dataset {result['dataset']} " + " ".join(result["study_budget"]) + "` (SmolLM2-135M-Instruct, "
-         "q, k, v, o), with `--max-steps` and `--eval-steps` set to each budget: one validation pass at the end, "
-         "greedy exact match on 200 test items. Schedule: the causal-lm recipe's default at every budget.", "",
+         "q, k, v, o), with `--max-steps` set to each budget and one validation pass at the end; the 1,024-step runs validate every "
+         f"{lm.CHECKPOINT_EVERY} steps instead and keep the checkpoint of best validation loss, as `gpart train` does, "
+         "so a stopped run resumes. " + kept_text(result["kept_checkpoints"]) + " Greedy exact match on 200 test items. "
+         "Schedule: the causal-lm recipe's default at every budget.", "",
          "Each cell sweeps the rule's base value (`--base-lr`: theta's lr = base × (10⁴/d)^¾) a factor 2 apart "
          f"around the default {result['default_base']:g}, seed 0, chosen on validation loss, extended while the best "
          "is at an end; then seeds 1 and 2 at the default and at the chosen base. The 300-step cell at "
