@@ -102,6 +102,9 @@ def test_sigkill_then_resume_matches_uninterrupted_run(text_setup, tmp_path):
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (killed, reference))
     assert a["train"]["steps"] == b["train"]["steps"] == steps
     assert [p["step"] for p in a["history"]["train"]] == list(range(1, steps + 1))
+    log = [json.loads(line) for line in (killed / "train_log.jsonl").read_text().splitlines()]
+    resumed = [entry["step"] for entry in log if entry.get("resumed")]  # the log says where the second launch began
+    assert len(resumed) == 1 and resumed[0] in (4, 8)  # the kill landed in steps 5..8
 
 
 def test_interrupted_checkpoint_save_is_never_resumed(text_setup, tmp_path, monkeypatch, capsys):

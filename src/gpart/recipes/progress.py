@@ -30,6 +30,10 @@ def _callback_class():
             self.log_path, self.show_bar, self.bar = log_path, bar, None
 
         def on_train_begin(self, args, state, control, **kw):
+            if state.is_world_process_zero and state.global_step:
+                # a resume: the lines after this one may repeat steps the stopped launch logged past its checkpoint
+                with self.log_path.open("a") as f:
+                    f.write(json.dumps({"step": state.global_step, "resumed": True}) + "\n")
             if state.is_world_process_zero and self.show_bar:
                 self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", dynamic_ncols=True)
 
