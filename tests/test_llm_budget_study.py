@@ -82,6 +82,9 @@ def test_report_pairs_default_with_tuned_and_says_what_is_missing(tmp_path, monk
     for s in (1, 2):
         _write(tmp_path, lm.gpart_run("arithmetic", 0.2, s), 0.9, 0.17, 300)
     assert lbl.kept_text(lbl.kept_steps(tmp_path)) == "No run over 300 steps has finished yet."
+    assert "1,024 steps, d = 8,192: sweep not finished (0 points)" in "; ".join(lbl.collect(tmp_path)["missing"])
+    _write(tmp_path, lbl.cell(1024, 8192).make(0.1), 0.75, 0.2, 1024)
+    assert "1,024 steps, d = 8,192: sweep not finished (1 point);" in "; ".join(lbl.collect(tmp_path)["missing"])
     for b, kept in ((0.2, 1024), (0.4, 768)):  # 1,024 steps validate every 256 and keep the best checkpoint
         _write(tmp_path, lbl.cell(1024, 8192).make(b), 0.7, 0.2, 1024)
         f = q.run_dir(tmp_path, lbl.cell(1024, 8192).make(b)) / "metrics.json"
@@ -96,10 +99,10 @@ def test_report_pairs_default_with_tuned_and_says_what_is_missing(tmp_path, monk
     assert r["default_minus_tuned"]["diffs"] == pytest.approx([0.0, -0.02, 0.01])
     assert r["default_minus_tuned"]["verdict"] == "within the spread"
     assert rows[(300, 131072)]["default_minus_tuned"] is None  # the default is the chosen base
-    assert result["movement"]["8192"]["best_lr"] == {"32": pytest.approx(lm.theta_lr(0.4, 8192))}
+    assert result["movement"]["8192"]["best_lr"]["32"] == pytest.approx(lm.theta_lr(0.4, 8192))
     missing = "; ".join(result["missing"])
     assert "1,024 steps, d = 131,072: sweep not finished (0 points)" in missing
-    assert "1,024 steps, d = 8,192: sweep not finished (2 points)" in missing
+    assert "1,024 steps, d = 8,192: seeds 1, 2 at the default base" in missing  # swept: 0.1, 0.2, 0.4
     assert "32 steps, d = 131,072: sweep not finished (0 points)" in missing
     assert "32 steps, d = 8,192" not in missing and "300 steps, d = 131,072" not in missing
     analysis = tmp_path / "analysis.md"

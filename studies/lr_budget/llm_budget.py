@@ -108,7 +108,8 @@ def missing(runs: Path, rows: list[dict]) -> list[str]:
         r = done.get((steps_of(c), c.d))
         where = f"{steps_of(c):,} steps, d = {c.d:,}"
         if r is None or not r["finished"]:
-            out.append(f"{where}: sweep not finished ({len(r['curve']) if r else 0} points)")
+            n = len(r["curve"]) if r else 0
+            out.append(f"{where}: sweep not finished ({n} point{'' if n == 1 else 's'})")
             continue
         need = [x for x in ("default", "tuned") if not r[x] or len(r[x]["seeds"]) < len(lm.SEEDS)]
         if r["best_base"] == lm.DEFAULT_BASE and "tuned" in need:
@@ -125,7 +126,8 @@ def kept_steps(runs: Path) -> dict:
     for steps in (t for t in STEPS if t > STUDY_STEPS):
         for f in sorted(runs.glob(f"llm-{TASK}/gpart-T{steps}-*/metrics.json")):
             best = json.loads(f.read_text()).get("best_checkpoint")
-            out[f.parent.name] = {"steps": steps, "kept": int(best.rsplit("-", 1)[1]) if best else None}
+            if best:  # every run that validated has one
+                out[f.parent.name] = {"steps": steps, "kept": int(best.rsplit("-", 1)[1])}
     return out
 
 
