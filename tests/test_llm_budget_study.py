@@ -113,5 +113,6 @@ def test_report_pairs_default_with_tuned_and_says_what_is_missing(tmp_path, monk
     assert "| 32 | 8,192 | " in md and "**0.4 → 0.800 (0.100)**" in md
     assert "| 300 | 131,072 | 0.173 ± 0.006: s0 0.180, s1 0.170, s2 0.170 |" in md and "is the tuned best" in md
     assert "+0.000, s1 -0.020, s2 +0.010 | within the spread |" in md and md.rstrip().endswith("By hand.")
+    assert "| 0.4 | 0.143 ± 0.045: s0 0.100, s1 0.140, s2 0.190 | 0.800, 0.800, 0.800 (mean 0.800) |" in md
     assert [c["steps"] for c in json.loads((tmp_path / "llm_budget.json").read_text())["cells"]] == [1024, 300, 32]
     assert "an earlier one in gpart-T1024-base0.4-d8192-s0 (step 768 of 1,024)." in md

@@ -487,7 +487,8 @@ def seeds_text(r: dict | None) -> str:
 def loss_text(r: dict | None) -> str:
     if not r or any(v is None for v in r["validation_loss"]):
         return "–"
-    return ", ".join(f"{v:.3f}" for v in r["validation_loss"])
+    vs = r["validation_loss"]
+    return ", ".join(f"{v:.3f}" for v in vs) + (f" (mean {statistics.mean(vs):.3f})" if len(vs) > 1 else "")
 
 
 def pair_text(p: dict | None) -> str:

@@ -176,8 +176,8 @@ def render(result: dict) -> str:
     L += lb.movement_lines(result, DS)
     L += ["", "### The CLI's default against the tuned best, by seed", "",
           "| steps | d | default base: test exact match, mean ± sd: per seed | validation loss per seed | tuned base | "
-          "tuned: test exact match | default − tuned, paired | where the default stands |",
-          "|---|---|---|---|---|---|---|---|"]
+          "tuned: test exact match | validation loss per seed | default − tuned, paired | where the default stands |",
+          "|---|---|---|---|---|---|---|---|---|"]
     for c in result["cells"]:
         if not c["finished"]:
             continue
@@ -186,10 +186,12 @@ def render(result: dict) -> str:
         verdict = "is the tuned best" if same else ((p or {}).get("verdict") or "– (no verdict)")
         L.append(f"| {c['steps']:,} | {c['d']:,} | {lm.seeds_text(c['default'])} | {lm.loss_text(c['default'])} | "
                  f"{c['best_base']:g}{' (the default)' if same else ''} | "
-                 f"{'same runs' if same else lm.seeds_text(c['tuned'])} | {'–' if same else lm.pair_text(p)} | "
+                 f"{'same runs' if same else lm.seeds_text(c['tuned'])} | {'–' if same else lm.loss_text(c['tuned'])} | "
+                 f"{'–' if same else lm.pair_text(p)} | "
                  f"{verdict} |")
-    L += ["", "\"ahead\" / \"behind\": the mean paired difference beyond one sd of the differences; a cell with fewer "
-          "than 3 seeds has no sd and no verdict.", "",
+    L += ["", "\"ahead\" / \"behind\": the mean paired difference in test exact match beyond one sd of the differences; "
+          "a cell with fewer than 3 seeds has no sd and no verdict. The tuned base was chosen on seed 0's validation "
+          "loss; the validation losses of seeds 1 and 2 say whether that choice holds beyond seed 0.", "",
           "Missing: " + ("; ".join(result["missing"]) + "." if result["missing"] else "nothing.")]
     if ANALYSIS.exists():
         L += ["", ANALYSIS.read_text().rstrip()]
