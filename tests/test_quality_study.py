@@ -105,6 +105,10 @@ def test_an_unfinished_run_resumes_from_its_last_complete_checkpoint_else_starts
     assert q.restart_flag(out) == ["--overwrite"]
     (out / "checkpoints" / "checkpoint-256").mkdir()
     assert q.restart_flag(out) == ["--resume"]
+    from gpart.recipes.training import checkpoint_step
+
+    assert [checkpoint_step(n) for n in ("checkpoint-256", "checkpoints/checkpoint-1024", ".checkpoint-256",
+                                          "checkpoint-256.tmp")] == [256, 1024, None, None]
 
 
 def test_a_resumed_run_is_timed_by_the_steps_its_last_launch_ran():

@@ -27,6 +27,7 @@ import json
 import sys
 from pathlib import Path
 
+from gpart.recipes.training import checkpoint_step
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # studies/: the shared script loader
 from study_scripts import load_script  # noqa: E402
@@ -127,7 +128,7 @@ def kept_steps(runs: Path) -> dict:
         for f in sorted(runs.glob(f"llm-{TASK}/gpart-T{steps}-*/metrics.json")):
             best = json.loads(f.read_text()).get("best_checkpoint")
             if best:  # every run that validated has one
-                out[f.parent.name] = {"steps": steps, "kept": int(best.rsplit("-", 1)[1])}
+                out[f.parent.name] = {"steps": steps, "kept": checkpoint_step(best)}
     return out
 
 
@@ -141,10 +142,10 @@ def collect(runs: Path) -> dict:
 
 def kept_text(kept: dict) -> str:
     if not kept:
-        return "No run over 300 steps has finished yet."
+        return f"No run over {STUDY_STEPS} steps has finished yet."
     early = [f"{tag} (step {k['kept']:,} of {k['steps']:,})" for tag, k in kept.items() if k["kept"] != k["steps"]]
     return (f"Checkpoint kept at the end: the last one in {len(kept) - len(early)} of the {len(kept)} finished runs over "
-            "300 steps" + (f"; an earlier one in {', '.join(early)}." if early else "."))
+            f"{STUDY_STEPS} steps" + (f"; an earlier one in {', '.join(early)}." if early else "."))
 
 
 def _curve_text(c: dict) -> str:

@@ -243,12 +243,18 @@ class TrainingDiverged(RuntimeError):
         self.step, self.checkpoint = step, last
 
 
+def checkpoint_step(name: str) -> int | None:
+    """N of a complete checkpoint's folder name checkpoint-N (also as a path ending in it); None otherwise."""
+    tail = Path(name).name
+    return int(tail[11:]) if tail.startswith("checkpoint-") and tail[11:].isdigit() else None
+
+
 def last_complete_checkpoint(ckpt_dir: Path) -> Path | None:
     """The newest checkpoint-N that --resume would load (incomplete saves never carry that name)."""
     if not ckpt_dir.is_dir():
         return None
-    found = [p for p in ckpt_dir.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()]
-    return max(found, key=lambda p: int(p.name[11:])) if found else None
+    found = [p for p in ckpt_dir.glob("checkpoint-*") if p.is_dir() and checkpoint_step(p.name) is not None]
+    return max(found, key=lambda p: checkpoint_step(p.name)) if found else None
 
 
 def _non_finite_param(model) -> str | None:
@@ -498,7 +504,7 @@ def train(args, recipe: TaskRecipe) -> dict:
                   "runtime_s": runtime, "final_loss": train_pts[-1]["loss"] if train_pts else None,
                   "mean_loss": result.training_loss,
                   # runtime_s timed this launch alone: after a resume, the steps from this one on
-                  **({"resumed_from_step": int(last.name[11:])} if last is not None else {})},
+                  **({"resumed_from_step": checkpoint_step(last.name)} if last is not None else {})},
         "validation": validation, "test": test,
         "test_is_validation": data.splits.get("test") is data.splits.get("validation"),
         **({"test_items": scored_items(test_split, args.seed)} if test else {}),
