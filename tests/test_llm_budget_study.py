@@ -116,3 +116,27 @@ def test_report_pairs_default_with_tuned_and_says_what_is_missing(tmp_path, monk
     assert "| 0.4 | 0.143 ± 0.045: s0 0.100, s1 0.140, s2 0.190 | 0.800, 0.800, 0.800 (mean 0.800) |" in md
     assert [c["steps"] for c in json.loads((tmp_path / "llm_budget.json").read_text())["cells"]] == [1024, 300, 32]
     assert "an earlier one in gpart-T1024-base0.4-d8192-s0 (step 768 of 1,024)." in md
+
+
+def test_the_authors_run_is_their_lr_at_the_default_d_and_the_report_pairs_it_with_the_default(tmp_path):
+    run = lbl.authors_run()
+    args = _parse(run, tmp_path)
+    # an explicit --lr: the rule is bypassed, so weight decay stays the recipe's 0.01 (the authors' value)
+    assert (args.lr, args.base_lr, args.d, args.max_steps, args.eval_steps) == (2e-4, None, 131072, 1024, 256)
+    assert run.tag == "gpart-T1024-authors-d131072-lr0.0002-s0"
+    assert "the authors' lr (1,024 steps, d = 131,072, seed 0)" in lbl.collect(tmp_path)["missing"]
+    assert lbl.collect(tmp_path)["authors"] is None
+    cell = lbl.cell(1024, 131072)
+    for b, loss, test in ((0.1, 0.80, 0.28), (0.2, 0.79, 0.30), (0.4, 0.85, 0.25)):
+        _write(tmp_path, cell.make(b), loss, test, 1024)
+    _write(tmp_path, run, 1.10, 0.05, 1024)
+    a = lbl.collect(tmp_path)["authors"]
+    assert (a["lr"], a["test"], a["default_lr"]) == (2e-4, [0.05], pytest.approx(lm.theta_lr(0.2)))
+    assert a["minus_default"]["diffs"] == pytest.approx([-0.25]) and a["minus_default"]["verdict"] is None
+    assert lbl.main(["report", "--runs-dir", str(tmp_path), "--out-dir", str(tmp_path)]) == 0
+    md = (tmp_path / "llm_budget.md").read_text()
+    assert ("Theta lr 0.0002 (their MetaMathQA value for d = 131,072; 145x below the CLI default 0.029) at 1,024 "
+            "steps") in md
+    # one seed: no verdict; the default is this cell's tuned best, so it is the only comparison
+    assert "minus the CLI default -0.250 (1 of 3 seeds: no sd, no verdict): s0 -0.250 (paired by seed)." in md
+    assert "the authors' lr" not in "; ".join(lbl.collect(tmp_path)["missing"])

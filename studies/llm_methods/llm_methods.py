@@ -124,14 +124,19 @@ def register(smoke: bool = False) -> None:
 
 # ----------------------------------------------------------------------------------------------- runs
 
+def budget_flags(steps: int) -> tuple[str, ...]:
+    """Another step budget than the study's (later flags win in `gpart train`): one validation pass at the end, as
+    at 300; a longer run validates and checkpoints every CHECKPOINT_EVERY steps, so a stopped one resumes."""
+    return ("--max-steps", str(steps), "--eval-steps", str(steps if steps <= STUDY_STEPS else CHECKPOINT_EVERY))
+
+
 def gpart_run(task: str, base: float, seed: int = 0, arm: str | None = None, steps: int | None = None,
               d: int = D) -> quality.Run:
     """`gpart train` with theta's lr from the rule at this base value (and weight decay as the rule sets it);
     `steps`: another step budget than the study's (the budget study, studies/lr_budget/llm_budget.py)."""
     extra = ("--base-lr", f"{base:g}", *(ARMS[arm] if arm else ()))
-    if steps is not None:  # later flags win in `gpart train`: one validation pass at the end, as at 300;
-        # a longer run validates and checkpoints every CHECKPOINT_EVERY steps, so a stopped one resumes
-        extra += ("--max-steps", str(steps), "--eval-steps", str(steps if steps <= STUDY_STEPS else CHECKPOINT_EVERY))
+    if steps is not None:
+        extra += budget_flags(steps)
     variant = (f"{arm}-" if arm else "") + (f"T{steps}-" if steps is not None else "") + f"base{base:g}"
     return quality.Run(domain(task), "gpart", seed, None, d, variant=variant, extra=extra)
 

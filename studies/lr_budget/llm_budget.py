@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """GPart's learning-rate rule across training length (issue 17, item 1): the LLM task.
 
-    python studies/lr_budget/llm_budget.py run --phase sweep|seeds [--steps 1024,300,32] [--ds 131072,8192]
+    python studies/lr_budget/llm_budget.py run --phase sweep|seeds|authors [--steps 1024,300,32] [--ds 131072,8192]
                                                [--jobs 1 --threads 1]
     python studies/lr_budget/llm_budget.py status   # per cell: points, chosen base, runs to do
     python studies/lr_budget/llm_budget.py report   # studies/lr_budget/: llm_budget.{json,md}
@@ -12,6 +12,8 @@ the causal-lm default d (131,072) and at one 16x smaller (8,192). Each cell swee
 LLM study's ladder (a factor 2 apart around the causal-lm default 0.2, so the default is the middle point),
 seed 0, chosen on validation loss, extended while the best is at an end; then seeds 1, 2 at the default
 and at the chosen base, so every cell holds the CLI's untuned default against its tuned best, paired by seed.
+One more run: the authors' MetaMathQA theta lr (2e-4, given as --lr) at the longest budget and the default d,
+seed 0; the recipe's schedule is already theirs (cosine, 5% warm-up, weight decay 0.01, dropout 0.05).
 
 A 1,024-step run (over an hour on one CPU thread) validates and checkpoints every 256 steps, as `gpart train`
 does by default for a --max-steps run (the best of the four validation points is kept), so a stopped run
@@ -42,8 +44,10 @@ ANALYSIS = OUT / "llm_budget_analysis.md"  # written by hand; the report include
 STUDY_STEPS = lm.STUDY_STEPS  # the LLM study's own budget: 300
 STEPS = (1024, STUDY_STEPS, 32)  # the longest first: it is the one the defaults are judged at
 DS = (lm.D, lm.D // 16)
+AUTHORS_LR = 2e-4  # the authors' theta lr on MetaMathQA at d = 131,072 (Qwen2.5-0.5B)
 COMMAND = ("python studies/lr_budget/llm_budget.py run --phase sweep && "
-           "python studies/lr_budget/llm_budget.py run --phase seeds && python studies/lr_budget/llm_budget.py report")
+           "python studies/lr_budget/llm_budget.py run --phase seeds && "
+           "python studies/lr_budget/llm_budget.py run --phase authors && python studies/lr_budget/llm_budget.py report")
 
 
 def cell(steps: int, d: int):
@@ -70,14 +74,23 @@ def seed_runs(runs: Path, todo_cells: list) -> list[quality.Run]:
     return sorted(dict.fromkeys(out), key=lambda r: r.seed)
 
 
+def authors_run(seed: int = 0) -> quality.Run:
+    """The authors' lr, as an explicit --lr (so weight decay stays the recipe's 0.01, theirs), at the default d."""
+    steps = max(STEPS)
+    return quality.Run(lm.domain(TASK), "gpart", seed, AUTHORS_LR, lm.D, variant=f"T{steps}-authors",
+                       extra=lm.budget_flags(steps))
+
+
 def cmd_run(args) -> int:
     steps = tuple(map(int, lm.csv_choices(args.steps, tuple(map(str, STEPS)))))
     ds = tuple(map(int, lm.csv_choices(args.ds, tuple(map(str, DS)))))
     runs, todo = Path(args.runs_dir), cells(steps, ds)
     if args.phase == "sweep":
         lm.sweep(runs, todo, args.jobs, args.threads)
-    else:
+    elif args.phase == "seeds":
         lm.run_and_prune(runs, seed_runs(runs, todo), args.jobs, args.threads)
+    else:
+        lm.run_and_prune(runs, [authors_run()], args.jobs, args.threads)
     return 0
 
 
@@ -102,6 +115,18 @@ def cell_summary(runs: Path, c) -> dict | None:
     return out
 
 
+def authors_summary(runs: Path, rows: list[dict]) -> dict | None:
+    """The authors' run beside the CLI default (and the tuned best) of its cell, paired by seed."""
+    r = lm.seeds_of(runs, authors_run())
+    if r is None:
+        return None
+    cell = next((c for c in rows if (c["steps"], c["d"]) == (max(STEPS), lm.D)), None) or {}
+    return {"steps": max(STEPS), "d": lm.D, "lr": AUTHORS_LR, **r,
+            "default_lr": lm.theta_lr(lm.DEFAULT_BASE),
+            "minus_default": lm.paired(r, cell.get("default")),
+            "minus_tuned": None if cell.get("best_base") == lm.DEFAULT_BASE else lm.paired(r, cell.get("tuned"))}
+
+
 def missing(runs: Path, rows: list[dict]) -> list[str]:
     done = {(r["steps"], r["d"]): r for r in rows}
     out = []
@@ -117,6 +142,8 @@ def missing(runs: Path, rows: list[dict]) -> list[str]:
             need.remove("tuned")
         if need:
             out.append(f"{where}: seeds 1, 2 at the {' and the '.join(need)} base")
+    if not quality.load_metrics(runs, authors_run()):
+        out.append(f"the authors' lr ({max(STEPS):,} steps, d = {lm.D:,}, seed 0)")
     return out
 
 
@@ -137,7 +164,8 @@ def collect(runs: Path) -> dict:
     return {"command": COMMAND, "task": TASK, "dataset": lm.TASKS[TASK], "steps": list(STEPS), "d": list(DS),
             "default_base": lm.DEFAULT_BASE, "study_budget": list(lm.BUDGET), "cells": rows,
             "movement": lb.movement(rows, DS), "d_exponent": lb.d_exponent(rows, STEPS, DS),
-            "kept_checkpoints": kept_steps(runs), "missing": missing(runs, rows)}
+            "kept_checkpoints": kept_steps(runs), "authors": authors_summary(runs, rows),
+            "missing": missing(runs, rows)}
 
 
 def kept_text(kept: dict) -> str:
@@ -192,8 +220,16 @@ def render(result: dict) -> str:
                  f"{verdict} |")
     L += ["", "\"ahead\" / \"behind\": the mean paired difference in test exact match beyond one sd of the differences; "
           "a cell with fewer than 3 seeds has no sd and no verdict. The tuned base was chosen on seed 0's validation "
-          "loss; the validation losses of seeds 1 and 2 say whether that choice holds beyond seed 0.", "",
-          "Missing: " + ("; ".join(result["missing"]) + "." if result["missing"] else "nothing.")]
+          "loss; the validation losses of seeds 1 and 2 say whether that choice holds beyond seed 0.", ""]
+    a = result.get("authors")
+    if a:
+        L += ["### The authors' setting", "",
+              f"Theta lr {a['lr']:g} (their MetaMathQA value for d = {a['d']:,}; {a['default_lr'] / a['lr']:.0f}x below "
+              f"the CLI default {a['default_lr']:.3g}) at {a['steps']:,} steps, with the recipe's schedule, which is "
+              f"theirs: test exact match {lm.seeds_text(a)}, validation loss {lm.loss_text(a)}; minus the CLI default "
+              f"{lm.pair_text(a['minus_default'])}" + (f"; minus the tuned best {lm.pair_text(a['minus_tuned'])}"
+                                                       if a["minus_tuned"] else "") + " (paired by seed).", ""]
+    L += ["Missing: " + ("; ".join(result["missing"]) + "." if result["missing"] else "nothing.")]
     if ANALYSIS.exists():
         L += ["", ANALYSIS.read_text().rstrip()]
     return "\n".join(L) + "\n"
@@ -222,6 +258,9 @@ def status_text(runs: Path) -> str:
         state = f"chosen {st['chosen']:g} ({st['where']})" if st["finished"] else "sweeping"
         lines.append(f"{steps_of(c):5d} steps, d {c.d:6d}: {state}: {pts}; to do: "
                      + (", ".join(r.tag for r in todo) or "nothing"))
+    if not quality.load_metrics(runs, authors_run()):
+        total += max(STEPS) * (step_s or 0.0)
+        lines.append(f"the authors' lr: to do: {authors_run().tag}")
     lines.append(f"CPU time left (training only, runs known now): ~{total / 3600:.1f} h")
     return "\n".join(lines)
 
@@ -230,7 +269,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
-    r.add_argument("--phase", choices=("sweep", "seeds"), required=True)
+    r.add_argument("--phase", choices=("sweep", "seeds", "authors"), required=True)
     r.add_argument("--steps", default=",".join(map(str, STEPS)), help="step budgets, comma-separated")
     r.add_argument("--ds", default=",".join(map(str, DS)), help="d values, comma-separated")
     r.add_argument("--jobs", type=int, default=1, help="runs at once")
