@@ -45,6 +45,7 @@ STUDY_STEPS = lm.STUDY_STEPS  # the LLM study's own budget: 300
 STEPS = (1024, STUDY_STEPS, 32)  # the longest first: it is the one the defaults are judged at
 DS = (lm.D, lm.D // 16)
 AUTHORS_LR = 2e-4  # the authors' theta lr on MetaMathQA at d = 131,072 (Qwen2.5-0.5B)
+AUTHORS_STEPS = max(STEPS)  # their runs are long: the arm sits at the longest budget, beside its default
 COMMAND = ("python studies/lr_budget/llm_budget.py run --phase sweep && "
            "python studies/lr_budget/llm_budget.py run --phase seeds && "
            "python studies/lr_budget/llm_budget.py run --phase authors && python studies/lr_budget/llm_budget.py report")
@@ -76,9 +77,8 @@ def seed_runs(runs: Path, todo_cells: list) -> list[quality.Run]:
 
 def authors_run(seed: int = 0) -> quality.Run:
     """The authors' lr, as an explicit --lr (so weight decay stays the recipe's 0.01, theirs), at the default d."""
-    steps = max(STEPS)
-    return quality.Run(lm.domain(TASK), "gpart", seed, AUTHORS_LR, lm.D, variant=f"T{steps}-authors",
-                       extra=lm.budget_flags(steps))
+    return quality.Run(lm.domain(TASK), "gpart", seed, AUTHORS_LR, lm.D, variant=f"T{AUTHORS_STEPS}-authors",
+                       extra=lm.budget_flags(AUTHORS_STEPS))
 
 
 def cmd_run(args) -> int:
@@ -120,8 +120,8 @@ def authors_summary(runs: Path, rows: list[dict]) -> dict | None:
     r = lm.seeds_of(runs, authors_run())
     if r is None:
         return None
-    cell = next((c for c in rows if (c["steps"], c["d"]) == (max(STEPS), lm.D)), None) or {}
-    return {"steps": max(STEPS), "d": lm.D, "lr": AUTHORS_LR, **r,
+    cell = next((c for c in rows if (c["steps"], c["d"]) == (AUTHORS_STEPS, lm.D)), None) or {}
+    return {"steps": AUTHORS_STEPS, "d": lm.D, "lr": AUTHORS_LR, **r,
             "default_lr": lm.theta_lr(lm.DEFAULT_BASE),
             "minus_default": lm.paired(r, cell.get("default")),
             "minus_tuned": None if cell.get("best_base") == lm.DEFAULT_BASE else lm.paired(r, cell.get("tuned"))}
@@ -143,7 +143,7 @@ def missing(runs: Path, rows: list[dict]) -> list[str]:
         if need:
             out.append(f"{where}: seeds 1, 2 at the {' and the '.join(need)} base")
     if not quality.load_metrics(runs, authors_run()):
-        out.append(f"the authors' lr ({max(STEPS):,} steps, d = {lm.D:,}, seed 0)")
+        out.append(f"the authors' lr ({AUTHORS_STEPS:,} steps, d = {lm.D:,}, seed 0)")
     return out
 
 
@@ -259,7 +259,7 @@ def status_text(runs: Path) -> str:
         lines.append(f"{steps_of(c):5d} steps, d {c.d:6d}: {state}: {pts}; to do: "
                      + (", ".join(r.tag for r in todo) or "nothing"))
     if not quality.load_metrics(runs, authors_run()):
-        total += max(STEPS) * (step_s or 0.0)
+        total += AUTHORS_STEPS * (step_s or 0.0)
         lines.append(f"the authors' lr: to do: {authors_run().tag}")
     lines.append(f"CPU time left (training only, runs known now): ~{total / 3600:.1f} h")
     return "\n".join(lines)
