@@ -116,6 +116,9 @@ def test_report_pairs_default_with_tuned_and_says_what_is_missing(tmp_path, monk
     assert "| 0.4 | 0.143 ± 0.045: s0 0.100, s1 0.140, s2 0.190 | 0.800, 0.800, 0.800 (mean 0.800) |" in md
     assert [c["steps"] for c in json.loads((tmp_path / "llm_budget.json").read_text())["cells"]] == [1024, 300, 32]
     assert "an earlier one in gpart-T1024-base0.4-d8192-s0 (step 768 of 1,024)." in md
+    # one seed of two done: the line names the one still to run
+    _write(tmp_path, lm.gpart_run("arithmetic", 0.2, 1, steps=1024, d=8192), 0.7, 0.2, 1024)
+    assert "1,024 steps, d = 8,192: seed 2 at the default base" in "; ".join(lbl.collect(tmp_path)["missing"])
 
 
 def test_the_authors_run_is_their_lr_at_the_default_d_and_the_report_pairs_it_with_the_default(tmp_path):

@@ -137,11 +137,11 @@ def missing(runs: Path, rows: list[dict]) -> list[str]:
             n = len(r["curve"]) if r else 0
             out.append(f"{where}: sweep not finished ({n} point{'' if n == 1 else 's'})")
             continue
-        need = [x for x in ("default", "tuned") if not r[x] or len(r[x]["seeds"]) < len(lm.SEEDS)]
-        if r["best_base"] == lm.DEFAULT_BASE and "tuned" in need:
-            need.remove("tuned")
-        if need:
-            out.append(f"{where}: seeds 1, 2 at the {' and the '.join(need)} base")
+        arms = ("default",) if r["best_base"] == lm.DEFAULT_BASE else ("default", "tuned")
+        for x in arms:
+            todo = [s for s in lm.SEEDS if s not in (r[x]["seeds"] if r[x] else [])]
+            if todo:
+                out.append(f"{where}: seed{'' if len(todo) == 1 else 's'} {', '.join(map(str, todo))} at the {x} base")
     if not quality.load_metrics(runs, authors_run()):
         out.append(f"the authors' lr ({AUTHORS_STEPS:,} steps, d = {lm.D:,}, seed 0)")
     return out
