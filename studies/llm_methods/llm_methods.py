@@ -435,15 +435,15 @@ def task_summary(runs: Path, task: str) -> dict:
             todo = len(st["todo"]) + (st["next"] is not None)
             miss.append(f"{LABEL[m]}: lr sweep not finished ({len(st['points'])} points done, {todo} to run next)")
         elif len(row["seeds"]["seeds"]) < len(SEEDS):
-            miss.append(f"{LABEL[m]}: seeds {_missing_seeds(row['seeds'])} at the chosen lr")
+            miss.append(f"{LABEL[m]}: seeds {missing_seeds(row['seeds'])} at the chosen lr")
         if st["where"] not in (None, "bracketed"):
             miss.append(f"{LABEL[m]}: the chosen lr is the {st['where']} after {len(st['points'])} points "
                         "(the sweep stopped at its cap or its ladder's end): the best may lie beyond")
     if base and len(base["seeds"]) < len(SEEDS):
-        miss.append(f"base model: seeds {_missing_seeds(base)}")
+        miss.append(f"base model: seeds {missing_seeds(base)}")
     g = out["methods"]["gpart"]
     if g["default"] and len(g["default"]["seeds"]) < len(SEEDS) and g["chosen"] not in (None, DEFAULT_BASE):
-        miss.append(f"GPart at the default base: seeds {_missing_seeds(g['default'])}")
+        miss.append(f"GPart at the default base: seeds {missing_seeds(g['default'])}")
     refs = {"gpart-default": g["default"], "gpart-tuned": g["seeds"]}
     others = {m: out["methods"][m]["seeds"] for m in METHODS if m != "gpart"}
     for name, ref in refs.items():
@@ -459,11 +459,11 @@ def task_summary(runs: Path, task: str) -> dict:
         out["arms"][arm] = {"flags": list(ARMS[arm]), "base": g["chosen"], "seeds": r,
                             "minus_global": paired(r, g["seeds"])}
         if not r or len(r["seeds"]) < len(SEEDS):
-            miss.append(f"arm {arm}: seeds {_missing_seeds(r)}")
+            miss.append(f"arm {arm}: seeds {missing_seeds(r)}")
     return out
 
 
-def _missing_seeds(r: dict | None) -> str:
+def missing_seeds(r: dict | None) -> str:
     return ", ".join(str(s) for s in SEEDS if not r or s not in r["seeds"])
 
 

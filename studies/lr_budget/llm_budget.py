@@ -139,9 +139,8 @@ def missing(runs: Path, rows: list[dict]) -> list[str]:
             continue
         arms = ("default",) if r["best_base"] == lm.DEFAULT_BASE else ("default", "tuned")
         for x in arms:
-            todo = [s for s in lm.SEEDS if s not in (r[x]["seeds"] if r[x] else [])]
-            if todo:
-                out.append(f"{where}: seed{'' if len(todo) == 1 else 's'} {', '.join(map(str, todo))} at the {x} base")
+            if todo := lm.missing_seeds(r[x]):
+                out.append(f"{where}: seed{'s' if ',' in todo else ''} {todo} at the {x} base")
     if not quality.load_metrics(runs, authors_run()):
         out.append(f"the authors' lr ({AUTHORS_STEPS:,} steps, d = {lm.D:,}, seed 0)")
     return out
