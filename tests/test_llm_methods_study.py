@@ -211,7 +211,11 @@ def test_paired_differences_arms_and_what_is_missing(tree):
     default_vs = t["paired"]["gpart-default"]
     assert default_vs["lora"]["diffs"] == pytest.approx([0.05, 0.12, 0.06])
     assert default_vs["lora"]["mean"] == pytest.approx(0.07666, abs=1e-4) and default_vs["lora"]["verdict"] == "ahead"
+    assert default_vs["lora"]["loss"]["diffs"] == pytest.approx([-0.1, -0.1, -0.1])  # validation loss, paired too
+    assert default_vs["lora"]["loss"]["verdict"] == "lower (better)"
     assert default_vs["base"]["diffs"] == pytest.approx([0.35, 0.32, 0.44])
+    assert default_vs["base"]["loss"] is None  # the base model is not validated
+    assert default_vs["gpart-tuned"]["loss"]["verdict"] == "higher (worse)"
     assert default_vs["gpart-tuned"]["diffs"] == pytest.approx([0.10, -0.08, -0.01])
     assert default_vs["gpart-tuned"]["verdict"] == "within the spread"
     uni = default_vs["unilora"]  # one seed: a difference, no sd and no verdict
@@ -222,6 +226,7 @@ def test_paired_differences_arms_and_what_is_missing(tree):
     block = t["arms"]["block"]
     assert block["base"] == 0.4 and block["minus_global"]["diffs"] == pytest.approx([0.02, -0.01, -0.05])
     assert block["minus_global"]["seeds"] == [0, 1, 2] and block["minus_global"]["verdict"] == "within the spread"
+    assert block["minus_global"]["loss"]["diffs"] == pytest.approx([0.0, 0.0, 0.0])
     signed = t["arms"]["signed"]["minus_global"]
     assert signed["seeds"] == [0, 1] and signed["sd"] is None
     missing = "; ".join(t["missing"])
@@ -241,7 +246,9 @@ def test_report_writes_its_files_and_includes_the_analysis(tree, tmp_path, monke
     result = json.loads((out / "llm_methods.json").read_text())
     assert result["tasks"]["reversal"]["methods"]["gpart"]["chosen"] == 0.4
     md = (out / "llm_methods.md").read_text()
-    assert "| at the rule's lr | LoRA r=8 | +0.077 ± 0.038: s0 +0.050, s1 +0.120, s2 +0.060 | ahead |" in md
+    assert ("| at the rule's lr | LoRA r=8 | +0.077 ± 0.038: s0 +0.050, s1 +0.120, s2 +0.060 | ahead | "
+            "-0.100 ± 0.000: s0 -0.100, s1 -0.100, s2 -0.100 | lower (better) |") in md
+    assert "| at the rule's lr | base model (no training) | +0.370 ± 0.062: s0 +0.350, s1 +0.320, s2 +0.440 | ahead | – | – (no verdict) |" in md
     assert "| at the rule's lr | Uni-LoRA r=4 | -0.100 (1 of 3 seeds: no sd, no verdict): s0 -0.100 | – (no verdict) |" in md
     assert "| GPart at the rule's default | (the sweep's middle point) | base 0.2 (theta 0.029) |" in md
     assert "**0.4 → 0.500 (0.300)**" in md and md.rstrip().endswith("Written by hand.")

@@ -396,21 +396,30 @@ def seeds_of(runs: Path, run: quality.Run) -> dict | None:
             "n_test": ms[0][1]["test"].get("n")}
 
 
+def judged(diffs: list[float], words: tuple[str, str]) -> dict:
+    """Mean and sd of paired differences, and where the first stands: words[0] / words[1] when the mean is above /
+    below zero by more than one sd of the differences, else "within the spread"; verdict None with fewer seeds."""
+    mean, sd = mean_sd(diffs)
+    verdict = None
+    if sd is not None:
+        verdict = "within the spread" if abs(mean) <= sd else (words[0] if mean > 0 else words[1])
+    return {"diffs": diffs, "mean": mean, "sd": sd, "verdict": verdict}
+
+
 def paired(a: dict | None, b: dict | None) -> dict | None:
-    """lr_rule.paired (a - b per seed both have) with those seeds, the sd only with three, and where a stands:
-    "ahead" / "behind" when the mean difference is beyond one sd of the paired differences, else "within the
-    spread"; verdict None with fewer seeds."""
+    """lr_rule.paired (a - b in test exact match per seed both have) with those seeds, the sd only with three,
+    and where a stands ("ahead" / "behind" / "within the spread"); under "loss" the same for validation loss
+    ("lower" is better), None where either has none (the base model is not validated)."""
     if not a or not b:
         return None
     p = lr_rule.paired(a, b)
     if not p["diffs"]:
         return None
-    mean, sd = mean_sd(p["diffs"])
-    verdict = None
-    if sd is not None:
-        verdict = "within the spread" if abs(mean) <= sd else ("ahead" if mean > 0 else "behind")
-    return {"seeds": [s for s in a["seeds"] if s in b["seeds"]], "diffs": p["diffs"], "mean": mean, "sd": sd,
-            "verdict": verdict}
+    seeds = [s for s in a["seeds"] if s in b["seeds"]]
+    la, lb = dict(zip(a["seeds"], a["validation_loss"])), dict(zip(b["seeds"], b["validation_loss"]))
+    has_loss = all(la[s] is not None and lb[s] is not None for s in seeds)
+    loss = {"seeds": seeds, **judged([la[s] - lb[s] for s in seeds], ("higher (worse)", "lower (better)"))} if has_loss else None
+    return {"seeds": seeds, **judged(p["diffs"], ("ahead", "behind")), "loss": loss}
 
 
 def task_summary(runs: Path, task: str) -> dict:
@@ -500,6 +509,14 @@ def pair_text(p: dict | None) -> str:
     return _per_seed_text(p, "diffs", "+", ": no sd, no verdict")
 
 
+def pair_cells(p: dict | None) -> str:
+    """Four table cells: the paired difference in test exact match and its verdict, then in validation loss."""
+    cells = []
+    for x in (p, (p or {}).get("loss")):
+        cells += [pair_text(x), (x or {}).get("verdict") or "– (no verdict)"]
+    return " | ".join(cells)
+
+
 def _lr_text(m: str, lr: float | None) -> str:
     if lr is None:
         return "–"
@@ -540,9 +557,11 @@ def render(result: dict) -> str:
                 L.append(f"| GPart at the rule's default | (the sweep's middle point) | "
                          f"{_lr_text(m, row['default_base'])} | {seeds_text(row['default'])} | "
                          f"{loss_text(row['default'])} |")
-        L += ["", "Paired differences in test exact match (GPart minus the other, by seed; \"ahead\" / \"behind\": "
-              "the mean beyond one sd of the paired differences):", "",
-              "| GPart | minus | difference: mean ± sd: per seed | where GPart stands |", "|---|---|---|---|"]
+        L += ["", "Paired differences (GPart minus the other, by seed), in test exact match and in validation loss "
+              "(lower is better; the base model has none); a verdict where the mean is beyond one sd of the paired "
+              "differences:", "",
+              "| GPart | minus | test exact match: mean ± sd: per seed | where GPart stands | validation loss: mean ± "
+              "sd: per seed | on validation loss |", "|---|---|---|---|---|---|"]
         same = t["methods"]["gpart"]["chosen"] == t["methods"]["gpart"]["default_base"]
         for ref, versus in t["paired"].items():
             if ref == "gpart-tuned" and same:
@@ -550,18 +569,17 @@ def render(result: dict) -> str:
             name = "at the rule's lr" if ref == "gpart-default" else "tuned"
             for m, p in versus.items():
                 other = "GPart tuned" if m == "gpart-tuned" else LABEL[m]
-                verdict = (p or {}).get("verdict") or "– (no verdict)"
-                L.append(f"| {name} | {other} | {pair_text(p)} | {verdict} |")
+                L.append(f"| {name} | {other} | {pair_cells(p)} |")
         if same:
             L += ["", "The sweep chose the rule's default base: GPart tuned is GPart at the rule's lr."]
         if t["arms"]:
             L += ["", "The authors' partition variants at GPart's chosen base, minus the global partition (same base, "
-                  "by seed):", "", "| arm | flags | test exact match | validation loss per seed | minus global | "
-                  "where the arm stands |", "|---|---|---|---|---|---|"]
+                  "by seed):", "", "| arm | flags | test exact match | validation loss per seed | minus global: test exact "
+                  "match | where the arm stands | minus global: validation loss | on validation loss |",
+                  "|---|---|---|---|---|---|---|---|"]
             for arm, a in t["arms"].items():
-                verdict = (a["minus_global"] or {}).get("verdict") or "– (no verdict)"
                 L.append(f"| {arm} | `{' '.join(a['flags'])}` | {seeds_text(a['seeds'])} | {loss_text(a['seeds'])} | "
-                         f"{pair_text(a['minus_global'])} | {verdict} |")
+                         f"{pair_cells(a['minus_global'])} |")
         L += ["", "Missing: " + ("; ".join(t["missing"]) + "." if t["missing"] else "nothing.")]
     if ANALYSIS.exists():
         L += ["", ANALYSIS.read_text().rstrip()]
