@@ -406,20 +406,26 @@ def judged(diffs: list[float], words: tuple[str, str]) -> dict:
     return {"diffs": diffs, "mean": mean, "sd": sd, "verdict": verdict}
 
 
+def seed_diffs(a: dict, b: dict, key: str, seeds: list[int]) -> list[float] | None:
+    """a[key] - b[key] on each of `seeds`; None where either has no value on one of them."""
+    va, vb = dict(zip(a["seeds"], a[key])), dict(zip(b["seeds"], b[key]))
+    if any(va[s] is None or vb[s] is None for s in seeds):
+        return None
+    return [va[s] - vb[s] for s in seeds]
+
+
 def paired(a: dict | None, b: dict | None) -> dict | None:
-    """lr_rule.paired (a - b in test exact match per seed both have) with those seeds, the sd only with three,
-    and where a stands ("ahead" / "behind" / "within the spread"); under "loss" the same for validation loss
-    ("lower" is better), None where either has none (the base model is not validated)."""
+    """a - b in test exact match on the seeds both have, the sd only with three, and where a stands ("ahead" /
+    "behind" / "within the spread"); under "loss" the same for validation loss ("lower" is better), None where
+    either has none (the base model is not validated)."""
     if not a or not b:
         return None
-    p = lr_rule.paired(a, b)
-    if not p["diffs"]:
-        return None
     seeds = [s for s in a["seeds"] if s in b["seeds"]]
-    la, lb = dict(zip(a["seeds"], a["validation_loss"])), dict(zip(b["seeds"], b["validation_loss"]))
-    has_loss = all(la[s] is not None and lb[s] is not None for s in seeds)
-    loss = {"seeds": seeds, **judged([la[s] - lb[s] for s in seeds], ("higher (worse)", "lower (better)"))} if has_loss else None
-    return {"seeds": seeds, **judged(p["diffs"], ("ahead", "behind")), "loss": loss}
+    if not seeds:
+        return None
+    loss = seed_diffs(a, b, "validation_loss", seeds)
+    return {"seeds": seeds, **judged(seed_diffs(a, b, "test", seeds), ("ahead", "behind")),
+            "loss": None if loss is None else {"seeds": seeds, **judged(loss, ("higher (worse)", "lower (better)"))}}
 
 
 def task_summary(runs: Path, task: str) -> dict:
